@@ -1,0 +1,185 @@
+//! The click event of contract §1, validated.
+//!
+//! `Click<'a>` borrows its strings from the request buffer: parsing and validating an
+//! event allocates nothing unless a string carries JSON escapes.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::net::IpAddr;
+
+/// Largest `user_id`, in bytes (contract §1).
+pub const USER_ID_BYTES_MAX: usize = 64;
+/// Largest `user_agent`, in bytes (contract §1).
+pub const USER_AGENT_BYTES_MAX: usize = 512;
+/// Largest `cost_micros` (contract §1).
+pub const COST_MICROS_MAX: u64 = 1_000_000_000_000;
+
+/// An RFC 4122 UUID in binary form; the dedup key.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct EventId(pub [u8; 16]);
+
+impl EventId {
+    /// Parses the 36-character textual form (8-4-4-4-12 hex digits, either case).
+    pub fn parse(s: &str) -> Option<EventId> {
+        let b = s.as_bytes();
+        if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        let mut nibble = 0usize;
+        for (i, &c) in b.iter().enumerate() {
+            if i == 8 || i == 13 || i == 18 || i == 23 {
+                continue;
+            }
+            let v = match c {
+                b'0'..=b'9' => c - b'0',
+                b'a'..=b'f' => c - b'a' + 10,
+                b'A'..=b'F' => c - b'A' + 10,
+                _ => return None,
+            };
+            out[nibble / 2] |= if nibble % 2 == 0 { v << 4 } else { v };
+            nibble += 1;
+        }
+        Some(EventId(out))
+    }
+
+    /// Writes the canonical lowercase 36-character form into `out`.
+    pub fn write_text(&self, out: &mut [u8; 36]) {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut j = 0;
+        for (i, byte) in self.0.iter().enumerate() {
+            if i == 4 || i == 6 || i == 8 || i == 10 {
+                out[j] = b'-';
+                j += 1;
+            }
+            out[j] = HEX[(byte >> 4) as usize];
+            out[j + 1] = HEX[(byte & 0xf) as usize];
+            j += 2;
+        }
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut buf = [0u8; 36];
+        self.write_text(&mut buf);
+        // write_text only emits ASCII.
+        f.write_str(std::str::from_utf8(&buf).expect("ascii"))
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// The `device` field (contract §1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u8)]
+pub enum Device {
+    Mobile = 0,
+    Desktop = 1,
+    Tablet = 2,
+    Ctv = 3,
+    Other = 4,
+}
+
+impl Device {
+    pub const ALL: [Device; 5] = [
+        Device::Mobile,
+        Device::Desktop,
+        Device::Tablet,
+        Device::Ctv,
+        Device::Other,
+    ];
+
+    pub fn parse(s: &str) -> Option<Device> {
+        Some(match s {
+            "mobile" => Device::Mobile,
+            "desktop" => Device::Desktop,
+            "tablet" => Device::Tablet,
+            "ctv" => Device::Ctv,
+            "other" => Device::Other,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Device::Mobile => "mobile",
+            Device::Desktop => "desktop",
+            Device::Tablet => "tablet",
+            Device::Ctv => "ctv",
+            Device::Other => "other",
+        }
+    }
+
+    pub fn from_u8(v: u8) -> Option<Device> {
+        Device::ALL.get(v as usize).copied()
+    }
+}
+
+/// A validated click (contract §1). Strings borrow from the input unless they were
+/// escaped in the JSON text.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Click<'a> {
+    pub event_id: EventId,
+    /// Event time, ms since the Unix epoch (UTC).
+    pub ts_ms: u64,
+    pub campaign_id: u64,
+    pub ad_id: u64,
+    pub publisher_id: u64,
+    pub advertiser_id: u64,
+    /// 1..=64 bytes.
+    pub user_id: Cow<'a, str>,
+    pub ip: IpAddr,
+    /// 0..=512 bytes.
+    pub user_agent: Cow<'a, str>,
+    /// ISO 3166-1 alpha-2, two uppercase ASCII letters.
+    pub country: [u8; 2],
+    pub device: Device,
+    /// 0..=10^12.
+    pub cost_micros: u64,
+}
+
+impl Click<'_> {
+    pub fn country_str(&self) -> &str {
+        // Validation admits only ASCII uppercase letters.
+        std::str::from_utf8(&self.country).unwrap_or("??")
+    }
+
+    pub fn into_owned(self) -> Click<'static> {
+        Click {
+            user_id: Cow::Owned(self.user_id.into_owned()),
+            user_agent: Cow::Owned(self.user_agent.into_owned()),
+            ..self
+        }
+    }
+}
+
+/// Why an event was rejected: the field at fault (None when the JSON itself is bad) and
+/// a reason a publisher can act on.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}", self.display())]
+pub struct EventError {
+    pub field: Option<&'static str>,
+    pub reason: Cow<'static, str>,
+}
+
+impl EventError {
+    pub fn field(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
+        EventError { field: Some(field), reason: reason.into() }
+    }
+
+    pub fn syntax(reason: impl Into<Cow<'static, str>>) -> Self {
+        EventError { field: None, reason: reason.into() }
+    }
+
+    fn display(&self) -> String {
+        match self.field {
+            Some(f) => format!("{f}: {}", self.reason),
+            None => self.reason.to_string(),
+        }
+    }
+}

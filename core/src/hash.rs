@@ -1,0 +1,71 @@
+//! Hashes that pick owners and feed sketches. Fixed functions (no per-process seed), so
+//! every core, every box and every replay computes the same value for the same key.
+
+use crate::EventId;
+
+/// 64-bit finaliser of splitmix64 / murmur3 fmix64: a cheap, well-mixed bijection.
+#[inline]
+pub fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^= x >> 33;
+    x
+}
+
+/// The event id's 64-bit hash: both halves of the UUID folded and mixed. UUID bits are
+/// mostly random already; the mix guards against ids with structured (e.g. v1/v7) bits.
+#[inline]
+pub fn event_hash(id: &EventId) -> u64 {
+    let hi = u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes"));
+    let lo = u64::from_le_bytes(id.0[8..].try_into().expect("8 bytes"));
+    mix64(hi ^ mix64(lo))
+}
+
+/// The core that owns a hash (its dedup bloom shard). A pure function of the hash so a
+/// duplicate meets its original whichever core receives it. Uses the top bits, which the
+/// bloom filter does not use for its index derivation.
+#[inline]
+pub fn shard_for(hash: u64, shards: usize) -> usize {
+    debug_assert!(shards > 0);
+    (((hash >> 32) * shards as u64) >> 32) as usize
+}
+
+/// FNV-1a over bytes then mixed: the hash of strings such as `user_id` for HLL sketches.
+#[inline]
+pub fn bytes_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    mix64(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_for_stays_in_range_and_spreads() {
+        let mut counts = [0usize; 3];
+        for i in 0..30_000u64 {
+            counts[shard_for(mix64(i), 3)] += 1;
+        }
+        for c in counts {
+            assert!((9_000..11_000).contains(&c), "{counts:?}");
+        }
+    }
+
+    #[test]
+    fn event_id_round_trips_text() {
+        let s = "6f1c2f4e-8a3b-4c1d-9e2f-0a1b2c3d4e5f";
+        let id = EventId::parse(s).unwrap();
+        assert_eq!(id.to_string(), s);
+        assert_eq!(EventId::parse(&s.to_uppercase()), Some(id));
+        assert_eq!(EventId::parse("6f1c2f4e-8a3b-4c1d-9e2f-0a1b2c3d4e5"), None);
+        assert_eq!(EventId::parse("6f1c2f4e-8a3b-4c1d-9e2f-0a1b2c3d4e5g"), None);
+        assert_eq!(EventId::parse("6f1c2f4e08a3b-4c1d-9e2f-0a1b2c3d4e5f"), None);
+    }
+}

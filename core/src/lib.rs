@@ -1,0 +1,8 @@
+//! clickgate-core: the logic shared by the stream path (dataplane), the controlplane and
+//! billing. This crate does no I/O and owns no runtime: every function here is a pure
+//! transformation of its inputs, so the same input gives the same answer on every path.
+
+pub mod event;
+pub mod hash;
+
+pub use event::{Click, Device, EventError, EventId};

@@ -1,0 +1,113 @@
+//! The dataplane's settings: one typed struct, every bound named with its unit last.
+//! The `clickgate` binary fills it from flags, `CLICKGATE_*` env and the TOML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// When a 202 may be sent (contract §2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AckMode {
+    /// Once the event is in the in-memory batch.
+    Memory,
+    /// Once the event is in an fsync'd local write-ahead log.
+    Disk,
+    /// Once the Kafka broker acknowledged it with acks=all.
+    Kafka,
+}
+
+impl std::str::FromStr for AckMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "memory" => Ok(AckMode::Memory),
+            "disk" => Ok(AckMode::Disk),
+            "kafka" => Ok(AckMode::Kafka),
+            _ => Err(format!("unknown ack mode {s:?}: expected memory, disk or kafka")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct DataplaneConfig {
+    pub ingest_addr: SocketAddr,
+    /// CPU ids to run one executor on each; empty means every online CPU.
+    pub cores: Vec<usize>,
+    pub data_dir: PathBuf,
+    pub ack: AckMode,
+    /// Publisher networks exempt from the per-address rate limit, as CIDR text.
+    pub trusted_cidrs: Vec<String>,
+
+    // --- request limits (contract §2) ---
+    pub batch_events_max: usize,
+    pub body_bytes_max: usize,
+    pub header_bytes_max: usize,
+    pub connections_per_core_max: usize,
+    /// Idle keep-alive connections are closed after this long.
+    pub idle_timeout_ms: u64,
+    /// `Retry-After` sent with 429 and 503, in seconds.
+    pub retry_after_secs: u32,
+
+    // --- validation ---
+    /// Events more than this far in the future are rejected.
+    pub ts_skew_ms: u64,
+
+    // --- per-address rate limit ---
+    pub rate_limit_events_per_sec: u32,
+    /// Addresses tracked per core; past it the least recently seen is evicted.
+    pub rate_limit_addresses_max: usize,
+
+    // --- dedup ---
+    pub dedup_window_secs: u64,
+    /// Peak accepted events/s for the whole box; sizes the bloom shards.
+    pub dedup_peak_events_per_sec: u64,
+    pub dedup_fp_rate: f64,
+    pub dedup_generations: u32,
+    /// Capacity of each cross-core channel (messages, each a batch of lookups).
+    pub xcore_channel_capacity: usize,
+
+    // --- local log ---
+    /// Bytes a core may hold in memory not yet written to its log; past it: 503.
+    pub log_buffer_bytes_max: usize,
+    pub log_segment_bytes: u64,
+    /// Oldest segments are deleted past either bound (0 = no bound of that kind).
+    pub log_retention_bytes: u64,
+    pub log_retention_secs: u64,
+    /// Longest a group commit waits to gather more records, in microseconds.
+    pub log_commit_interval_us: u64,
+
+    // --- shutdown ---
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for DataplaneConfig {
+    fn default() -> Self {
+        DataplaneConfig {
+            ingest_addr: "0.0.0.0:8080".parse().expect("literal"),
+            cores: Vec::new(),
+            data_dir: PathBuf::from("./clickgate-data"),
+            ack: AckMode::Disk,
+            trusted_cidrs: Vec::new(),
+            batch_events_max: 10_000,
+            body_bytes_max: 8 << 20,
+            header_bytes_max: 16 << 10,
+            connections_per_core_max: 10_000,
+            idle_timeout_ms: 60_000,
+            retry_after_secs: 1,
+            ts_skew_ms: 5 * 60 * 1000,
+            rate_limit_events_per_sec: 1000,
+            rate_limit_addresses_max: 65_536,
+            dedup_window_secs: 600,
+            dedup_peak_events_per_sec: 50_000,
+            dedup_fp_rate: 0.001,
+            dedup_generations: 4,
+            xcore_channel_capacity: 1024,
+            log_buffer_bytes_max: 64 << 20,
+            log_segment_bytes: 256 << 20,
+            log_retention_bytes: 16 << 30,
+            log_retention_secs: 7 * 24 * 3600,
+            log_commit_interval_us: 200,
+            drain_timeout_ms: 10_000,
+        }
+    }
+}
