@@ -2,7 +2,11 @@
 //!
 //! - [`record`]: the raw record (validated event + what the dataplane decided), the unit
 //!   of the local log, Kafka `raw_clicks` and the archive.
+//! - [`segment`]: the local log's segment files: framing, torn-tail detection, reader.
+//! - [`frames`]: aggregate delta frames from dataplane cores to the controlplane.
 
+pub mod frames;
 pub mod record;
+pub mod segment;
 
 pub use record::{Flags, RawRecord, RecordError};
