@@ -1,1 +1,784 @@
-//! (being written)
+//! The durable local log: one writer per core, on glommio with O_DIRECT, group commit.
+//!
+//! The embedded stand-in for Kafka `raw_clicks`. Core `k` appends accepted raw records to
+//! `<data_dir>/log/core-<k>/`, in the segment format of [`clickgate_proto::segment`] (read
+//! there by the controlplane, archiver and replay with `LogReader`).
+//!
+//! Shape:
+//! - [`CoreLog::append_with`] frames a record in place in the *fill* buffer (a `Vec`
+//!   allocated once, `buffer_bytes_max` plus one block) and wakes the commit task. No await,
+//!   no allocation. The fill buffer starts with a copy of the last partial block already
+//!   on disk, so each commit rewrites that block whole (same prefix, more frames).
+//! - The commit task swaps the fill buffer with the spare one, copies it into DMA buffers
+//!   (a pool of power-of-two sizes from 4 KiB to 1 MiB, reused), writes whole blocks at
+//!   block-aligned offsets, fdatasyncs, then advances the durable LSN and wakes the
+//!   `durable` waiters (a heap ordered by LSN). Records appended meanwhile form the next
+//!   group. Commits start at least `commit_interval_us` apart, so a light but steady load
+//!   is still grouped; an idle log commits the first record at once.
+//! - Rotation: a frame that would take the segment past `segment_bytes` starts a new one.
+//!   The old one is written and fdatasync'd first; the new one is created as `*.tmp`,
+//!   given its header, fdatasync'd, renamed and the directory fsync'd. Retention deletes
+//!   the oldest sealed segments (never the active one) past `retention_bytes` or older
+//!   than `retention_secs` (by the time they were sealed, or mtime after a restart).
+//! - Opening scans the newest segment (std::fs, at start-up), truncates any torn tail left
+//!   by a crash (logged and counted), and continues appending after the last whole frame.
+//!
+//! An I/O error stops the log for good: every later `append_with` is refused (`LogFull`,
+//! so the caller answers 503) and every `durable` call fails.
+
+use std::cell::RefCell;
+use std::cmp::{Ordering, Reverse};
+use std::collections::{BinaryHeap, VecDeque};
+use std::future::poll_fn;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant, SystemTime};
+
+use clickgate_proto::segment::{
+    self, SegmentHeader, BLOCK_BYTES, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX, HEADER_BYTES,
+};
+use glommio::io::{Directory, DmaBuffer, DmaFile, OpenOptions};
+
+/// The largest single write; larger commits are split.
+const WRITE_CHUNK_BYTES_MAX: usize = 1 << 20;
+/// DMA buffer size classes: 4 KiB, 8 KiB, ..., 1 MiB.
+const CHUNK_CLASSES: usize = (WRITE_CHUNK_BYTES_MAX / BLOCK_BYTES).trailing_zeros() as usize + 1;
+/// How often an idle log checks time-based retention.
+const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Waiters and rotations preallocated, so steady state does not grow them.
+const WAITERS_INITIAL: usize = 4096;
+const RUNS_INITIAL: usize = 16;
+/// A segment holds at least its header and one block of frames.
+const SEGMENT_BYTES_MIN: u64 = HEADER_BYTES + BLOCK_BYTES as u64;
+
+const _: () = assert!(WRITE_CHUNK_BYTES_MAX.is_power_of_two() && BLOCK_BYTES.is_power_of_two());
+const _: () = assert!(BLOCK_BYTES << (CHUNK_CLASSES - 1) == WRITE_CHUNK_BYTES_MAX);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogConfig {
+    /// Bytes appended but not yet written to disk, at most; past it `append_with` fails.
+    pub buffer_bytes_max: usize,
+    pub segment_bytes: u64,
+    /// Oldest segments are deleted past either bound (0 = no bound of that kind).
+    pub retention_bytes: u64,
+    pub retention_secs: u64,
+    /// Commits start at least this far apart, in microseconds (0 = back to back).
+    pub commit_interval_us: u64,
+}
+
+impl LogConfig {
+    pub fn from_dataplane(c: &crate::DataplaneConfig) -> LogConfig {
+        LogConfig {
+            buffer_bytes_max: c.log_buffer_bytes_max,
+            segment_bytes: c.log_segment_bytes,
+            retention_bytes: c.log_retention_bytes,
+            retention_secs: c.log_retention_secs,
+            commit_interval_us: c.log_commit_interval_us,
+        }
+    }
+
+    fn check(&self) -> io::Result<()> {
+        let bad = |what: String| Err(io::Error::new(io::ErrorKind::InvalidInput, what));
+        if self.segment_bytes < SEGMENT_BYTES_MIN {
+            return bad(format!(
+                "log segment_bytes must be at least {SEGMENT_BYTES_MIN}"
+            ));
+        }
+        if self.buffer_bytes_max < BLOCK_BYTES {
+            return bad(format!(
+                "log buffer_bytes_max must be at least {BLOCK_BYTES}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The record cannot be taken now: the unwritten bytes would pass `buffer_bytes_max`, or
+/// the log is closing or failed. The caller answers 503.
+#[derive(Debug, thiserror::Error)]
+#[error("log buffer full")]
+pub struct LogFull;
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LogStats {
+    pub appended_records: u64,
+    /// Frame bytes (headers included) appended.
+    pub appended_bytes: u64,
+    pub commits: u64,
+    pub fsync_nanos_sum: u64,
+    pub fsync_count: u64,
+    /// Segments on disk, the active one included.
+    pub segments: u64,
+    pub segments_deleted: u64,
+    pub bytes_on_disk: u64,
+    /// Torn bytes cut from the tail when the log was opened.
+    pub torn_bytes_truncated: u64,
+    pub append_lsn: u64,
+    pub durable_lsn: u64,
+    pub failed: bool,
+}
+
+/// A stretch of the fill buffer that goes to one segment from a block-aligned offset.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    seg_base: u64,
+    file_off: u64,
+    /// Index in `Fill::bytes` where the run starts; it ends where the next one starts.
+    start: usize,
+}
+
+struct Fill {
+    bytes: Vec<u8>,
+    runs: Vec<Run>,
+}
+
+impl Fill {
+    fn with_capacity(bytes: usize) -> Fill {
+        Fill {
+            bytes: Vec::with_capacity(bytes),
+            runs: Vec::with_capacity(RUNS_INITIAL),
+        }
+    }
+}
+
+struct Waiter {
+    lsn: u64,
+    waker: Waker,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, o: &Self) -> bool {
+        self.lsn == o.lsn
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Waiter {
+    fn cmp(&self, o: &Self) -> Ordering {
+        self.lsn.cmp(&o.lsn)
+    }
+}
+
+/// State shared by the handles and the commit task (same thread, never across an await).
+struct Inner {
+    cfg: LogConfig,
+    fill: Fill,
+    /// The other buffer, owned by the commit task while it writes it.
+    spare: Option<Fill>,
+    /// Base LSN of the segment the appender is filling.
+    seg_base: u64,
+    append_lsn: u64,
+    /// Taken by the commit task / written to disk / fdatasync'd, up to these LSNs.
+    taken_lsn: u64,
+    written_lsn: u64,
+    durable_lsn: u64,
+    committer: Option<Waker>,
+    waiters: BinaryHeap<Reverse<Waiter>>,
+    failed: Option<(io::ErrorKind, String)>,
+    closing: bool,
+    stopped: bool,
+    close_waiters: Vec<Waker>,
+    stats: LogStats,
+}
+
+impl Inner {
+    fn failure(&self) -> Option<io::Error> {
+        self.failed
+            .as_ref()
+            .map(|(k, m)| io::Error::new(*k, format!("local log failed: {m}")))
+    }
+
+    fn wake_durable(&mut self) {
+        while let Some(Reverse(w)) = self.waiters.peek() {
+            if w.lsn > self.durable_lsn && self.failed.is_none() && !self.stopped {
+                break;
+            }
+            let Reverse(w) = self.waiters.pop().expect("peeked");
+            w.waker.wake();
+        }
+    }
+}
+
+/// One core's log. Cheap to clone; every clone is the same log.
+#[derive(Clone)]
+pub struct CoreLog {
+    inner: Rc<RefCell<Inner>>,
+}
+
+impl CoreLog {
+    /// Opens or creates `dir`, truncates a torn tail left by a crash (logged, counted in
+    /// `torn_bytes_truncated`), and spawns the commit task on the current executor.
+    /// Start-up only: it reads the newest segment with blocking std::fs calls.
+    pub async fn open(dir: PathBuf, core: usize, cfg: LogConfig) -> io::Result<CoreLog> {
+        cfg.check()?;
+        create_dir_durable(&dir)?;
+        for entry in std::fs::read_dir(&dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "tmp") {
+                std::fs::remove_file(&path)?; // a segment whose creation a crash interrupted
+            }
+        }
+        let dir_handle = Directory::open(&dir).await?;
+        let mut segs = segment::list_segments(&dir)?;
+        let mut stats = LogStats::default();
+        let (active, active_base, data_end) = match segs.pop() {
+            Some((base, path)) => {
+                let scan = segment::scan_segment(&path)?;
+                if scan.header.core as usize != core {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!(
+                            "{}: written by core {}, not {core}",
+                            path.display(),
+                            scan.header.core
+                        ),
+                    ));
+                }
+                if scan.file_len != scan.data_end {
+                    let f = std::fs::OpenOptions::new().write(true).open(&path)?;
+                    f.set_len(scan.data_end)?;
+                    f.sync_all()?;
+                }
+                if scan.torn_bytes > 0 {
+                    tracing::warn!(
+                        core,
+                        segment = %path.display(),
+                        torn_bytes = scan.torn_bytes,
+                        data_end = scan.data_end,
+                        "local log: truncated a torn tail"
+                    );
+                }
+                stats.torn_bytes_truncated = scan.torn_bytes;
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .dma_open(&path)
+                    .await?;
+                (file, base, scan.data_end)
+            }
+            None => {
+                let file = create_segment(&dir, &dir_handle, core, 0, cfg.segment_bytes).await?;
+                (file, 0, HEADER_BYTES)
+            }
+        };
+        if active.alignment() as usize > BLOCK_BYTES {
+            return Err(io::Error::other(format!(
+                "{}: O_DIRECT alignment {} is over {BLOCK_BYTES}",
+                dir.display(),
+                active.alignment()
+            )));
+        }
+        let mut sealed = VecDeque::with_capacity(segs.len() + RUNS_INITIAL);
+        for (base, path) in segs {
+            let meta = std::fs::metadata(&path)?;
+            sealed.push_back(Sealed {
+                base,
+                path,
+                bytes: meta.len(),
+                sealed_at: meta.modified()?,
+            });
+        }
+        let append_lsn = active_base + (data_end - HEADER_BYTES);
+        let mut fill = Fill::with_capacity(cfg.buffer_bytes_max + BLOCK_BYTES);
+        let tail_off = align_down(data_end);
+        fill.bytes.resize((data_end - tail_off) as usize, 0);
+        std::fs::File::open(dir.join(segment::segment_file_name(active_base)))?
+            .read_exact_at(&mut fill.bytes, tail_off)?;
+        fill.runs.push(Run {
+            seg_base: active_base,
+            file_off: tail_off,
+            start: 0,
+        });
+
+        stats.segments = sealed.len() as u64 + 1;
+        stats.append_lsn = append_lsn;
+        stats.durable_lsn = append_lsn;
+        let inner = Rc::new(RefCell::new(Inner {
+            spare: Some(Fill::with_capacity(cfg.buffer_bytes_max + BLOCK_BYTES)),
+            cfg: cfg.clone(),
+            fill,
+            seg_base: active_base,
+            append_lsn,
+            taken_lsn: append_lsn,
+            written_lsn: append_lsn,
+            durable_lsn: append_lsn,
+            committer: None,
+            waiters: BinaryHeap::with_capacity(WAITERS_INITIAL),
+            failed: None,
+            closing: false,
+            stopped: false,
+            close_waiters: Vec::new(),
+            stats,
+        }));
+        let committer = Committer {
+            inner: inner.clone(),
+            cfg,
+            core,
+            dir,
+            dir_handle,
+            active,
+            active_base,
+            active_end: data_end,
+            sealed,
+            pool: std::array::from_fn(|_| Vec::new()),
+            last_retention_check: Instant::now(),
+        };
+        committer.refresh_disk_stats();
+        glommio::spawn_local(committer.run()).detach();
+        Ok(CoreLog { inner })
+    }
+
+    /// Reserves a frame for a `len`-byte payload (1..=FRAME_PAYLOAD_MAX), lets `fill` write
+    /// the payload in place, and returns the LSN just past this record. `fill` must not
+    /// call back into this log.
+    pub fn append_with(&self, len: usize, fill: impl FnOnce(&mut [u8])) -> Result<u64, LogFull> {
+        assert!(
+            len > 0 && len <= FRAME_PAYLOAD_MAX,
+            "log record of {len} bytes"
+        );
+        let mut guard = self.inner.borrow_mut();
+        let i = &mut *guard;
+        let frame = FRAME_HEADER_BYTES + len;
+        if i.failed.is_some()
+            || i.closing
+            || i.append_lsn + frame as u64 - i.written_lsn > i.cfg.buffer_bytes_max as u64
+        {
+            return Err(LogFull);
+        }
+        let used = i.append_lsn - i.seg_base;
+        if used > 0 && HEADER_BYTES + used + frame as u64 > i.cfg.segment_bytes {
+            let start = i.fill.bytes.len();
+            i.fill.runs.push(Run {
+                seg_base: i.append_lsn,
+                file_off: HEADER_BYTES,
+                start,
+            });
+            i.seg_base = i.append_lsn;
+        }
+        let at = i.fill.bytes.len();
+        debug_assert!(
+            at + frame <= i.fill.bytes.capacity(),
+            "fill buffer never grows"
+        );
+        i.fill.bytes.resize(at + frame, 0);
+        let (head, payload) = i.fill.bytes[at..].split_at_mut(FRAME_HEADER_BYTES);
+        fill(payload);
+        segment::put_frame_header(head, payload);
+        i.append_lsn += frame as u64;
+        i.stats.appended_records += 1;
+        i.stats.appended_bytes += frame as u64;
+        if let Some(w) = i.committer.take() {
+            w.wake();
+        }
+        Ok(i.append_lsn)
+    }
+
+    /// Resolves when every record up to `lsn` is written and fdatasync'd. Fails if the log
+    /// hit an I/O error (and so does every later call).
+    pub async fn durable(&self, lsn: u64) -> io::Result<()> {
+        poll_fn(|cx| {
+            let mut i = self.inner.borrow_mut();
+            if let Some(e) = i.failure() {
+                return Poll::Ready(Err(e));
+            }
+            if i.durable_lsn >= lsn {
+                return Poll::Ready(Ok(()));
+            }
+            if i.stopped {
+                return Poll::Ready(Err(io::Error::other(format!(
+                    "local log closed before LSN {lsn} was durable"
+                ))));
+            }
+            i.waiters.push(Reverse(Waiter {
+                lsn,
+                waker: cx.waker().clone(),
+            }));
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Bytes appended but not yet durable.
+    pub fn pending_bytes(&self) -> usize {
+        let i = self.inner.borrow();
+        (i.append_lsn - i.durable_lsn) as usize
+    }
+
+    /// The LSN the next record will get.
+    pub fn append_lsn(&self) -> u64 {
+        self.inner.borrow().append_lsn
+    }
+
+    /// True once an I/O error stopped the log (for /readyz).
+    pub fn failed(&self) -> bool {
+        self.inner.borrow().failed.is_some()
+    }
+
+    pub fn stats(&self) -> LogStats {
+        let i = self.inner.borrow();
+        LogStats {
+            append_lsn: i.append_lsn,
+            durable_lsn: i.durable_lsn,
+            failed: i.failed.is_some(),
+            ..i.stats
+        }
+    }
+
+    /// Refuses new records, writes and fdatasyncs everything appended, stops the commit task.
+    pub async fn close(&self) -> io::Result<()> {
+        {
+            let mut i = self.inner.borrow_mut();
+            i.closing = true;
+            if let Some(w) = i.committer.take() {
+                w.wake();
+            }
+        }
+        poll_fn(|cx| {
+            let mut i = self.inner.borrow_mut();
+            if !i.stopped {
+                i.close_waiters.push(cx.waker().clone());
+                return Poll::Pending;
+            }
+            Poll::Ready(i.failure().map_or(Ok(()), Err))
+        })
+        .await
+    }
+}
+
+struct Sealed {
+    base: u64,
+    path: PathBuf,
+    bytes: u64,
+    sealed_at: SystemTime,
+}
+
+/// The commit task's own state: files and DMA buffers never leave it.
+struct Committer {
+    inner: Rc<RefCell<Inner>>,
+    cfg: LogConfig,
+    core: usize,
+    dir: PathBuf,
+    dir_handle: Directory,
+    active: DmaFile,
+    active_base: u64,
+    /// File offset just past the last frame written to the active segment.
+    active_end: u64,
+    sealed: VecDeque<Sealed>,
+    /// Free DMA buffers by size class (`BLOCK_BYTES << class`).
+    pool: [Vec<Rc<DmaBuffer>>; CHUNK_CLASSES],
+    last_retention_check: Instant,
+}
+
+impl Committer {
+    async fn run(mut self) {
+        let result = self.run_loop().await;
+        // Partial moves: the files are closed, the rest of `self` is still ours.
+        let closed = match self.active.close().await {
+            Ok(()) => self.dir_handle.close().await.map_err(io::Error::from),
+            Err(e) => Err(e.into()),
+        };
+        let mut i = self.inner.borrow_mut();
+        if let Err(e) = result.and(closed) {
+            tracing::error!(core = self.core, dir = %self.dir.display(), error = %e, "local log failed");
+            i.failed = Some((e.kind(), e.to_string()));
+        }
+        i.stopped = true;
+        i.stats.failed = i.failed.is_some();
+        i.wake_durable();
+        for w in i.close_waiters.drain(..) {
+            w.wake();
+        }
+    }
+
+    async fn run_loop(&mut self) -> io::Result<()> {
+        let interval = Duration::from_micros(self.cfg.commit_interval_us);
+        let mut last_commit: Option<Instant> = None;
+        loop {
+            self.wait_for_work().await;
+            let (pending, closing) = {
+                let i = self.inner.borrow();
+                (i.append_lsn > i.taken_lsn, i.closing)
+            };
+            if pending {
+                if let Some(since) = last_commit.map(|t| t.elapsed()).filter(|&e| e < interval) {
+                    if !closing {
+                        glommio::timer::sleep(interval - since).await;
+                    }
+                }
+                last_commit = Some(Instant::now());
+                self.commit().await?;
+            }
+            self.enforce_retention(pending).await;
+            let i = self.inner.borrow();
+            if i.closing && i.append_lsn == i.taken_lsn {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Until there is something to write, the log is closing, or a retention check is due.
+    async fn wait_for_work(&self) {
+        let work = poll_fn(|cx| {
+            let mut i = self.inner.borrow_mut();
+            if i.append_lsn > i.taken_lsn || i.closing {
+                return Poll::Ready(());
+            }
+            i.committer = Some(cx.waker().clone());
+            Poll::Pending
+        });
+        if self.cfg.retention_secs > 0 {
+            futures_lite::future::or(work, glommio::timer::sleep(RETENTION_CHECK_INTERVAL)).await;
+        } else {
+            work.await;
+        }
+    }
+
+    /// Writes and fdatasyncs everything appended so far: one group commit.
+    async fn commit(&mut self) -> io::Result<()> {
+        let (taken, end_lsn) = self.take_fill();
+        let result = self.write_group(&taken).await;
+        let mut i = self.inner.borrow_mut();
+        i.spare = Some(taken);
+        let fsync_nanos = result?;
+        i.written_lsn = end_lsn;
+        i.durable_lsn = end_lsn;
+        i.stats.commits += 1;
+        i.stats.fsync_count += 1;
+        i.stats.fsync_nanos_sum += fsync_nanos;
+        i.wake_durable();
+        drop(i);
+        self.refresh_disk_stats();
+        Ok(())
+    }
+
+    /// Swaps the fill buffer for the spare one, which starts with the last partial block.
+    fn take_fill(&mut self) -> (Fill, u64) {
+        let mut guard = self.inner.borrow_mut();
+        let i = &mut *guard;
+        let spare = i
+            .spare
+            .take()
+            .expect("the spare buffer is back after each commit");
+        let taken = std::mem::replace(&mut i.fill, spare);
+        let last = *taken.runs.last().expect("a fill has a run");
+        let end_off = last.file_off + (taken.bytes.len() - last.start) as u64;
+        let tail_off = align_down(end_off);
+        let carried = (end_off - tail_off) as usize;
+        i.fill.bytes.clear();
+        i.fill.runs.clear();
+        i.fill
+            .bytes
+            .extend_from_slice(&taken.bytes[taken.bytes.len() - carried..]);
+        i.fill.runs.push(Run {
+            seg_base: last.seg_base,
+            file_off: tail_off,
+            start: 0,
+        });
+        i.taken_lsn = i.append_lsn;
+        (taken, i.append_lsn)
+    }
+
+    /// Writes every run of `fill` (rotating segments between runs), then fdatasyncs the
+    /// active segment. Returns the fdatasync time in nanoseconds.
+    async fn write_group(&mut self, fill: &Fill) -> io::Result<u64> {
+        for (k, run) in fill.runs.iter().enumerate() {
+            let end = fill.runs.get(k + 1).map_or(fill.bytes.len(), |r| r.start);
+            if run.seg_base != self.active_base {
+                self.rotate(run.seg_base).await?;
+            }
+            if end > run.start {
+                self.write_blocks(&fill.bytes[run.start..end], run.file_off)
+                    .await?;
+                self.active_end = run.file_off + (end - run.start) as u64;
+            }
+        }
+        let t = Instant::now();
+        self.active.fdatasync().await?;
+        Ok(t.elapsed().as_nanos() as u64)
+    }
+
+    /// Writes `bytes` at block-aligned `off`, zero padded to whole blocks.
+    async fn write_blocks(&mut self, bytes: &[u8], off: u64) -> io::Result<()> {
+        debug_assert_eq!(off % BLOCK_BYTES as u64, 0);
+        let total = bytes.len().next_multiple_of(BLOCK_BYTES);
+        let mut done = 0;
+        while done < total {
+            let left = (total - done).min(WRITE_CHUNK_BYTES_MAX);
+            // The largest power-of-two block count that fits what is left.
+            let class = (usize::BITS - 1 - (left / BLOCK_BYTES).leading_zeros()) as usize;
+            let size = BLOCK_BYTES << class;
+            let mut buf = self.pool[class]
+                .pop()
+                .unwrap_or_else(|| Rc::new(self.active.alloc_dma_buffer(size)));
+            let n = size.min(bytes.len() - done);
+            let dst = Rc::get_mut(&mut buf)
+                .expect("pooled buffers are not shared")
+                .as_bytes_mut();
+            dst[..n].copy_from_slice(&bytes[done..done + n]);
+            dst[n..].fill(0);
+            let written = self
+                .active
+                .write_rc_at(buf.clone(), off + done as u64)
+                .await?;
+            if written != size {
+                return Err(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!("short write: {written} of {size} bytes (disk full?)"),
+                ));
+            }
+            if Rc::strong_count(&buf) == 1 {
+                self.pool[class].push(buf);
+            }
+            done += size;
+        }
+        Ok(())
+    }
+
+    /// Seals the active segment (written and fdatasync'd) and starts one at `base`.
+    async fn rotate(&mut self, base: u64) -> io::Result<()> {
+        self.active.fdatasync().await?;
+        let file = create_segment(
+            &self.dir,
+            &self.dir_handle,
+            self.core,
+            base,
+            self.cfg.segment_bytes,
+        )
+        .await?;
+        let old = std::mem::replace(&mut self.active, file);
+        old.close().await?;
+        self.sealed.push_back(Sealed {
+            base: self.active_base,
+            path: self.dir.join(segment::segment_file_name(self.active_base)),
+            bytes: self.active_end.next_multiple_of(BLOCK_BYTES as u64),
+            sealed_at: SystemTime::now(),
+        });
+        self.active_base = base;
+        self.active_end = HEADER_BYTES;
+        self.inner.borrow_mut().stats.segments += 1;
+        self.refresh_disk_stats();
+        Ok(())
+    }
+
+    /// Deletes the oldest sealed segments past the size or age bound. A failed delete is
+    /// logged, not fatal: the data is safe, only space is not reclaimed.
+    async fn enforce_retention(&mut self, committed: bool) {
+        let by_age = self.cfg.retention_secs > 0
+            && self.last_retention_check.elapsed() >= RETENTION_CHECK_INTERVAL;
+        if !by_age && !(committed && self.cfg.retention_bytes > 0) {
+            return;
+        }
+        if by_age {
+            self.last_retention_check = Instant::now();
+        }
+        let max_age = Duration::from_secs(self.cfg.retention_secs);
+        let now = SystemTime::now();
+        while let Some(oldest) = self.sealed.front() {
+            let total = self.disk_bytes();
+            let over_size = self.cfg.retention_bytes > 0 && total > self.cfg.retention_bytes;
+            let age = now.duration_since(oldest.sealed_at).unwrap_or_default();
+            let too_old = self.cfg.retention_secs > 0 && age > max_age;
+            if !over_size && !too_old {
+                break;
+            }
+            if let Err(e) = glommio::io::remove(&oldest.path).await {
+                tracing::warn!(core = self.core, segment = %oldest.path.display(), error = %e, "local log: retention could not delete a segment");
+                break;
+            }
+            tracing::debug!(
+                core = self.core,
+                base_lsn = oldest.base,
+                "local log: retention deleted a segment"
+            );
+            self.sealed.pop_front();
+            let mut i = self.inner.borrow_mut();
+            i.stats.segments -= 1;
+            i.stats.segments_deleted += 1;
+        }
+        self.refresh_disk_stats();
+    }
+
+    fn disk_bytes(&self) -> u64 {
+        self.sealed.iter().map(|s| s.bytes).sum::<u64>()
+            + self.active_end.next_multiple_of(BLOCK_BYTES as u64)
+    }
+
+    fn refresh_disk_stats(&self) {
+        let bytes = self.disk_bytes();
+        self.inner.borrow_mut().stats.bytes_on_disk = bytes;
+    }
+}
+
+/// Creates segment `base` durably: `*.tmp`, header, fdatasync, rename, directory fsync.
+async fn create_segment(
+    dir: &Path,
+    dir_handle: &Directory,
+    core: usize,
+    base: u64,
+    segment_bytes: u64,
+) -> io::Result<DmaFile> {
+    let name = segment::segment_file_name(base);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .dma_open(&tmp)
+        .await?;
+    let mut head = file.alloc_dma_buffer(HEADER_BYTES as usize);
+    let created_ms = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64;
+    SegmentHeader {
+        core: core as u32,
+        base_lsn: base,
+        created_ms,
+    }
+    .encode(head.as_bytes_mut());
+    let written = file.write_at(head, 0).await?;
+    if written != HEADER_BYTES as usize {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write of segment header: {written}"),
+        ));
+    }
+    // Best effort: fewer extents; some file systems do not support it.
+    let _ = file.pre_allocate(segment_bytes, true).await;
+    file.fdatasync().await?;
+    file.rename(dir.join(&name)).await?;
+    dir_handle.sync().await?;
+    Ok(file)
+}
+
+/// `create_dir_all`, fsyncing the parent of every directory it creates.
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        create_dir_durable(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::File::open(parent)?.sync_all()
+}
+
+fn align_down(off: u64) -> u64 {
+    off / BLOCK_BYTES as u64 * BLOCK_BYTES as u64
+}
