@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite, on a fresh machine or a developer's: prepares the host limits and
+# the services the tests need, then runs every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# shellcheck source=scripts/host.sh
+source scripts/host.sh
+host_prepare
+
+cargo test --workspace --locked "$@"

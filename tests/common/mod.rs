@@ -1,0 +1,301 @@
+//! Black-box harness: starts the real `clickgate` binary on loopback with its own data
+//! directory and ports, and speaks raw HTTP/1.1 to it (so tests control pipelining and
+//! malformed requests byte by byte).
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_clickgate");
+
+/// How long a process may take to come up or go down before the test fails loudly.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+}
+
+/// A process-unique, valid UUID text for test events.
+pub fn uuid(n: u64) -> String {
+    let salt = (std::process::id() as u64) << 32 | (now_ms() & 0xffff_ffff);
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (salt >> 32) as u32,
+        (salt >> 16) as u16,
+        (salt as u16) & 0xfff,
+        (n >> 48) as u16 & 0xfff,
+        n & 0xffff_ffff_ffff
+    )
+}
+
+/// A valid event as JSON; `tweak` edits fields before serialising.
+pub fn event(id: &str, campaign: u64, tweak: impl FnOnce(&mut serde_json::Value)) -> String {
+    let mut v = serde_json::json!({
+        "event_id": id,
+        "ts": now_ms(),
+        "campaign_id": campaign,
+        "ad_id": 678,
+        "publisher_id": 42,
+        "advertiser_id": 7,
+        "user_id": "u-88121",
+        "ip": "203.0.113.7",
+        "user_agent": "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)",
+        "country": "US",
+        "device": "mobile",
+        "cost_micros": 500000
+    });
+    tweak(&mut v);
+    v.to_string()
+}
+
+pub struct Clickgate {
+    pub child: Option<Child>,
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    pub ingest: SocketAddr,
+    pub extra: Vec<String>,
+    pub subcommand: String,
+}
+
+impl Clickgate {
+    /// `clickgate dataplane` on 127.0.0.1:0 with a fresh data dir and 2 cores.
+    pub fn dataplane(extra: &[&str]) -> Clickgate {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut cg = Clickgate::spawn("dataplane", &dir, extra);
+        cg._tmp = Some(tmp);
+        cg
+    }
+
+    pub fn spawn(subcommand: &str, data_dir: &Path, extra: &[&str]) -> Clickgate {
+        let addr_file = data_dir.join("run").join("ingest.addr");
+        let _ = std::fs::remove_file(&addr_file);
+        let mut args: Vec<String> = vec![
+            subcommand.into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--ingest-addr".into(),
+            "127.0.0.1:0".into(),
+            "--cores".into(),
+            "2".into(),
+            // Small bloom shards: tests run many instances at once.
+            "--dedup-peak-events-per-sec".into(),
+            "2000".into(),
+        ];
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        args.extend(extra.iter().cloned());
+        let child = Command::new(BIN)
+            .args(&args)
+            .env_remove("CLICKGATE_CONFIG")
+            .env("CLICKGATE_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn clickgate");
+        let mut cg = Clickgate {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            _tmp: None,
+            ingest: "0.0.0.0:0".parse().unwrap(),
+            extra,
+            subcommand: subcommand.into(),
+        };
+        cg.ingest = cg.wait_for_addr(&addr_file);
+        cg
+    }
+
+    fn wait_for_addr(&mut self, file: &Path) -> SocketAddr {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Ok(text) = std::fs::read_to_string(file) {
+                if let Ok(addr) = text.trim().parse() {
+                    return addr;
+                }
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("clickgate exited during start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "clickgate did not start within {START_TIMEOUT:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn connect(&self) -> Conn {
+        Conn::new(self.ingest)
+    }
+
+    /// One request on a fresh connection.
+    pub fn request(&self, method: &str, path: &str, body: &str) -> Response {
+        self.connect().request(method, path, body)
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: plain kill(2) on our own child's pid.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0, "kill({pid}, {sig})");
+    }
+
+    /// Waits for the process to exit, failing the test if it takes too long.
+    pub fn wait(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("clickgate did not exit within {START_TIMEOUT:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn sigterm_and_wait(&mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        self.wait()
+    }
+
+    pub fn kill9(&mut self) {
+        self.signal(libc::SIGKILL);
+        self.wait();
+    }
+
+    /// Starts the same command again on the same data directory.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "stop it first");
+        let extra: Vec<&str> = self.extra.iter().map(|s| s.as_str()).collect();
+        let mut again = Clickgate::spawn(&self.subcommand, &self.data_dir, &extra);
+        self.child = again.child.take();
+        self.ingest = again.ingest;
+    }
+
+    pub fn metrics(&self) -> String {
+        let r = self.request("GET", "/metrics", "");
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    }
+}
+
+impl Drop for Clickgate {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Sum of every sample of a metric family (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+pub struct Conn {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Conn { stream, buf: Vec::new() }
+    }
+
+    pub fn request_bytes(method: &str, path: &str, body: &str) -> Vec<u8> {
+        let ctype = if path == "/v1/clicks" { "application/x-ndjson" } else { "application/json" };
+        let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+        if method == "POST" {
+            req.push_str(&format!(
+                "Content-Type: {ctype}\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        req.push_str("\r\n");
+        req.push_str(body);
+        req.into_bytes()
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    pub fn request(&mut self, method: &str, path: &str, body: &str) -> Response {
+        self.send_raw(&Conn::request_bytes(method, path, body));
+        self.read_response()
+    }
+
+    /// Reads exactly one response (status line, headers, Content-Length body).
+    pub fn read_response(&mut self) -> Response {
+        loop {
+            if let Some((resp, used)) = parse_response(&self.buf) {
+                self.buf.drain(..used);
+                return resp;
+            }
+            let mut chunk = [0u8; 65536];
+            let n = self.stream.read(&mut chunk).expect("read response");
+            assert!(n > 0, "connection closed before a full response; got {:?}", String::from_utf8_lossy(&self.buf));
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// True when the server closed the connection (EOF) within the read timeout.
+    pub fn is_closed(&mut self) -> bool {
+        let mut b = [0u8; 1];
+        matches!(self.stream.read(&mut b), Ok(0) | Err(_))
+    }
+}
+
+fn parse_response(buf: &[u8]) -> Option<(Response, usize)> {
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    let head = std::str::from_utf8(&buf[..end]).expect("ascii head");
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let status: u16 = status_line.split(' ').nth(1)?.parse().ok()?;
+    let headers: Vec<(String, String)> = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.split_once(':').expect("header line");
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    let len: usize = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| v.parse().expect("content-length"))
+        .expect("every response has Content-Length");
+    if buf.len() < end + len {
+        return None;
+    }
+    let body = String::from_utf8(buf[end..end + len].to_vec()).expect("utf8 body");
+    Some((Response { status, headers, body }, end + len))
+}
