@@ -23,7 +23,9 @@ impl std::str::FromStr for AckMode {
             "memory" => Ok(AckMode::Memory),
             "disk" => Ok(AckMode::Disk),
             "kafka" => Ok(AckMode::Kafka),
-            _ => Err(format!("unknown ack mode {s:?}: expected memory, disk or kafka")),
+            _ => Err(format!(
+                "unknown ack mode {s:?}: expected memory, disk or kafka"
+            )),
         }
     }
 }
@@ -78,6 +80,13 @@ pub struct DataplaneConfig {
 
     // --- shutdown ---
     pub drain_timeout_ms: u64,
+
+    // --- io_uring executors ---
+    /// Memory each core's executor registers with io_uring (locked memory: keep the sum
+    /// under `ulimit -l` unless running with CAP_IPC_LOCK).
+    pub io_memory_bytes: usize,
+    /// Submission queue entries of each core's io_uring rings.
+    pub ring_depth: usize,
 }
 
 impl Default for DataplaneConfig {
@@ -108,6 +117,8 @@ impl Default for DataplaneConfig {
             log_retention_secs: 7 * 24 * 3600,
             log_commit_interval_us: 200,
             drain_timeout_ms: 10_000,
+            io_memory_bytes: 1 << 20,
+            ring_depth: 128,
         }
     }
 }

@@ -183,10 +183,10 @@ pub fn parse_head(buf: &[u8], limits: &Limits) -> Frame {
                     keep_alive = true;
                 }
             }
-        } else if name.eq_ignore_ascii_case("expect") {
-            if h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue") {
-                expect_continue = true;
-            }
+        } else if name.eq_ignore_ascii_case("expect")
+            && h.value.trim_ascii().eq_ignore_ascii_case(b"100-continue")
+        {
+            expect_continue = true;
         }
     }
     if transfer_encoding {

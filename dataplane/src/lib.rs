@@ -1,10 +1,17 @@
 //! clickgate-dataplane: thread-per-core io_uring ingest on glommio.
 
 pub mod config;
+mod dedup;
+mod deps;
 pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod response;
+mod server;
+mod shard;
 pub mod ship;
+#[cfg(test)]
+mod tests_e2e;
 
 pub use config::{AckMode, DataplaneConfig};
+pub use server::{Dataplane, ShutdownHandle};

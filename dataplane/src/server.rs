@@ -1,0 +1,583 @@
+//! The dataplane's lifecycle: pre-flight checks, one glommio executor pinned per
+//! configured CPU, each with its own SO_REUSEPORT listener, log and bloom shard; the
+//! dedup meshes; and a drain-then-stop shutdown.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+use futures_lite::future;
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
+use glommio::net::TcpListener;
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+
+use crate::config::{AckMode, DataplaneConfig};
+use crate::dedup::{LookupReq, LookupResp};
+use crate::deps::{CidrSet, CoreLog, LogConfig, RateLimiter, RotatingBloom};
+use crate::metrics::CoreMetrics;
+use crate::shard::{self, wall_ms, Shard};
+
+/// glommio refuses to start with less locked memory than this.
+const MEMLOCK_BYTES_MIN: u64 = 512 << 10;
+/// How often a core looks at the shutdown flag.
+const STOP_POLL_MS: u64 = 20;
+/// How often a core refreshes its gauges.
+const GAUGE_REFRESH_MS: u64 = 1_000;
+/// After the drain timeout, connections are cut; this bounds the wait for their tasks.
+const CUT_WAIT_MS: u64 = 1_000;
+
+/// State shared by every core and the controlling thread: read-mostly, never touched on
+/// the per-event path except each core's own metrics block.
+pub(crate) struct Shared {
+    stop: AtomicBool,
+}
+
+/// A running dataplane.
+pub struct Dataplane {
+    local_addr: SocketAddr,
+    shared: Arc<Shared>,
+    metrics: Arc<[CoreMetrics]>,
+    handles: Vec<ExecutorJoinHandle<anyhow::Result<()>>>,
+}
+
+/// Starts the same shutdown as [`Dataplane::shutdown`] from another thread (e.g. a signal
+/// handler thread); [`Dataplane::join`] returns once it completes.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    shared: Arc<Shared>,
+}
+
+impl ShutdownHandle {
+    pub fn trigger(&self) {
+        self.shared.stop.store(true, Ordering::Release);
+    }
+}
+
+/// What a core reports to `start` once it is up (or why it is not).
+enum CoreReport {
+    Bound(SocketAddr),
+    Ready {
+        memory_bytes: u64,
+        bits_per_event: f64,
+    },
+    Failed(String),
+}
+
+impl Dataplane {
+    /// Checks io_uring and memlock, opens logs, binds listeners on every core, and
+    /// returns once all cores accept. Err with a clear message otherwise.
+    pub fn start(cfg: DataplaneConfig) -> anyhow::Result<Dataplane> {
+        if cfg.ack == AckMode::Kafka {
+            bail!("ack mode `kafka` is not available yet in this build: use `disk` or `memory` (--ack)");
+        }
+        preflight()?;
+        CidrSet::parse_list(&cfg.trusted_cidrs).map_err(|e| anyhow!("trusted CIDRs: {e}"))?;
+        let cpus = if cfg.cores.is_empty() {
+            online_cpus()?
+        } else {
+            cfg.cores.clone()
+        };
+        let n = cpus.len();
+        let cfg = Arc::new(cfg);
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+        });
+        let metrics: Arc<[CoreMetrics]> = (0..n).map(|_| CoreMetrics::default()).collect();
+        let req_mesh = MeshBuilder::<LookupReq, Full>::full(n, cfg.xcore_channel_capacity.max(1));
+        let resp_mesh = MeshBuilder::<LookupResp, Full>::full(n, cfg.xcore_channel_capacity.max(1));
+        let (tx, rx) = mpsc::channel::<(usize, CoreReport)>();
+
+        let mut dp = Dataplane {
+            local_addr: cfg.ingest_addr,
+            shared: shared.clone(),
+            metrics,
+            handles: Vec::new(),
+        };
+        let spawn = |k: usize, addr: SocketAddr, dp: &mut Dataplane| -> anyhow::Result<()> {
+            let (cfg, shared, metrics, tx) =
+                (cfg.clone(), shared.clone(), dp.metrics.clone(), tx.clone());
+            let (req_mesh, resp_mesh) = (req_mesh.clone(), resp_mesh.clone());
+            let h = LocalExecutorBuilder::new(Placement::Fixed(cpus[k]))
+                .name(&format!("clickgate-core-{k}"))
+                .io_memory(cfg.io_memory_bytes)
+                .ring_depth(cfg.ring_depth)
+                .spawn(move || async move {
+                    let core = CoreArgs {
+                        k,
+                        n,
+                        addr,
+                        cfg,
+                        shared,
+                        metrics,
+                        req_mesh,
+                        resp_mesh,
+                        tx,
+                    };
+                    run_core(core).await
+                })
+                .map_err(|e| {
+                    anyhow!("starting the executor of core {k} on CPU {}: {e}", cpus[k])
+                })?;
+            dp.handles.push(h);
+            Ok(())
+        };
+
+        // Core 0 binds first so that port 0 resolves to one port every core then shares.
+        spawn(0, cfg.ingest_addr, &mut dp)?;
+        match rx.recv() {
+            Ok((_, CoreReport::Bound(addr))) => dp.local_addr = addr,
+            Ok((_, CoreReport::Failed(e))) => {
+                let _ = dp.shutdown();
+                bail!(e);
+            }
+            _ => {
+                let r = dp.shutdown();
+                bail!("core 0 stopped during start-up: {r:?}");
+            }
+        }
+        for k in 1..n {
+            if let Err(e) = spawn(k, dp.local_addr, &mut dp) {
+                let _ = dp.shutdown();
+                return Err(e);
+            }
+        }
+        let mut ready = 0;
+        let mut memory = 0u64;
+        let mut bits = 0.0;
+        while ready < n {
+            match rx.recv() {
+                Ok((k, CoreReport::Bound(_))) => debug_assert!(k > 0),
+                Ok((
+                    _,
+                    CoreReport::Ready {
+                        memory_bytes,
+                        bits_per_event,
+                    },
+                )) => {
+                    ready += 1;
+                    memory += memory_bytes;
+                    bits = bits_per_event;
+                }
+                Ok((_, CoreReport::Failed(e))) => {
+                    let _ = dp.shutdown();
+                    bail!(e);
+                }
+                Err(_) => {
+                    let r = dp.shutdown();
+                    bail!("a core stopped during start-up: {r:?}");
+                }
+            }
+        }
+        tracing::info!(
+            addr = %dp.local_addr,
+            cores = n,
+            ack = ?cfg.ack,
+            dedup_memory_bytes = memory,
+            dedup_bits_per_event = bits,
+            "dataplane accepting"
+        );
+        Ok(dp)
+    }
+
+    /// The bound ingest address (the real port when the configured one was 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Stops accepting, finishes in-flight requests (bounded by drain_timeout_ms),
+    /// flushes and fsyncs every log, and joins the executor threads.
+    pub fn shutdown(self) -> anyhow::Result<()> {
+        self.shutdown_handle().trigger();
+        self.join()
+    }
+
+    /// Waits until a triggered shutdown completes.
+    pub fn join(mut self) -> anyhow::Result<()> {
+        let mut errors = Vec::new();
+        for (k, h) in std::mem::take(&mut self.handles).into_iter().enumerate() {
+            match h.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(format!("core {k}: {e:#}")),
+                Err(e) => errors.push(format!("core {k}: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(anyhow!(
+                "dataplane stopped with errors: {}",
+                errors.join("; ")
+            ))
+        }
+    }
+
+    /// A snapshot of the metrics in the Prometheus text format (what `/metrics` serves).
+    pub fn render_metrics(&self) -> String {
+        let mut out = String::new();
+        crate::metrics::render(&self.metrics, &mut out);
+        out
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        if !self.handles.is_empty() {
+            self.shared.stop.store(true, Ordering::Release);
+            for h in std::mem::take(&mut self.handles) {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+struct CoreArgs {
+    k: usize,
+    n: usize,
+    addr: SocketAddr,
+    cfg: Arc<DataplaneConfig>,
+    shared: Arc<Shared>,
+    metrics: Arc<[CoreMetrics]>,
+    req_mesh: MeshBuilder<LookupReq, Full>,
+    resp_mesh: MeshBuilder<LookupResp, Full>,
+    tx: mpsc::Sender<(usize, CoreReport)>,
+}
+
+/// Resolves once shutdown was triggered.
+async fn stopped(shared: &Shared) {
+    while !shared.stop.load(Ordering::Acquire) {
+        glommio::timer::sleep(Duration::from_millis(STOP_POLL_MS)).await;
+    }
+}
+
+async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
+    let CoreArgs {
+        k,
+        n,
+        addr,
+        cfg,
+        shared,
+        metrics,
+        req_mesh,
+        resp_mesh,
+        tx,
+    } = a;
+    let fail = |e: String| {
+        let _ = tx.send((k, CoreReport::Failed(e.clone())));
+        anyhow!(e)
+    };
+    let listener = match TcpListener::bind(addr) {
+        Ok(l) => l,
+        Err(e) => return Err(fail(format!("cannot listen on {addr} (core {k}): {e}"))),
+    };
+    if k == 0 {
+        let bound = listener
+            .local_addr()
+            .map_err(|e| fail(format!("listener address: {e}")))?;
+        let _ = tx.send((k, CoreReport::Bound(bound)));
+    }
+    // Every core joins both meshes; a core that never comes up must not hang the rest,
+    // hence the race with the stop flag.
+    let meshes = future::or(
+        async {
+            let req = req_mesh.join().await;
+            let resp = resp_mesh.join().await;
+            Some((req, resp))
+        },
+        async {
+            stopped(&shared).await;
+            None
+        },
+    )
+    .await;
+    let Some((req, resp)) = meshes else {
+        return Ok(());
+    };
+    let (req_tx, req_rx) = req.map_err(|e| fail(format!("dedup mesh: {e}")))?;
+    let (resp_tx, resp_rx) = resp.map_err(|e| fail(format!("dedup mesh: {e}")))?;
+    let shard_id = req_tx.peer_id();
+
+    let log_dir = cfg.data_dir.join("log").join(format!("core-{k}"));
+    let log = CoreLog::open(log_dir.clone(), k, LogConfig::from_dataplane(&cfg))
+        .await
+        .map_err(|e| {
+            fail(format!(
+                "cannot open the local log {}: {e}",
+                log_dir.display()
+            ))
+        })?;
+    let now = wall_ms();
+    let items = (cfg
+        .dedup_peak_events_per_sec
+        .saturating_mul(cfg.dedup_window_secs)
+        / n as u64)
+        .max(1);
+    let bloom = RotatingBloom::new(
+        cfg.dedup_window_secs * 1000,
+        cfg.dedup_generations,
+        items,
+        cfg.dedup_fp_rate,
+        now,
+    );
+    let (memory_bytes, bits_per_event) = (bloom.memory_bytes(), bloom.bits_per_event());
+    metrics[k].set_dedup(memory_bytes, bits_per_event);
+    let limiter = RateLimiter::new(cfg.rate_limit_events_per_sec, cfg.rate_limit_addresses_max);
+    let trusted =
+        CidrSet::parse_list(&cfg.trusted_cidrs).map_err(|e| fail(format!("trusted CIDRs: {e}")))?;
+    let lookups = if n > 1 { Some(req_tx) } else { None };
+    let shard = Rc::new(Shard::new(
+        k,
+        shard_id,
+        n,
+        cfg.clone(),
+        metrics,
+        log,
+        bloom,
+        limiter,
+        trusted,
+        lookups,
+    ));
+
+    // Dedup service: answer other cores' lookups against our shard, and route the
+    // answers to our own lookups back to the waiting connections.
+    let resp_tx = Rc::new(resp_tx);
+    let mut servers = Vec::new();
+    let mut req_rx: Receivers<LookupReq> = req_rx;
+    for (peer, rx) in req_rx.streams() {
+        let (shard, resp_tx) = (shard.clone(), resp_tx.clone());
+        servers.push(glommio::spawn_local(serve_lookups(shard, peer, rx, resp_tx)).detach());
+    }
+    drop(resp_tx);
+    let mut resp_rx: Receivers<LookupResp> = resp_rx;
+    for (_peer, rx) in resp_rx.streams() {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            while let Some(r) = rx.recv().await {
+                shard.waiters.borrow_mut().complete(r.slot, r.verdicts);
+            }
+        })
+        .detach();
+    }
+    let gauges = {
+        let shard = shard.clone();
+        glommio::spawn_local(async move {
+            loop {
+                shard.refresh_gauges();
+                glommio::timer::sleep(Duration::from_millis(GAUGE_REFRESH_MS)).await;
+            }
+        })
+        .detach()
+    };
+    tracing::info!(
+        core = k,
+        cpu_shard = shard_id,
+        dedup_memory_bytes = memory_bytes,
+        "core ready"
+    );
+    let _ = tx.send((
+        k,
+        CoreReport::Ready {
+            memory_bytes,
+            bits_per_event,
+        },
+    ));
+
+    accept_loop(&shard, &listener, &shared).await;
+    drop(listener);
+    drain(&shard).await;
+    gauges.cancel();
+    let closed = shard.log.close().await;
+    if let Some(tx) = &shard.lookups {
+        tx.close();
+    }
+    // Peers may still be draining and need our shard's answers: serve until each has
+    // closed its side.
+    for s in servers {
+        s.await;
+    }
+    shard.refresh_gauges();
+    tracing::info!(core = k, "core stopped");
+    closed.with_context(|| format!("closing the log of core {k}"))
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, shared: &Shared) {
+    loop {
+        let accepted = future::or(async { Some(listener.accept().await) }, async {
+            stopped(shared).await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return,
+            Some(Ok(stream)) => {
+                if shard.connections() >= shard.cfg.connections_per_core_max {
+                    glommio::spawn_local(shard::refuse_connection(shard.clone(), stream)).detach();
+                } else {
+                    glommio::spawn_local(shard::serve_connection(shard.clone(), stream)).detach();
+                }
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(core = shard.k, error = %e, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+/// Lets in-flight requests finish (reads see end-of-stream once their buffered requests
+/// are answered), cuts what remains after `drain_timeout_ms`.
+async fn drain(shard: &Shard) {
+    shard.stopping.set(true);
+    shard.shutdown_connections(libc::SHUT_RD);
+    let deadline = Instant::now() + Duration::from_millis(shard.cfg.drain_timeout_ms);
+    while shard.connections() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    if shard.connections() > 0 {
+        tracing::warn!(
+            core = shard.k,
+            connections = shard.connections(),
+            "drain timeout: cutting connections"
+        );
+        shard.shutdown_connections(libc::SHUT_RDWR);
+        let deadline = Instant::now() + Duration::from_millis(CUT_WAIT_MS);
+        while shard.connections() > 0 && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+/// Answers lookups from core `peer` against this core's bloom shard.
+async fn serve_lookups(
+    shard: Rc<Shard>,
+    peer: usize,
+    rx: glommio::channels::shared_channel::ConnectedReceiver<LookupReq>,
+    resp_tx: Rc<Senders<LookupResp>>,
+) {
+    while let Some(req) = rx.recv().await {
+        let LookupReq { slot, mut hashes } = req;
+        {
+            let now = wall_ms();
+            let mut bloom = shard.bloom.borrow_mut();
+            for h in hashes.iter_mut() {
+                *h = bloom.check_and_insert(*h, now) as u64;
+            }
+        }
+        // The reply channel has the request channel's capacity and the requester drains
+        // it without waiting on anything, so this wait is short.
+        if resp_tx
+            .send_to(
+                peer,
+                LookupResp {
+                    slot,
+                    verdicts: hashes,
+                },
+            )
+            .await
+            .is_err()
+        {
+            tracing::debug!(core = shard.k, peer, "dedup reply dropped: peer gone");
+        }
+    }
+}
+
+/// Refuses to start where glommio cannot run, naming the fix.
+fn preflight() -> anyhow::Result<()> {
+    // Kernel version.
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut uts: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut uts) } == 0 {
+        // SAFETY: uname NUL-terminates release.
+        let release = unsafe { std::ffi::CStr::from_ptr(uts.release.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        let mut parts = release
+            .split(|c: char| !c.is_ascii_digit())
+            .filter(|s| !s.is_empty());
+        let major: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        let minor: u32 = parts.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+        if (major, minor) < (5, 8) {
+            bail!(
+                "kernel {release} is too old for the io_uring dataplane: Linux >= 5.8 is required"
+            );
+        }
+    }
+    // Locked memory.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into lim.
+    if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) } == 0
+        && lim.rlim_cur != libc::RLIM_INFINITY
+        && lim.rlim_cur < MEMLOCK_BYTES_MIN
+    {
+        bail!(
+            "locked-memory limit is {} KiB; io_uring needs at least {} KiB. Raise it with `ulimit -l unlimited` \
+             (or a `memlock` line in /etc/security/limits.conf, or `LimitMEMLOCK=infinity` in the systemd unit)",
+            lim.rlim_cur / 1024,
+            MEMLOCK_BYTES_MIN / 1024
+        );
+    }
+    // io_uring itself.
+    let mut params = [0u32; 30]; // struct io_uring_params is 120 bytes
+                                 // SAFETY: io_uring_setup reads and writes the 120-byte params block.
+    let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr()) };
+    if fd < 0 {
+        let err = std::io::Error::last_os_error();
+        let disabled =
+            std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+        let hint = match err.raw_os_error() {
+            Some(libc::ENOSYS) => "this kernel has no io_uring (Linux >= 5.8 required)",
+            Some(libc::EPERM) | Some(libc::EACCES) => {
+                "io_uring is not permitted: set `sysctl kernel.io_uring_disabled=0`, or allow io_uring in the container's seccomp profile"
+            }
+            Some(libc::ENOMEM) => "not enough locked memory: raise `ulimit -l` (LimitMEMLOCK= in systemd)",
+            _ => "io_uring setup failed",
+        };
+        bail!(
+            "io_uring unavailable ({err}; kernel.io_uring_disabled={}): {hint}",
+            disabled.trim()
+        );
+    }
+    // SAFETY: fd is the ring we just created.
+    unsafe { libc::close(fd as libc::c_int) };
+    Ok(())
+}
+
+/// The CPUs this process may run on.
+fn online_cpus() -> anyhow::Result<Vec<usize>> {
+    // SAFETY: cpu_set_t is plain data; sched_getaffinity fills it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    if unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) } != 0
+    {
+        return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+    }
+    let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect();
+    if cpus.is_empty() {
+        bail!("no CPU available to this process");
+    }
+    Ok(cpus)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preflight_passes_here() {
+        preflight().unwrap();
+        assert!(!online_cpus().unwrap().is_empty());
+    }
+}
