@@ -1,1 +1,282 @@
-//! clickgate-controlplane
+//! clickgate-controlplane: merges the dataplane cores' aggregate deltas into the embedded
+//! counter store and serves the query API (contract §3).
+//!
+//! ```text
+//! dataplane core k ──DeltaFrame (rkyv, Unix socket)──▶ ingest: validate, queue
+//!                  ◀──Ack once durable───────────────── writer thread: apply once per
+//!                                                       delta id, WAL group commit,
+//!                                                       evict, snapshot
+//! query API (axum) ──read lock──▶ store (in memory)
+//! ```
+//!
+//! - [`store`]: buckets per window, idempotent merge, retention, top-N.
+//! - [`durable`]: WAL + snapshot; why not a rebuild from the raw log.
+//! - [`ingest`]: the socket server and the writer.
+//! - [`query`]: request validation and routes.
+//!
+//! Freshness: a dataplane core ships at least every second and the query reads the store
+//! the writer just updated, so a click is visible about one flush interval plus one
+//! fdatasync after its 202.
+
+pub mod durable;
+pub mod ingest;
+pub mod metrics;
+pub mod query;
+pub mod store;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::ingest::{Job, WriterConfig};
+use crate::metrics::Metrics;
+use crate::query::{ApiState, QueryLimits};
+use crate::store::{Retention, Store};
+
+pub use crate::store::{BucketOut, TopAd};
+
+/// The controlplane's settings, every bound with its unit last.
+#[derive(Clone, Debug)]
+pub struct ControlplaneConfig {
+    /// The store lives in `<data_dir>/store/`.
+    pub data_dir: PathBuf,
+    pub query_addr: SocketAddr,
+    /// The Unix socket dataplane cores ship deltas to; `None`: `<data_dir>/control.sock`.
+    pub control_socket: Option<PathBuf>,
+    pub retention_5m_secs: u64,
+    pub retention_1h_secs: u64,
+    pub retention_1d_secs: u64,
+    /// Cells (window × bucket × campaign × dimension) the store holds at most.
+    pub store_cells_max: usize,
+    /// A snapshot is written at least this often while deltas arrive…
+    pub snapshot_interval_secs: u64,
+    /// …or as soon as the WAL is this large.
+    pub snapshot_wal_bytes: u64,
+    /// Frames made durable by one fdatasync, at most.
+    pub group_commit_frames_max: usize,
+    /// Frames waiting for the writer, at most (beyond: connections wait).
+    pub writer_queue_frames_max: usize,
+    pub frame_bytes_max: u32,
+    pub control_connections_max: usize,
+    /// Buckets one metrics query may span.
+    pub query_buckets_max: u64,
+    /// Largest `n` of `/v1/top`.
+    pub top_n_max: usize,
+}
+
+impl Default for ControlplaneConfig {
+    fn default() -> Self {
+        ControlplaneConfig {
+            data_dir: PathBuf::from("./clickgate-data"),
+            query_addr: "127.0.0.1:8081".parse().expect("literal"),
+            control_socket: None,
+            retention_5m_secs: 24 * 3600,
+            retention_1h_secs: 7 * 24 * 3600,
+            retention_1d_secs: 90 * 24 * 3600,
+            store_cells_max: 4_000_000,
+            snapshot_interval_secs: 60,
+            snapshot_wal_bytes: 64 << 20,
+            group_commit_frames_max: 256,
+            writer_queue_frames_max: 4096,
+            frame_bytes_max: clickgate_proto::frames::FRAME_BYTES_MAX,
+            control_connections_max: 1024,
+            query_buckets_max: 10_000,
+            top_n_max: 1_000,
+        }
+    }
+}
+
+impl ControlplaneConfig {
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+
+    pub fn retention(&self) -> Retention {
+        Retention {
+            m5_ms: self.retention_5m_secs.saturating_mul(1000),
+            h1_ms: self.retention_1h_secs.saturating_mul(1000),
+            d1_ms: self.retention_1d_secs.saturating_mul(1000),
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A running controlplane (inside a tokio runtime).
+pub struct Controlplane {
+    query_addr: SocketAddr,
+    control_socket: PathBuf,
+    stop: watch::Sender<bool>,
+    jobs: mpsc::Sender<Job>,
+    tasks: Vec<JoinHandle<()>>,
+    writer: std::thread::JoinHandle<()>,
+    store: Arc<RwLock<Store>>,
+}
+
+impl Controlplane {
+    /// Recovers the store (snapshot + WAL), then listens on the control socket and the
+    /// query address.
+    pub async fn start(cfg: ControlplaneConfig) -> anyhow::Result<Controlplane> {
+        let socket = cfg.control_socket_path();
+        prepare_socket_path(&socket).await?;
+        let store_dir = cfg.data_dir.join("store");
+        let retention = cfg.retention();
+        let cells_max = cfg.store_cells_max;
+        let (store, durable, rec) = tokio::task::spawn_blocking(move || {
+            let mut store = Store::new(retention, cells_max);
+            let (durable, rec) = durable::Durable::open(&store_dir, &mut store, now_ms())?;
+            anyhow::Ok((store, durable, rec))
+        })
+        .await??;
+        tracing::info!(
+            snapshot_chunks = rec.snapshot_chunks,
+            wal_frames = rec.wal_frames,
+            wal_torn_bytes = rec.wal_torn_bytes,
+            cells = store.cells(),
+            "counter store recovered"
+        );
+        let store = Arc::new(RwLock::new(store));
+        let metrics = Arc::new(Metrics::default());
+        metrics
+            .wal_bytes
+            .store(durable.wal_bytes(), std::sync::atomic::Ordering::Relaxed);
+
+        let listener = tokio::net::UnixListener::bind(&socket)
+            .with_context(|| format!("binding control socket {}", socket.display()))?;
+        let tcp = tokio::net::TcpListener::bind(cfg.query_addr)
+            .await
+            .with_context(|| format!("binding query address {}", cfg.query_addr))?;
+        let query_addr = tcp.local_addr()?;
+
+        let (jobs, jobs_rx) = mpsc::channel(cfg.writer_queue_frames_max.max(1));
+        let wcfg = WriterConfig {
+            group_commit_frames_max: cfg.group_commit_frames_max.max(1),
+            snapshot_interval: Duration::from_secs(cfg.snapshot_interval_secs),
+            snapshot_wal_bytes: cfg.snapshot_wal_bytes,
+        };
+        let (st, mt) = (store.clone(), metrics.clone());
+        let writer = std::thread::Builder::new()
+            .name("cg-store-writer".into())
+            .spawn(move || ingest::writer_loop(jobs_rx, st, durable, wcfg, mt))?;
+
+        let (stop, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(ingest::accept_loop(
+            listener,
+            socket.clone(),
+            jobs.clone(),
+            metrics.clone(),
+            cfg.frame_bytes_max,
+            cfg.control_connections_max,
+            stop_rx.clone(),
+        )));
+        let tick_jobs = jobs.clone();
+        let mut tick_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = every.tick() => { let _ = tick_jobs.try_send(Job::Tick); }
+                    _ = tick_stop.changed() => return,
+                }
+            }
+        }));
+        let limits = QueryLimits {
+            buckets_max: cfg.query_buckets_max,
+            top_n_max: cfg.top_n_max,
+            ..QueryLimits::default()
+        };
+        let app = query::router(ApiState {
+            store: store.clone(),
+            metrics,
+            limits,
+        });
+        let mut http_stop = stop_rx;
+        tasks.push(tokio::spawn(async move {
+            let serve = axum::serve(tcp, app).with_graceful_shutdown(async move {
+                let _ = http_stop.changed().await;
+            });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "query API server failed");
+            }
+        }));
+        tracing::info!(query_addr = %query_addr, control_socket = %socket.display(), "controlplane listening");
+        Ok(Controlplane {
+            query_addr,
+            control_socket: socket,
+            stop,
+            jobs,
+            tasks,
+            writer,
+            store,
+        })
+    }
+
+    pub fn query_addr(&self) -> SocketAddr {
+        self.query_addr
+    }
+
+    pub fn control_socket(&self) -> &Path {
+        &self.control_socket
+    }
+
+    /// The highest log LSN applied from a dataplane box's core.
+    pub fn applied_lsn(&self, box_id: u64, core: u32) -> Option<u64> {
+        self.store
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .applied_lsn(box_id, core)
+    }
+
+    /// Stops listening, lets connections ack what they read, commits the WAL, writes a
+    /// final snapshot.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        let flushed = if self.jobs.send(Job::Shutdown(tx)).await.is_ok() {
+            rx.await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("store writer gone")))
+        } else {
+            Err(anyhow::anyhow!("store writer gone"))
+        };
+        drop(self.jobs);
+        let writer = self.writer;
+        tokio::task::spawn_blocking(move || writer.join())
+            .await?
+            .map_err(|_| anyhow::anyhow!("store writer panicked"))?;
+        let _ = std::fs::remove_file(&self.control_socket);
+        flushed
+    }
+}
+
+/// Removes a stale socket file; refuses if another controlplane answers on it.
+async fn prepare_socket_path(socket: &Path) -> anyhow::Result<()> {
+    if let Some(dir) = socket.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    if socket.exists() {
+        if tokio::net::UnixStream::connect(socket).await.is_ok() {
+            bail!("another controlplane is listening on {}", socket.display());
+        }
+        std::fs::remove_file(socket)
+            .with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    Ok(())
+}

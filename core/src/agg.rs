@@ -50,7 +50,7 @@ use crate::hll::Hll;
 use crate::window::Window;
 
 /// A dimension of a key: the whole campaign or one value of one attribute.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Dim {
     All,
     Country([u8; 2]),

@@ -1,0 +1,180 @@
+//! The controlplane's metrics: one place for names, help texts and labels, rendered in
+//! the Prometheus text format on `GET /metrics`.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use clickgate_core::window::Window;
+
+use crate::store::Store;
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_total: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub frames_received: AtomicU64,
+    pub frames_rejected: AtomicU64,
+    pub acks_sent: AtomicU64,
+    pub wal_commits: AtomicU64,
+    pub wal_bytes: AtomicU64,
+    pub snapshots: AtomicU64,
+    pub snapshot_failures: AtomicU64,
+    pub snapshot_bytes: AtomicU64,
+    pub queries_metrics: AtomicU64,
+    pub queries_top: AtomicU64,
+    pub queries_bad: AtomicU64,
+    writer_failed: AtomicBool,
+}
+
+impl Metrics {
+    pub fn inc(&self, c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn set_writer_failed(&self) {
+        self.writer_failed.store(true, Ordering::Relaxed);
+    }
+
+    pub fn writer_failed(&self) -> bool {
+        self.writer_failed.load(Ordering::Relaxed)
+    }
+
+    pub fn render(&self, store: &Store) -> String {
+        let mut out = String::with_capacity(4096);
+        let g = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let mut one = |name: &str, kind: &str, help: &str, v: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
+        };
+        one(
+            "clickgate_control_connections_total",
+            "counter",
+            "Dataplane connections accepted on the control socket.",
+            g(&self.connections_total),
+        );
+        one(
+            "clickgate_control_connections_open",
+            "gauge",
+            "Dataplane connections open now.",
+            g(&self.connections_open),
+        );
+        one(
+            "clickgate_delta_frames_received_total",
+            "counter",
+            "Delta frames received from dataplane cores.",
+            g(&self.frames_received),
+        );
+        one(
+            "clickgate_delta_frames_rejected_total",
+            "counter",
+            "Delta frames that failed validation (connection closed).",
+            g(&self.frames_rejected),
+        );
+        let s = store.stats();
+        one(
+            "clickgate_delta_frames_applied_total",
+            "counter",
+            "Delta frames merged into the store.",
+            s.frames_applied,
+        );
+        one(
+            "clickgate_delta_frames_duplicate_total",
+            "counter",
+            "Delta frames skipped as already applied (resends).",
+            s.frames_duplicate,
+        );
+        one(
+            "clickgate_delta_acks_sent_total",
+            "counter",
+            "Acks sent after the delta was durable.",
+            g(&self.acks_sent),
+        );
+        one(
+            "clickgate_store_wal_commits_total",
+            "counter",
+            "Group commits (write + fdatasync) of the store WAL.",
+            g(&self.wal_commits),
+        );
+        one(
+            "clickgate_store_wal_bytes",
+            "gauge",
+            "Bytes in the store WAL since the last snapshot.",
+            g(&self.wal_bytes),
+        );
+        one(
+            "clickgate_store_snapshots_total",
+            "counter",
+            "Store snapshots written.",
+            g(&self.snapshots),
+        );
+        one(
+            "clickgate_store_snapshot_failures_total",
+            "counter",
+            "Store snapshots that failed.",
+            g(&self.snapshot_failures),
+        );
+        one(
+            "clickgate_store_snapshot_bytes",
+            "gauge",
+            "Size of the last snapshot.",
+            g(&self.snapshot_bytes),
+        );
+        one(
+            "clickgate_store_cells",
+            "gauge",
+            "Cells (window x bucket x campaign x dimension) held.",
+            store.cells() as u64,
+        );
+        one(
+            "clickgate_store_buckets",
+            "gauge",
+            "Buckets (window x bucket start) held.",
+            store.buckets() as u64,
+        );
+        one(
+            "clickgate_store_overflow_total",
+            "counter",
+            "Delta entries refused at store_cells_max.",
+            s.overflow,
+        );
+        one(
+            "clickgate_store_evicted_buckets_total",
+            "counter",
+            "Buckets evicted past retention.",
+            s.evicted_buckets,
+        );
+        one(
+            "clickgate_store_writer_failed",
+            "gauge",
+            "1 when the store writer stopped on an I/O error.",
+            self.writer_failed() as u64,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP clickgate_late_dropped_total Clicks of delta entries whose bucket was past retention, not stored (still archived and billed).\n# TYPE clickgate_late_dropped_total counter"
+        );
+        for w in Window::ALL {
+            let _ = writeln!(
+                out,
+                "clickgate_late_dropped_total{{window=\"{w}\"}} {}",
+                s.late_dropped[w as usize]
+            );
+        }
+        let _ = writeln!(out, "# HELP clickgate_queries_total Query API requests.\n# TYPE clickgate_queries_total counter");
+        let _ = writeln!(
+            out,
+            "clickgate_queries_total{{route=\"metrics\"}} {}",
+            g(&self.queries_metrics)
+        );
+        let _ = writeln!(
+            out,
+            "clickgate_queries_total{{route=\"top\"}} {}",
+            g(&self.queries_top)
+        );
+        let _ = writeln!(out, "# HELP clickgate_query_errors_total Query API requests answered 400.\n# TYPE clickgate_query_errors_total counter");
+        let _ = writeln!(out, "clickgate_query_errors_total {}", g(&self.queries_bad));
+        out
+    }
+}
