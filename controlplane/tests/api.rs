@@ -196,7 +196,7 @@ async fn frames_in_numbers_out_and_back_after_restart() {
     );
     // A resend (reconnect after a lost ack) is acked and not counted again.
     assert_eq!(
-        ship(&socket, &[f0.clone()]).await,
+        ship(&socket, std::slice::from_ref(&f0)).await,
         vec![Ack {
             core: 0,
             delta_id: 1
