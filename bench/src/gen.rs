@@ -59,33 +59,84 @@ fn mix62(mut x: u64) -> u64 {
     x ^ (x >> 32)
 }
 
-/// Zipf(s) over ranks `1..=n`, by inverse CDF with binary search.
+/// Zipf(s) over ranks `1..=n`, sampled in O(1) with Vose's alias method
+/// (no branchy binary search on the per-event path).
 pub struct Zipf {
-    cdf: Vec<f64>,
+    /// Keep rank i+1 if a uniform u64 is below `keep[i]`, else take `alias[i]`.
+    keep: Vec<u64>,
+    alias: Vec<u32>,
 }
 
 impl Zipf {
     pub fn new(n: u64, s: f64) -> Self {
-        let n = n.max(1) as usize;
-        let mut cdf = Vec::with_capacity(n);
-        let mut acc = 0.0;
-        for k in 1..=n {
-            acc += 1.0 / (k as f64).powf(s);
-            cdf.push(acc);
+        let n = n.clamp(1, u32::MAX as u64) as usize;
+        let weights: Vec<f64> = (1..=n).map(|k| 1.0 / (k as f64).powf(s)).collect();
+        let total: f64 = weights.iter().sum();
+        let mut scaled: Vec<f64> = weights.iter().map(|w| w * n as f64 / total).collect();
+        let mut alias: Vec<u32> = (0..n as u32).collect();
+        let mut keep = vec![u64::MAX; n];
+        let (mut small, mut large): (Vec<usize>, Vec<usize>) =
+            (0..n).partition(|&i| scaled[i] < 1.0);
+        while let (Some(&l), Some(&g)) = (small.last(), large.last()) {
+            small.pop();
+            keep[l] = (scaled[l] * u64::MAX as f64) as u64;
+            alias[l] = g as u32;
+            scaled[g] -= 1.0 - scaled[l];
+            if scaled[g] < 1.0 {
+                large.pop();
+                small.push(g);
+            }
         }
-        for c in &mut cdf {
-            *c /= acc;
-        }
-        Zipf { cdf }
+        // Leftovers are 1.0 up to rounding: always keep (already u64::MAX).
+        Zipf { keep, alias }
     }
 
     /// A rank in `1..=n`.
     #[inline]
     pub fn sample(&self, rng: &mut Rng) -> u64 {
-        let u = rng.f64();
-        let i = self.cdf.partition_point(|&c| c <= u);
-        i.min(self.cdf.len() - 1) as u64 + 1
+        let i = rng.below(self.keep.len() as u64) as usize;
+        let i = if rng.next_u64() < self.keep[i] {
+            i
+        } else {
+            self.alias[i] as usize
+        };
+        i as u64 + 1
     }
+}
+
+const DIGITS2: &[u8; 200] = b"\
+0001020304050607080910111213141516171819\
+2021222324252627282930313233343536373839\
+4041424344454647484950515253545556575859\
+6061626364656667686970717273747576777879\
+8081828384858687888990919293949596979899";
+
+/// Appends the decimal text of `v`, written in place into the spare capacity
+/// (no per-number memcpy call).
+#[inline]
+pub fn push_u64(out: &mut Vec<u8>, mut v: u64) {
+    let n = if v == 0 { 1 } else { v.ilog10() as usize + 1 };
+    out.reserve(n);
+    let len = out.len();
+    let spare = &mut out.spare_capacity_mut()[..n];
+    let mut i = n;
+    while v >= 100 {
+        let d = (v % 100) as usize * 2;
+        v /= 100;
+        spare[i - 1].write(DIGITS2[d + 1]);
+        spare[i - 2].write(DIGITS2[d]);
+        i -= 2;
+    }
+    if v >= 10 {
+        let d = v as usize * 2;
+        spare[i - 1].write(DIGITS2[d + 1]);
+        spare[i - 2].write(DIGITS2[d]);
+    } else {
+        spare[i - 1].write(b'0' + v as u8);
+    }
+    // SAFETY: the first n bytes of the spare capacity were all written above
+    // (i reaches 2 or 1 exactly at the leading digits).
+    unsafe { out.set_len(len + n) };
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
@@ -169,8 +220,30 @@ pub struct EventGen {
     counter: u64,
     zipf: Zipf,
     mix: Mix,
-    itoa: itoa::Buffer,
     id_buf: [u8; 36],
+    /// Decimal text of 0..=255: (length, digits).
+    octets: Vec<(u8, [u8; 3])>,
+    pool: Option<Pool>,
+    /// Where the last fresh event put its id and ts (offsets into `out`), and its ts.
+    last_id_at: Option<usize>,
+    last_ts_at: usize,
+    last_ts: u64,
+}
+
+struct Pool {
+    data: Vec<u8>,
+    events: Vec<PoolEvent>,
+}
+
+struct PoolEvent {
+    start: usize,
+    len: usize,
+    /// Offset of the 36-byte event_id text, if the line has one.
+    id_at: Option<usize>,
+    /// Offset of the 13 ts digits (None: not patchable).
+    ts_at: Option<usize>,
+    ts_delta: i64,
+    kind: Kind,
 }
 
 /// What kind of line was written (for tests and accounting).
@@ -189,18 +262,100 @@ impl EventGen {
             counter: 0,
             zipf: Zipf::new(mix.campaigns, mix.zipf),
             mix,
-            itoa: itoa::Buffer::new(),
             id_buf: [0; 36],
+            octets: (0..=255u32)
+                .map(|v| {
+                    let t = v.to_string();
+                    let mut d = [0u8; 3];
+                    d[..t.len()].copy_from_slice(t.as_bytes());
+                    (t.len() as u8, d)
+                })
+                .collect(),
+            pool: None,
+            last_id_at: None,
+            last_ts_at: 0,
+            last_ts: 0,
         }
     }
 
     #[inline]
     fn num(&mut self, out: &mut Vec<u8>, v: u64) {
-        out.extend_from_slice(self.itoa.format(v).as_bytes());
+        push_u64(out, v);
     }
 
     /// Appends one event (no trailing newline) with `now_ms` as its time.
     pub fn write_event(&mut self, out: &mut Vec<u8>, now_ms: u64) -> Kind {
+        if let Some(pool) = self.pool.take() {
+            let k = self.write_pooled(&pool, out, now_ms);
+            self.pool = Some(pool);
+            return k;
+        }
+        self.write_fresh(out, now_ms)
+    }
+
+    /// Switches to pooled generation: `n` events are generated once, and each event
+    /// sent is a copy of a random one with a fresh event_id (or a duplicate's) and the
+    /// current ts patched in. Much cheaper per event; the mix of the other fields is
+    /// limited to the pool's `n` variants.
+    pub fn use_pool(&mut self, n: usize) {
+        const BASE: u64 = 1_800_000_000_000; // 13 digits, like every ts near now
+        let dup = std::mem::replace(&mut self.mix.dup_share, 0.0);
+        let mut pool = Pool {
+            data: Vec::with_capacity(n * 420),
+            events: Vec::with_capacity(n),
+        };
+        for _ in 0..n {
+            let start = pool.data.len();
+            let kind = self.write_fresh(&mut pool.data, BASE);
+            let ts_at = self.last_ts_at - start;
+            let ts_ok = pool.data[ts_at..]
+                .iter()
+                .take_while(|b| b.is_ascii_digit())
+                .count()
+                == 13;
+            pool.events.push(PoolEvent {
+                start,
+                len: pool.data.len() - start,
+                id_at: self.last_id_at.map(|at| at - start),
+                ts_at: ts_ok.then_some(ts_at),
+                ts_delta: self.last_ts as i64 - BASE as i64,
+                kind,
+            });
+        }
+        self.mix.dup_share = dup;
+        self.counter = 0;
+        self.pool = Some(pool);
+    }
+
+    fn write_pooled(&mut self, pool: &Pool, out: &mut Vec<u8>, now_ms: u64) -> Kind {
+        let e = &pool.events[self.rng.below(pool.events.len() as u64) as usize];
+        let base = out.len();
+        out.extend_from_slice(&pool.data[e.start..e.start + e.len]);
+        let mut kind = e.kind;
+        if let Some(at) = e.id_at {
+            let id = if self.counter > 0 && self.rng.chance(self.mix.dup_share) {
+                if kind == Kind::Valid {
+                    kind = Kind::Duplicate;
+                }
+                self.counter - 1 - self.rng.below(self.counter.min(DUP_REACH))
+            } else {
+                self.counter += 1;
+                self.counter - 1
+            };
+            let slot: &mut [u8; 36] = (&mut out[base + at..base + at + 36]).try_into().unwrap();
+            self.ids.format(id, slot);
+        }
+        if let Some(at) = e.ts_at {
+            let mut ts = (now_ms as i64 + e.ts_delta).max(0) as u64;
+            for b in out[base + at..base + at + 13].iter_mut().rev() {
+                *b = b'0' + (ts % 10) as u8;
+                ts /= 10;
+            }
+        }
+        kind
+    }
+
+    fn write_fresh(&mut self, out: &mut Vec<u8>, now_ms: u64) -> Kind {
         let rng = &mut self.rng;
         let mut kind = Kind::Valid;
         let id = if self.counter > 0 && rng.chance(self.mix.dup_share) {
@@ -219,6 +374,7 @@ impl EventGen {
         };
         self.ids.format(id, &mut self.id_buf);
 
+        self.last_id_at = None;
         if broken == 1 {
             out.extend_from_slice(b"{\"event_id\":\"not-a-uuid-");
             out.extend_from_slice(&self.id_buf[..8]);
@@ -228,6 +384,7 @@ impl EventGen {
             out.extend_from_slice(b"{\"ts\":");
         } else {
             out.extend_from_slice(b"{\"event_id\":\"");
+            self.last_id_at = Some(out.len());
             out.extend_from_slice(&self.id_buf);
             out.extend_from_slice(b"\",\"ts\":");
         }
@@ -261,11 +418,14 @@ impl EventGen {
         let device = DEVICES[rng.below(DEVICES.len() as u64) as usize];
         let cost = 1 + rng.below(1_000_000);
 
+        self.last_ts = ts;
         if broken == 4 {
             out.push(b'"');
+            self.last_ts_at = out.len();
             self.num(out, ts);
             out.push(b'"');
         } else {
+            self.last_ts_at = out.len();
             self.num(out, ts);
         }
         out.extend_from_slice(b",\"campaign_id\":");
@@ -283,7 +443,8 @@ impl EventGen {
             if i > 0 {
                 out.push(b'.');
             }
-            self.num(out, (ip >> shift) & 0xff);
+            let (len, d) = &self.octets[((ip >> shift) & 0xff) as usize];
+            out.extend_from_slice(&d[..*len as usize]);
         }
         out.extend_from_slice(b"\",\"user_agent\":\"");
         out.extend_from_slice(ua.as_bytes());
@@ -347,6 +508,37 @@ mod tests {
     }
 
     #[test]
+    fn push_u64_matches_to_string() {
+        let mut out = Vec::new();
+        let mut rng = Rng::new(5);
+        let mut vals = vec![
+            0u64,
+            1,
+            9,
+            10,
+            11,
+            99,
+            100,
+            101,
+            999,
+            1000,
+            u64::MAX,
+            u64::MAX / 10,
+        ];
+        for p in 0..20 {
+            vals.push(10u64.pow(p));
+            vals.push(10u64.pow(p) - 1);
+        }
+        vals.extend((0..1000).map(|_| rng.next_u64() >> rng.below(64)));
+        for v in vals {
+            out.clear();
+            out.extend_from_slice(b"x");
+            push_u64(&mut out, v);
+            assert_eq!(&out[1..], v.to_string().as_bytes());
+        }
+    }
+
+    #[test]
     fn mix62_is_injective_on_a_sample() {
         let mut seen = HashSet::new();
         for c in 0..200_000u64 {
@@ -369,8 +561,12 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(one.sample(&mut rng), 1);
         }
-        // Edge of the unit interval maps inside the range.
-        assert!(z.cdf.last().copied().unwrap() >= 1.0 - 1e-12);
+        // Frequencies follow 1/k^s: rank 1 vs rank 2 is about 2^1.1.
+        let r = counts[1] as f64 / counts[2] as f64;
+        assert!((r - 2f64.powf(1.1)).abs() < 0.15, "ratio {r}");
+        let expected_1 = 1.0 / (1..=1000).map(|k| 1.0 / (k as f64).powf(1.1)).sum::<f64>();
+        let got_1 = counts[1] as f64 / 200_000.0;
+        assert!((got_1 - expected_1).abs() < 0.01, "{got_1} vs {expected_1}");
     }
 
     #[test]
@@ -429,6 +625,49 @@ mod tests {
     }
 
     #[test]
+    fn pooled_events_are_valid_unique_and_current() {
+        let m = Mix {
+            dup_share: 0.1,
+            invalid_share: 0.05,
+            late_share: 0.1,
+            ..mix()
+        };
+        let mut g = EventGen::new(m, 9, 3);
+        g.use_pool(64);
+        let now = 1_764_201_600_123u64;
+        let mut ids = HashSet::new();
+        let (mut dups, mut invalid, mut late) = (0, 0, 0);
+        let mut out = Vec::new();
+        for _ in 0..5000 {
+            out.clear();
+            let k = g.write_event(&mut out, now);
+            // Every broken form is still JSON; ids of invalid lines count as sent too.
+            let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+            let id = v["event_id"].as_str().unwrap_or("").to_string();
+            if k == Kind::Invalid {
+                invalid += 1;
+                if valid_uuid(id.as_bytes()) {
+                    ids.insert(id);
+                }
+                continue;
+            }
+            assert!(valid_uuid(id.as_bytes()));
+            let fresh = ids.insert(id);
+            assert_eq!(fresh, k == Kind::Valid, "{k:?}");
+            if k == Kind::Duplicate {
+                dups += 1;
+            }
+            let ts = v["ts"].as_u64().unwrap();
+            assert!(ts <= now && now - ts <= 3_600_000);
+            if ts < now {
+                late += 1;
+            }
+        }
+        assert!(dups > 300 && dups < 700, "{dups}");
+        assert!(invalid > 0 && late > 0);
+    }
+
+    #[test]
     fn shares_are_roughly_respected() {
         let m = Mix {
             dup_share: 0.1,
@@ -466,5 +705,46 @@ mod tests {
         assert!(near(inv, 0.1), "inv {inv}");
         assert!(near(bot, 0.2), "bot {bot}");
         assert!(near(burst, 0.5), "burst {burst}");
+    }
+}
+
+/// Generation speed, for profiling the tool's own ceiling:
+/// `cargo test --release -p clickgate-bench --bins -- --ignored --nocapture gen_speed`
+#[cfg(test)]
+mod speed {
+    use super::*;
+
+    #[test]
+    #[ignore]
+    fn gen_speed() {
+        let m = Mix {
+            campaigns: 1000,
+            zipf: 1.1,
+            users: 100_000,
+            dup_share: 0.0,
+            invalid_share: 0.0,
+            bot_share: 0.0,
+            burst_ips: 0,
+            burst_share: 0.5,
+            late_share: 0.0,
+        };
+        for pool in [0usize, 1024, 65536] {
+            let mut g = EventGen::new(m.clone(), 1, 1);
+            if pool > 0 {
+                g.use_pool(pool);
+            }
+            let mut out = Vec::with_capacity(1 << 20);
+            let n = 2_000_000;
+            let t = std::time::Instant::now();
+            for i in 0..n {
+                if i % 1000 == 0 {
+                    out.clear();
+                }
+                g.write_event(&mut out, 1_764_201_600_123);
+                out.push(b'\n');
+            }
+            let ns = t.elapsed().as_nanos() as f64 / n as f64;
+            println!("pool {pool:>6}: {ns:.1} ns/event");
+        }
     }
 }

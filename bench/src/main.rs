@@ -123,6 +123,12 @@ struct Args {
     /// Seed of the traffic mix (event ids are unique per run whatever the seed).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Pooled generation: pre-generate N events per thread and send copies of random ones
+    /// with a fresh event_id (or a --dup-share duplicate) and the current ts patched in.
+    /// About 4x cheaper per event than generating each one (0: generate every event),
+    /// at the cost of only N variants of the other fields.
+    #[arg(long, default_value_t = 0)]
+    pool: usize,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -252,6 +258,7 @@ fn run(args: Args) -> Result<ExitCode> {
             mix: mix.clone(),
             seed: args.seed.wrapping_add(t as u64),
             stream: nonce ^ gen::mix64(t as u64 + 1),
+            pool: args.pool,
         };
         let p = progress.clone();
         handles.push(
@@ -343,6 +350,7 @@ fn run(args: Args) -> Result<ExitCode> {
             burst_share: mix.burst_share,
             late_share: mix.late_share,
             seed: args.seed,
+            pool: args.pool,
         },
         machine: Machine::detect(),
         duration_s: secs,

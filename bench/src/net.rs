@@ -55,6 +55,8 @@ pub struct WorkerCfg {
     pub mix: Mix,
     pub seed: u64,
     pub stream: u64,
+    /// Pooled generation with this many template events (0: every event fresh).
+    pub pool: usize,
 }
 
 /// What one worker measured inside the measurement window.
@@ -105,12 +107,15 @@ impl Stats {
     }
 }
 
-/// Builds request bytes (head + generated body) into a connection's write buffer.
+/// Builds request bytes (head + generated body) straight into a connection's
+/// write buffer: the body is written after a Content-Length placeholder sized like
+/// the previous body's length, which is then filled in (shifted in the rare case
+/// the digit count changed).
 pub struct ReqBuilder {
     gen: EventGen,
-    body: Vec<u8>,
     head: Vec<u8>,
     batch: usize,
+    len_digits: usize,
     itoa: itoa::Buffer,
 }
 
@@ -127,9 +132,9 @@ impl ReqBuilder {
         .into_bytes();
         ReqBuilder {
             gen,
-            body: Vec::with_capacity(if batch == 0 { 512 } else { batch * 400 }),
             head,
             batch,
+            len_digits: 3,
             itoa: itoa::Buffer::new(),
         }
     }
@@ -137,21 +142,28 @@ impl ReqBuilder {
     /// Appends one request to `out`; returns the number of events in it.
     pub fn build(&mut self, out: &mut Vec<u8>) -> u32 {
         let now = wall_ms();
-        self.body.clear();
+        out.extend_from_slice(&self.head);
+        let len_at = out.len();
+        out.resize(len_at + self.len_digits, b'0');
+        out.extend_from_slice(b"\r\n\r\n");
+        let body_at = out.len();
         let n = if self.batch == 0 {
-            self.gen.write_event(&mut self.body, now);
+            self.gen.write_event(out, now);
             1
         } else {
             for _ in 0..self.batch {
-                self.gen.write_event(&mut self.body, now);
-                self.body.push(b'\n');
+                self.gen.write_event(out, now);
+                out.push(b'\n');
             }
             self.batch as u32
         };
-        out.extend_from_slice(&self.head);
-        out.extend_from_slice(self.itoa.format(self.body.len()).as_bytes());
-        out.extend_from_slice(b"\r\n\r\n");
-        out.extend_from_slice(&self.body);
+        let text = self.itoa.format(out.len() - body_at).as_bytes();
+        if text.len() == self.len_digits {
+            out[len_at..len_at + text.len()].copy_from_slice(text);
+        } else {
+            out.splice(len_at..len_at + self.len_digits, text.iter().copied());
+            self.len_digits = text.len();
+        }
         n
     }
 }
@@ -247,7 +259,10 @@ pub fn run_worker(cfg: WorkerCfg, progress: Arc<Progress>) -> io::Result<Stats> 
     if epfd < 0 {
         return Err(io::Error::last_os_error());
     }
-    let gen = EventGen::new(cfg.mix.clone(), cfg.seed, cfg.stream);
+    let mut gen = EventGen::new(cfg.mix.clone(), cfg.seed, cfg.stream);
+    if cfg.pool > 0 {
+        gen.use_pool(cfg.pool);
+    }
     let builder = ReqBuilder::new(&cfg.host, cfg.batch, gen);
     let conns = (0..cfg.connections)
         .map(|_| Conn {
@@ -773,5 +788,72 @@ impl Worker {
         }
         c.wbuf.clear();
         c.wpos = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mix() -> Mix {
+        Mix {
+            campaigns: 10,
+            zipf: 1.1,
+            users: 10,
+            dup_share: 0.0,
+            invalid_share: 0.0,
+            bot_share: 0.0,
+            burst_ips: 0,
+            burst_share: 0.5,
+            late_share: 0.0,
+        }
+    }
+
+    /// Splits a stream of requests and checks each one's Content-Length.
+    fn check_requests(buf: &[u8], expect: usize, path: &str) {
+        let mut rest = buf;
+        let mut n = 0;
+        while !rest.is_empty() {
+            let end = rest.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+            let head = std::str::from_utf8(&rest[..end]).unwrap();
+            assert!(
+                head.starts_with(&format!("POST {path} HTTP/1.1\r\n")),
+                "{head}"
+            );
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap();
+            let body = &rest[end..end + len];
+            for line in body.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                serde_json::from_slice::<serde_json::Value>(line).unwrap();
+            }
+            rest = &rest[end + len..];
+            n += 1;
+        }
+        assert_eq!(n, expect);
+    }
+
+    #[test]
+    fn requests_have_exact_lengths() {
+        // Single events (about 400 bytes: the 3-digit guess holds, then changes).
+        let mut b = ReqBuilder::new("127.0.0.1:1", 0, EventGen::new(mix(), 1, 1));
+        let mut out = Vec::new();
+        for _ in 0..50 {
+            assert_eq!(b.build(&mut out), 1);
+        }
+        check_requests(&out, 50, "/v1/click");
+        // Batches of several sizes: the digit count changes between them.
+        for batch in [1usize, 2, 30, 300, 3] {
+            let mut b = ReqBuilder::new("h", batch, EventGen::new(mix(), 2, 2));
+            let mut out = Vec::new();
+            for _ in 0..5 {
+                assert_eq!(b.build(&mut out), batch as u32);
+            }
+            check_requests(&out, 5, "/v1/clicks");
+        }
     }
 }

@@ -56,6 +56,8 @@ pub struct Config {
     pub burst_share: f64,
     pub late_share: f64,
     pub seed: u64,
+    /// Pooled generation: template events per thread (0: every event generated).
+    pub pool: usize,
 }
 
 #[derive(Serialize, Debug, Clone, Copy, PartialEq)]
