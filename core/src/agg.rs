@@ -26,21 +26,22 @@
 //! counting. The event itself is still in the raw log, archived and billed (billing
 //! replays the log, it does not read these counters).
 //!
-//! Bytes per active key on a core: one [`DeltaEntry`] (key 32 B + counters 24 B + sketch
-//! header 48 B = 104 B) + one hash-map slot (key + index ≈ 40 B at 7/8 load ≈ 46 B) ≈ 150 B,
-//! plus the sketch: 4 B per distinct billable user of that key in the interval while
-//! sparse (≤ 1024 users, ≤ 4 KiB), 16 KiB once dense. A dense sketch needs > 1024 distinct
+//! Bytes per active key on a core: one hash-map slot holding key 32 B + counters 24 B +
+//! sketch 32 B (up to 6 users inline) = 88 B, ≈ 100 B at the map's 7/8 load plus its
+//! control byte; beyond 6 distinct billable users of that key in the interval, 4 B per
+//! user while sparse (≤ 1024 users, ≤ 4 KiB), 16 KiB once dense. A dense sketch needs > 1024 distinct
 //! users of one key in one interval, so sketch memory stays below ~16 B per (event ×
 //! dimension) of an interval whatever the mix.
 //!
 //! ## Allocation
-//! After warm-up an event allocates nothing: the key map is cleared, not freed, at each
-//! drain; sketches handed out in a [`Delta`] come back through [`Aggregator::recycle`]
+//! After warm-up an event allocates nothing: the key map is drained, keeping its
+//! capacity, at each drain; sketches handed out in a [`Delta`] come back through [`Aggregator::recycle`]
 //! with their sparse buffers, and new keys reuse them. The exceptions are amortised: a
 //! sparse buffer growing past its previous capacity, and a sketch turning dense (once per
 //! hot key per interval, ≥ 1024 distinct users apart). `drain_delta` itself may allocate
 //! (once per interval, not per event).
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
@@ -221,11 +222,18 @@ impl Default for AggConfig {
     }
 }
 
+/// A key's running counts inside the aggregator.
+#[derive(Default)]
+struct Slot {
+    counters: Counters,
+    users: Hll,
+}
+
 /// A core's pre-aggregator. Single-owner, no locks: each core has its own.
 pub struct Aggregator {
     cfg: AggConfig,
-    index: KeyMap<u32>,
-    entries: Vec<DeltaEntry>,
+    /// Counts live in the map itself: one probe per (event, dimension).
+    map: KeyMap<Slot>,
     /// Cleared sketches from recycled deltas, reused for new keys.
     spare_users: Vec<Hll>,
     /// A cleared entry vector from a recycled delta.
@@ -236,14 +244,10 @@ pub struct Aggregator {
 
 impl Aggregator {
     pub fn new(cfg: AggConfig) -> Aggregator {
-        assert!(
-            cfg.keys_max > 0 && cfg.keys_max <= u32::MAX as usize,
-            "keys_max"
-        );
+        assert!(cfg.keys_max > 0, "keys_max");
         Aggregator {
             cfg,
-            index: KeyMap::default(),
-            entries: Vec::new(),
+            map: KeyMap::default(),
             spare_users: Vec::new(),
             spare_entries: Vec::new(),
             log_lsn: 0,
@@ -257,11 +261,11 @@ impl Aggregator {
 
     /// Keys counted since the last drain.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.map.is_empty()
     }
 
     /// (event, dimension) updates refused at `keys_max` since start: the `agg_overflow`
@@ -320,41 +324,38 @@ impl Aggregator {
 
     #[inline]
     fn add_to(&mut self, key: Key, c: &Counters, user: Option<u64>) {
-        let i = match self.index.get(&key) {
-            Some(&i) => i as usize,
-            None => {
-                if self.entries.len() >= self.cfg.keys_max {
-                    self.overflow_total += 1;
-                    return;
-                }
-                let i = self.entries.len();
+        let at_bound = self.map.len() >= self.cfg.keys_max;
+        let slot = match self.map.entry(key) {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(_) if at_bound => {
+                self.overflow_total += 1;
+                return;
+            }
+            Entry::Vacant(v) => {
                 let users = self.spare_users.pop().unwrap_or_default();
-                self.entries.push(DeltaEntry {
-                    key,
+                v.insert(Slot {
                     counters: Counters::default(),
                     users,
-                });
-                self.index.insert(key, i as u32);
-                i
+                })
             }
         };
-        let e = &mut self.entries[i];
-        e.counters.add(c);
+        slot.counters.add(c);
         if let Some(h) = user {
-            e.users.insert_hash(h);
+            slot.users.insert_hash(h);
         }
     }
 
     /// Takes everything counted since the last drain; the aggregator starts empty again
     /// (keeping its map's capacity).
     pub fn drain_delta(&mut self) -> Delta {
-        let mut next = std::mem::take(&mut self.spare_entries);
-        next.clear();
-        if next.capacity() < self.entries.len() {
-            next.reserve(self.entries.len());
-        }
-        let entries = std::mem::replace(&mut self.entries, next);
-        self.index.clear();
+        let mut entries = std::mem::take(&mut self.spare_entries);
+        entries.clear();
+        entries.reserve(self.map.len());
+        entries.extend(self.map.drain().map(|(key, s)| DeltaEntry {
+            key,
+            counters: s.counters,
+            users: s.users,
+        }));
         Delta {
             log_lsn: self.log_lsn,
             entries,

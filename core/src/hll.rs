@@ -7,9 +7,11 @@
 //!   for HyperLogLog sketches", 2017; the one Redis uses). It is unbiased over the whole
 //!   range from a register histogram, so it needs neither the small-range switch of the
 //!   original paper nor HLL++'s empirical bias tables.
-//! - Two representations. **Sparse**: a sorted `Vec<u32>` of `index << 8 | rank`, one per
-//!   non-zero register, 4 bytes each in memory and 3 on the wire; most sketches (one per
-//!   campaign × bucket × dimension, each fed for one flush interval) stay there. **Dense**:
+//! - Three representations (a sketch is 32 bytes plus its heap buffer). **Inline**: up to
+//!   6 set registers inside the struct, no heap at all: most sketches (one per campaign ×
+//!   bucket × dimension, each fed for one flush interval) see only a few users. **Sparse**:
+//!   a sorted `Vec<u32>` of `index << 8 | rank`, one per non-zero register, 4 bytes each in
+//!   memory and 3 on the wire. **Dense**:
 //!   one byte per register (16 KiB; 12 KiB packed on the wire), taken when more than
 //!   [`SPARSE_ENTRIES_MAX`] registers are set, i.e. when sparse would cost a quarter of dense.
 //! - Hashes come from [`crate::hash::bytes_hash`] (fixed, unseeded), so sketches built on
@@ -40,13 +42,37 @@ const _: () = assert!(RANK_MAX < 64, "a register must fit 6 bits");
 const _: () = assert!(REGISTERS / 4 * 4 == REGISTERS);
 const _: () = assert!(SPARSE_ENTRIES_MAX * 3 + 4 < DENSE_WIRE_BYTES);
 
-#[derive(Clone, Default)]
+/// Set registers kept inline, without a heap buffer: most sketches (one per key and flush
+/// interval) see only a few users, and this spares them an allocation and a cache miss.
+pub const INLINE_ENTRIES_MAX: usize = 6;
+
+#[derive(Clone)]
+enum Repr {
+    /// Sorted `index << 8 | rank` entries, `len` of them.
+    Inline {
+        len: u8,
+        e: [u32; INLINE_ENTRIES_MAX],
+    },
+    /// Sorted by index, one entry per non-zero register: `index << 8 | rank`.
+    Sparse(Vec<u32>),
+    /// `REGISTERS` bytes.
+    Dense(Vec<u8>),
+}
+
+#[derive(Clone)]
 pub struct Hll {
-    /// Sorted by index, one entry per non-zero register: `index << 8 | rank`. Unused when
-    /// `dense` is non-empty.
-    sparse: Vec<u32>,
-    /// Empty while sparse; `REGISTERS` bytes once dense.
-    dense: Vec<u8>,
+    repr: Repr,
+}
+
+impl Default for Hll {
+    fn default() -> Self {
+        Hll {
+            repr: Repr::Inline {
+                len: 0,
+                e: [0; INLINE_ENTRIES_MAX],
+            },
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -77,74 +103,124 @@ impl Hll {
         Hll::default()
     }
 
+    /// The sorted entries of a non-dense sketch.
+    fn entries(&self) -> Option<&[u32]> {
+        match &self.repr {
+            Repr::Inline { len, e } => Some(&e[..*len as usize]),
+            Repr::Sparse(v) => Some(v),
+            Repr::Dense(_) => None,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.sparse.is_empty() && self.dense.is_empty()
+        self.entries().is_some_and(|e| e.is_empty())
     }
 
     pub fn is_dense(&self) -> bool {
-        !self.dense.is_empty()
+        matches!(self.repr, Repr::Dense(_))
     }
 
     /// Bytes held on the heap (capacity, not length).
     pub fn heap_bytes(&self) -> usize {
-        self.sparse.capacity() * 4 + self.dense.capacity()
+        match &self.repr {
+            Repr::Inline { .. } => 0,
+            Repr::Sparse(v) => v.capacity() * 4,
+            Repr::Dense(d) => d.capacity(),
+        }
     }
 
-    /// Back to empty. Keeps the sparse buffer's capacity for reuse; frees a dense array
+    /// Back to empty. Keeps a sparse buffer's capacity for reuse; frees a dense array
     /// (hot keys re-grow one per flush interval, amortised over ≥ 1024 distinct users).
     pub fn clear(&mut self) {
-        self.sparse.clear();
-        self.dense = Vec::new();
+        match &mut self.repr {
+            Repr::Sparse(v) => v.clear(),
+            _ => *self = Hll::default(),
+        }
     }
 
-    /// Adds one hashed value. No allocation once the sparse buffer has grown, except the
-    /// one-time switch to dense.
+    /// Adds one hashed value. No allocation while inline or once the sparse buffer has
+    /// grown, except the switches to sparse and to dense.
     #[inline]
     pub fn insert_hash(&mut self, hash: u64) {
         let (idx, rank) = split(hash);
-        if !self.dense.is_empty() {
-            let r = &mut self.dense[idx as usize];
-            if rank > *r {
-                *r = rank;
-            }
-            return;
-        }
-        match self.sparse.binary_search_by_key(&idx, |e| e >> 8) {
-            Ok(i) => {
-                if rank as u32 > self.sparse[i] & 0xff {
-                    self.sparse[i] = idx << 8 | rank as u32;
+        let entry = idx << 8 | rank as u32;
+        match &mut self.repr {
+            Repr::Dense(d) => {
+                let r = &mut d[idx as usize];
+                if rank > *r {
+                    *r = rank;
                 }
             }
-            Err(i) => {
-                if self.sparse.len() >= SPARSE_ENTRIES_MAX {
+            Repr::Inline { len, e } => {
+                let n = *len as usize;
+                match e[..n].binary_search_by_key(&idx, |x| x >> 8) {
+                    Ok(i) => e[i] = e[i].max(entry),
+                    Err(i) if n < INLINE_ENTRIES_MAX => {
+                        e.copy_within(i..n, i + 1);
+                        e[i] = entry;
+                        *len += 1;
+                    }
+                    Err(i) => {
+                        let mut v = Vec::with_capacity(4 * INLINE_ENTRIES_MAX);
+                        v.extend_from_slice(&e[..i]);
+                        v.push(entry);
+                        v.extend_from_slice(&e[i..n]);
+                        self.repr = Repr::Sparse(v);
+                    }
+                }
+            }
+            Repr::Sparse(v) => match v.binary_search_by_key(&idx, |x| x >> 8) {
+                Ok(i) => v[i] = v[i].max(entry),
+                Err(i) if v.len() < SPARSE_ENTRIES_MAX => v.insert(i, entry),
+                Err(_) => {
                     self.make_dense();
-                    self.dense[idx as usize] = rank;
-                } else {
-                    self.sparse.insert(i, idx << 8 | rank as u32);
+                    if let Repr::Dense(d) = &mut self.repr {
+                        d[idx as usize] = rank;
+                    }
                 }
-            }
+            },
         }
     }
 
     fn make_dense(&mut self) {
-        if !self.dense.is_empty() {
+        let Some(entries) = self.entries() else {
             return;
+        };
+        let mut d = vec![0u8; REGISTERS];
+        for &e in entries {
+            d[(e >> 8) as usize] = (e & 0xff) as u8;
         }
-        self.dense = vec![0; REGISTERS];
-        for &e in &self.sparse {
-            self.dense[(e >> 8) as usize] = (e & 0xff) as u8;
+        self.repr = Repr::Dense(d);
+    }
+
+    fn from_sorted(v: Vec<u32>) -> Hll {
+        let mut h = Hll {
+            repr: Repr::Sparse(v),
+        };
+        if let Repr::Sparse(v) = &h.repr {
+            if v.len() > SPARSE_ENTRIES_MAX {
+                h.make_dense();
+            } else if v.len() <= INLINE_ENTRIES_MAX {
+                let mut e = [0; INLINE_ENTRIES_MAX];
+                e[..v.len()].copy_from_slice(v);
+                h.repr = Repr::Inline {
+                    len: v.len() as u8,
+                    e,
+                };
+            }
         }
-        self.sparse.clear();
+        h
     }
 
     /// The value of register `idx`.
     pub fn register(&self, idx: usize) -> u8 {
-        if !self.dense.is_empty() {
-            return self.dense[idx];
-        }
-        match self.sparse.binary_search_by_key(&(idx as u32), |e| e >> 8) {
-            Ok(i) => (self.sparse[i] & 0xff) as u8,
-            Err(_) => 0,
+        match (&self.repr, self.entries()) {
+            (Repr::Dense(d), _) => d[idx],
+            (_, Some(e)) => match e.binary_search_by_key(&(idx as u32), |x| x >> 8) {
+                Ok(i) => (e[i] & 0xff) as u8,
+                Err(_) => 0,
+            },
+            _ => unreachable!("non-dense sketches have entries"),
         }
     }
 
@@ -153,27 +229,25 @@ impl Hll {
         if other.is_empty() {
             return;
         }
-        if !other.dense.is_empty() {
+        if let Repr::Dense(od) = &other.repr {
             self.make_dense();
-            for (r, &o) in self.dense.iter_mut().zip(&other.dense) {
-                if o > *r {
-                    *r = o;
+            if let Repr::Dense(d) = &mut self.repr {
+                for (r, &o) in d.iter_mut().zip(od) {
+                    *r = (*r).max(o);
                 }
             }
             return;
         }
-        if !self.dense.is_empty() {
-            for &e in &other.sparse {
-                let r = &mut self.dense[(e >> 8) as usize];
-                let o = (e & 0xff) as u8;
-                if o > *r {
-                    *r = o;
-                }
+        let b = other.entries().expect("not dense");
+        if let Repr::Dense(d) = &mut self.repr {
+            for &e in b {
+                let r = &mut d[(e >> 8) as usize];
+                *r = (*r).max((e & 0xff) as u8);
             }
             return;
         }
         // Both sparse: merge two sorted lists.
-        let (a, b) = (&self.sparse, &other.sparse);
+        let a = self.entries().expect("not dense");
         let mut out = Vec::with_capacity(a.len() + b.len());
         let (mut i, mut j) = (0, 0);
         while i < a.len() && j < b.len() {
@@ -192,24 +266,25 @@ impl Hll {
         }
         out.extend_from_slice(&a[i..]);
         out.extend_from_slice(&b[j..]);
-        self.sparse = out;
-        if self.sparse.len() > SPARSE_ENTRIES_MAX {
-            self.make_dense();
-        }
+        *self = Hll::from_sorted(out);
     }
 
     /// Estimated number of distinct hashes inserted.
     pub fn estimate(&self) -> u64 {
         let mut hist = [0u32; RANK_MAX as usize + 1];
-        if !self.dense.is_empty() {
-            for &r in &self.dense {
-                hist[r as usize] += 1;
+        match (&self.repr, self.entries()) {
+            (Repr::Dense(d), _) => {
+                for &r in d {
+                    hist[r as usize] += 1;
+                }
             }
-        } else {
-            hist[0] = (REGISTERS - self.sparse.len()) as u32;
-            for &e in &self.sparse {
-                hist[(e & 0xff) as usize] += 1;
+            (_, Some(entries)) => {
+                hist[0] = (REGISTERS - entries.len()) as u32;
+                for &e in entries {
+                    hist[(e & 0xff) as usize] += 1;
+                }
             }
+            _ => unreachable!("non-dense sketches have entries"),
         }
         ertl_estimate(&hist)
     }
@@ -221,18 +296,18 @@ impl Hll {
         if self.is_empty() {
             return;
         }
-        if self.dense.is_empty() {
-            out.reserve(4 + 3 * self.sparse.len());
+        if let Some(entries) = self.entries() {
+            out.reserve(4 + 3 * entries.len());
             out.extend_from_slice(&[TAG_SPARSE, PRECISION as u8]);
-            out.extend_from_slice(&(self.sparse.len() as u16).to_le_bytes());
-            for &e in &self.sparse {
+            out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+            for &e in entries {
                 out.extend_from_slice(&((e >> 8) as u16).to_le_bytes());
                 out.push((e & 0xff) as u8);
             }
-        } else {
+        } else if let Repr::Dense(d) = &self.repr {
             out.reserve(2 + DENSE_WIRE_BYTES);
             out.extend_from_slice(&[TAG_DENSE, PRECISION as u8]);
-            for r in self.dense.chunks_exact(4) {
+            for r in d.chunks_exact(4) {
                 let v =
                     r[0] as u32 | (r[1] as u32) << 6 | (r[2] as u32) << 12 | (r[3] as u32) << 18;
                 out.extend_from_slice(&v.to_le_bytes()[..3]);
@@ -290,11 +365,9 @@ impl Hll {
                     prev = Some(idx);
                     other.push(idx << 8 | rank as u32);
                 }
-                let other = Hll {
-                    sparse: other,
-                    dense: Vec::new(),
-                };
-                self.merge(&other);
+                self.merge(&Hll {
+                    repr: Repr::Sparse(other),
+                });
             }
             TAG_DENSE => {
                 if b.len() != 2 + DENSE_WIRE_BYTES {
@@ -312,8 +385,7 @@ impl Hll {
                     }
                 }
                 self.merge(&Hll {
-                    sparse: Vec::new(),
-                    dense: regs,
+                    repr: Repr::Dense(regs),
                 });
             }
             t => return Err(HllError::Tag(t)),
@@ -325,8 +397,10 @@ impl Hll {
 impl PartialEq for Hll {
     /// Equal registers, whatever the representation.
     fn eq(&self, other: &Hll) -> bool {
-        if self.is_dense() == other.is_dense() {
-            return self.sparse == other.sparse && self.dense == other.dense;
+        match (self.entries(), other.entries(), &self.repr, &other.repr) {
+            (Some(a), Some(b), _, _) => return a == b,
+            (_, _, Repr::Dense(a), Repr::Dense(b)) => return a == b,
+            _ => {}
         }
         (0..REGISTERS).all(|i| self.register(i) == other.register(i))
     }
@@ -338,7 +412,7 @@ impl fmt::Debug for Hll {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hll")
             .field("dense", &self.is_dense())
-            .field("sparse_entries", &self.sparse.len())
+            .field("sparse_entries", &self.entries().map_or(0, |e| e.len()))
             .field("estimate", &self.estimate())
             .finish()
     }

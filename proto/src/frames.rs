@@ -449,9 +449,10 @@ mod tests {
         f.entries[0].window = 3;
         check(&f, "window");
         f.entries[0].window = 0;
+        let kind = f.entries[0].dim_kind;
         f.entries[0].dim_kind = 9;
         check(&f, "dimension");
-        f.entries[0].dim_kind = 0;
+        f.entries[0].dim_kind = kind;
         f.entries[0].users = vec![1, 14, 1, 0, 0, 0, 99];
         check(&f, "sketch");
         f.entries[0].users = Vec::new();
