@@ -163,14 +163,15 @@ impl CoreMetrics {
         bump(&self.dedup_remote_lookups, n);
     }
     #[inline]
-    pub fn latency_202(&self, us: u64) {
+    /// `n` responses answered 202 after `us` microseconds.
+    pub fn latency_202(&self, us: u64, n: u64) {
         let b = LATENCY_BUCKETS_US
             .iter()
             .position(|&ub| us <= ub)
             .unwrap_or(LATENCY_BUCKETS_US.len());
-        bump(&self.latency_buckets[b], 1);
-        bump(&self.latency_sum_us, us);
-        bump(&self.latency_count, 1);
+        bump(&self.latency_buckets[b], n);
+        bump(&self.latency_sum_us, us * n);
+        bump(&self.latency_count, n);
     }
     pub fn connection_opened(&self) {
         bump(&self.connections_open, 1);
@@ -292,7 +293,7 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
         out,
         name,
         "histogram",
-        "Time from a complete request to its 202 being queued for write.",
+        "Time from receiving a request's last bytes to its 202 being ready to write (after the log sync with ack=disk).",
     );
     let mut cumulative = 0;
     for (i, ub) in LATENCY_BUCKETS_US.iter().enumerate() {
@@ -401,8 +402,8 @@ mod tests {
         cores[1].request(Route::Click, Status::Accepted);
         cores[1].rejected(Some("ts"));
         cores[0].rejected(None);
-        cores[0].latency_202(80);
-        cores[1].latency_202(2_000_000);
+        cores[0].latency_202(80, 1);
+        cores[1].latency_202(2_000_000, 1);
         cores[0].set_dedup(1024, 14.4);
         let mut out = String::new();
         render(&cores, &mut out);

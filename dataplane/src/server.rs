@@ -371,6 +371,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         glommio::spawn_local(async move {
             loop {
                 shard.refresh_gauges();
+                shard.close_idle_connections(wall_ms());
                 glommio::timer::sleep(Duration::from_millis(GAUGE_REFRESH_MS)).await;
             }
         })

@@ -117,9 +117,21 @@ impl Shard {
     /// Half-closes every connection (`how` = `libc::SHUT_RD` to let in-flight requests
     /// finish, `libc::SHUT_RDWR` to end them).
     pub fn shutdown_connections(&self, how: libc::c_int) {
-        for fd in self.conns.borrow().fds.iter().flatten() {
+        for c in self.conns.borrow().entries.iter().flatten() {
             // SAFETY: the fd belongs to a live connection registered in the table.
-            unsafe { libc::shutdown(*fd, how) };
+            unsafe { libc::shutdown(c.fd, how) };
+        }
+    }
+
+    /// Closes connections with no traffic for `idle_timeout_ms`. One sweep per second
+    /// instead of a timer armed on every read.
+    pub fn close_idle_connections(&self, now_ms: u64) {
+        let idle_ms = self.cfg.idle_timeout_ms;
+        for c in self.conns.borrow().entries.iter().flatten() {
+            if now_ms.saturating_sub(c.active_ms.get()) > idle_ms {
+                // SAFETY: as above; the task sees end-of-stream and ends.
+                unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
+            }
         }
     }
 
@@ -162,31 +174,47 @@ impl Shard {
     }
 }
 
-/// File descriptors of open connections, so shutdown can reach them.
+/// Open connections, so shutdown and the idle sweep can reach them.
 #[derive(Default)]
 struct ConnTable {
-    fds: Vec<Option<RawFd>>,
+    entries: Vec<Option<ConnEntry>>,
     free: Vec<usize>,
     len: usize,
 }
 
+struct ConnEntry {
+    fd: RawFd,
+    /// Wall-clock ms of the connection's last read or write.
+    active_ms: Cell<u64>,
+}
+
 impl ConnTable {
-    fn insert(&mut self, fd: RawFd) -> usize {
+    fn insert(&mut self, fd: RawFd, now_ms: u64) -> usize {
         self.len += 1;
+        let e = Some(ConnEntry {
+            fd,
+            active_ms: Cell::new(now_ms),
+        });
         match self.free.pop() {
             Some(i) => {
-                self.fds[i] = Some(fd);
+                self.entries[i] = e;
                 i
             }
             None => {
-                self.fds.push(Some(fd));
-                self.fds.len() - 1
+                self.entries.push(e);
+                self.entries.len() - 1
             }
         }
     }
 
+    fn touch(&self, i: usize, now_ms: u64) {
+        if let Some(e) = &self.entries[i] {
+            e.active_ms.set(now_ms);
+        }
+    }
+
     fn remove(&mut self, i: usize) {
-        if self.fds[i].take().is_some() {
+        if self.entries[i].take().is_some() {
             self.len -= 1;
             self.free.push(i);
         }
@@ -258,8 +286,8 @@ struct Batch {
     first_202_at: Option<usize>,
     /// Responses written from `first_202_at` on.
     responses_since: usize,
-    /// Start times of the 202s in this batch (for the latency histogram).
-    started: Vec<Instant>,
+    /// 202s answered in this batch (for the latency histogram).
+    accepted_202: u64,
 }
 
 enum IngestError {
@@ -270,18 +298,24 @@ enum IngestError {
 /// Serves one connection until it closes. One task per connection, none per request.
 pub(crate) async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     let fd = stream.as_raw_fd();
-    let slot = shard.conns.borrow_mut().insert(fd);
+    let slot = shard.conns.borrow_mut().insert(fd, wall_ms());
     shard.m().connection_opened();
     let peer = stream.peer_addr().ok().map(|a| a.ip());
     let exempt = peer.is_some_and(|ip| shard.trusted.contains(ip));
     let _ = stream.set_nodelay(true);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(
-        shard.cfg.idle_timeout_ms.max(1),
-    )));
     let mut bufs = shard.take_bufs();
     let mut stream = stream;
     let mut batch = Batch::default();
-    if let Err(e) = connection_loop(&shard, &mut stream, &mut bufs, &mut batch, peer, exempt).await
+    if let Err(e) = connection_loop(
+        &shard,
+        &mut stream,
+        &mut bufs,
+        &mut batch,
+        slot,
+        peer,
+        exempt,
+    )
+    .await
     {
         tracing::debug!(core = shard.k, error = %e, "connection ended");
     }
@@ -319,6 +353,7 @@ async fn connection_loop(
     stream: &mut TcpStream,
     bufs: &mut ConnBufs,
     batch: &mut Batch,
+    slot: usize,
     peer: Option<IpAddr>,
     exempt: bool,
 ) -> std::io::Result<()> {
@@ -338,12 +373,16 @@ async fn connection_loop(
         }
         rb.filled(n);
         shard.m().bytes_in(n as u64);
+        // One clock read of each kind per read, not per request: pipelined requests
+        // share their receive time.
         let now_ms = wall_ms();
+        let received = Instant::now();
+        shard.conns.borrow().touch(slot, now_ms);
         let mut close = false;
         batch.max_lsn = 0;
         batch.first_202_at = None;
         batch.responses_since = 0;
-        batch.started.clear();
+        batch.accepted_202 = 0;
         // Answer every complete request in the buffer, in order.
         loop {
             let head = match http::parse_head(rb.data(), &shard.limits) {
@@ -371,7 +410,6 @@ async fn connection_loop(
             continue_sent = false;
             let keep_alive = head.keep_alive && !shard.stopping.get();
             let req = &rb.data()[..head.total_len()];
-            let started = Instant::now();
             let status = handle(
                 shard,
                 &head,
@@ -387,7 +425,7 @@ async fn connection_loop(
             )
             .await;
             if status == Status::Accepted {
-                batch.started.push(started);
+                batch.accepted_202 += 1;
             }
             rb.consume(head.total_len());
             if !keep_alive {
@@ -402,13 +440,9 @@ async fn connection_loop(
                 close = true;
             }
         }
-        if !batch.started.is_empty() {
-            let now = Instant::now();
-            for s in batch.started.iter() {
-                shard
-                    .m()
-                    .latency_202(now.duration_since(*s).as_micros() as u64);
-            }
+        if batch.accepted_202 > 0 {
+            let us = received.elapsed().as_micros() as u64;
+            shard.m().latency_202(us, batch.accepted_202);
         }
         if !out.is_empty() {
             stream.write_all(out).await?;
@@ -446,7 +480,7 @@ fn rewrite_as_unavailable(shard: &Shard, out: &mut Vec<u8>, body: &mut Vec<u8>, 
         };
         response::write_response(out, Status::Unavailable, ContentType::Json, extra, body);
     }
-    batch.started.clear();
+    batch.accepted_202 = 0;
 }
 
 fn write_reject(shard: &Shard, out: &mut Vec<u8>, body: &mut Vec<u8>, r: Reject) {

@@ -241,6 +241,22 @@ fn rate_limit_and_limits() {
 }
 
 #[test]
+fn idle_connections_are_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 1);
+    cfg.idle_timeout_ms = 300;
+    let dp = Dataplane::start(cfg).unwrap();
+    let mut s = connect(dp.local_addr());
+    s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").unwrap();
+    assert_eq!(read_responses(&mut s, 1)[0].0, 200);
+    let t0 = std::time::Instant::now();
+    let mut rest = Vec::new();
+    assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+    assert!(t0.elapsed() < Duration::from_secs(3), "{:?}", t0.elapsed());
+    dp.shutdown().unwrap();
+}
+
+#[test]
 fn kafka_ack_is_refused_and_port_in_use_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), 1);
@@ -253,4 +269,34 @@ fn kafka_ack_is_refused_and_port_in_use_is_an_error() {
     cfg.ingest_addr = taken.local_addr().unwrap();
     let e = Dataplane::start(cfg).err().unwrap();
     assert!(e.to_string().contains("cannot listen"), "{e}");
+}
+
+/// Serves on CG_BENCH_ADDR (default 127.0.0.1:8088) for CG_BENCH_SECS seconds with
+/// CG_BENCH_CORES cores and CG_BENCH_ACK (memory|disk), for load tools such as wrk:
+/// `cargo test --release -p clickgate-dataplane bench_serve -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_serve() {
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.to_string());
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), env("CG_BENCH_CORES", "1").parse().unwrap());
+    cfg.ingest_addr = env("CG_BENCH_ADDR", "127.0.0.1:8088").parse().unwrap();
+    cfg.ack = env("CG_BENCH_ACK", "memory").parse().unwrap();
+    cfg.trusted_cidrs = vec!["127.0.0.0/8".into()];
+    cfg.log_buffer_bytes_max = 64 << 20;
+    cfg.log_segment_bytes = 256 << 20;
+    cfg.dedup_peak_events_per_sec = 1_000_000;
+    let dp = Dataplane::start(cfg).unwrap();
+    eprintln!("serving on {}", dp.local_addr());
+    std::thread::sleep(Duration::from_secs(
+        env("CG_BENCH_SECS", "30").parse().unwrap(),
+    ));
+    let m = dp.render_metrics();
+    for l in m
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.ends_with(" 0"))
+    {
+        eprintln!("{l}");
+    }
+    dp.shutdown().unwrap();
 }
