@@ -179,12 +179,14 @@ impl RotatingBloom {
         for i in 0..self.hashes {
             let bit = probe(a, b, i, self.bits);
             let base = (bit >> 6) as usize * g;
-            let mask = 1u64 << (bit & 63);
+            let shift = bit & 63;
+            // Branch-free on purpose: a branch on a bit just loaded from DRAM
+            // mispredicts half the time and serialises the k misses.
+            let mut holders = 0u32;
             for (gen, word) in self.words[base..base + g].iter().enumerate() {
-                if word & mask == 0 {
-                    survivors &= !(1 << gen);
-                }
+                holders |= (((word >> shift) & 1) as u32) << gen;
             }
+            survivors &= holders;
         }
         for i in 0..self.hashes {
             let bit = probe(a, b, i, self.bits);
