@@ -15,6 +15,7 @@
 #                         compare the current tree against it (regression ratio)
 #   --cores N             dataplane cores = nginx workers (default: all online CPUs)
 #   --out DIR             where the JSON reports go (default target/bench/<timestamp>)
+#   --no-build            use the binaries already in target/release (no cargo build)
 # Environment:
 #   CLICKGATE_ARGS        extra flags for `clickgate run` (default: trusts 127.0.0.0/8 so the
 #                         per-address rate limit does not turn the load into 429s, and binds
@@ -33,6 +34,7 @@ TARGETS=nginx,clickgate
 BASELINE_REV=
 CORES=$(nproc)
 OUT=
+NO_BUILD=
 EXTRA=()
 
 die() { echo "compare.sh: error: $*" >&2; exit 1; }
@@ -49,7 +51,8 @@ while [[ $# -gt 0 ]]; do
         --baseline-rev) BASELINE_REV=$2; shift 2 ;;
         --cores) CORES=$2; shift 2 ;;
         --out) OUT=$2; shift 2 ;;
-        -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        --no-build) NO_BUILD=1; shift ;;
+        -h|--help) awk 'NR > 1 && !/^#/ { exit } NR > 1 { sub(/^# ?/, ""); print }' "$0"; exit 0 ;;
         --) shift; EXTRA=("$@"); break ;;
         *) die "unknown option $1 (see --help)" ;;
     esac
@@ -130,17 +133,23 @@ if has_target nginx; then
     fi
 fi
 
-echo "== building clickgate-bench (release)" >&2
-cargo build --release -p clickgate-bench >&2 || die "clickgate-bench did not build"
-BENCH=target/release/clickgate-bench
+BENCH=$ROOT/target/release/clickgate-bench
+if [[ -z $NO_BUILD ]]; then
+    echo "== building clickgate-bench (release)" >&2
+    cargo build --release -p clickgate-bench >&2 || die "clickgate-bench did not build"
+fi
+[[ -x $BENCH ]] || die "no $BENCH (build it, or drop --no-build)"
 
 CLICKGATE_BIN=
 if has_target clickgate; then
-    echo "== building clickgate (release)" >&2
-    if ! cargo build --release -p clickgate --bin clickgate >&2; then
-        die "clickgate did not build; compare nginx alone with --targets nginx"
-    fi
     CLICKGATE_BIN=$ROOT/target/release/clickgate
+    if [[ -z $NO_BUILD ]]; then
+        echo "== building clickgate (release)" >&2
+        if ! cargo build --release -p clickgate --bin clickgate >&2; then
+            die "clickgate did not build; compare nginx alone with --targets nginx"
+        fi
+    fi
+    [[ -x $CLICKGATE_BIN ]] || die "no $CLICKGATE_BIN (build it, or drop --no-build)"
 fi
 
 BASELINE_BIN=

@@ -286,7 +286,7 @@ fn run(args: Args) -> Result<ExitCode> {
                 progress.errors.load(Ordering::Relaxed),
             );
             let dt = (now.saturating_sub(last_t)) as f64 / 1e9;
-            if dt > 0.0 && now > start_ns {
+            if dt > 0.0 && now > start_ns && now <= end_ns {
                 let phase = if now < warm_end_ns {
                     "warm-up"
                 } else {

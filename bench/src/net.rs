@@ -703,13 +703,19 @@ impl Worker {
         if c.state != State::Open {
             return;
         }
+        let before = c.inflight.len();
         while c.inflight.len() < self.cfg.pipeline {
-            let t = mono_ns();
-            if t >= self.cfg.end_ns {
+            if mono_ns() >= self.cfg.end_ns {
                 break;
             }
             let ev = self.builder.build(&mut c.wbuf);
-            c.inflight.push_back((t, ev));
+            c.inflight.push_back((0, ev));
+        }
+        // Latency counts from the send (the caller flushes right away), not from
+        // before generating the body.
+        let t = mono_ns();
+        for r in c.inflight.iter_mut().skip(before) {
+            r.0 = t;
         }
     }
 
