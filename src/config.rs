@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use clickgate_controlplane::ControlplaneConfig;
 use clickgate_dataplane::{AckMode, DataplaneConfig};
 
 /// Every knob of clickgate. In the TOML file use the same names with `_` (e.g.
@@ -53,11 +54,21 @@ pub struct Settings {
     pub ack: Option<AckMode>,
 
     /// Trusted publisher networks (CIDRs, comma-separated), exempt from the rate limit [default: none]
-    #[arg(long, env = "CLICKGATE_TRUSTED_CIDRS", value_delimiter = ',', global = true)]
+    #[arg(
+        long,
+        env = "CLICKGATE_TRUSTED_CIDRS",
+        value_delimiter = ',',
+        global = true
+    )]
     pub trusted_cidrs: Option<Vec<String>>,
 
     /// Bearer token of the control API; without one the control API refuses all calls [default: none]
-    #[arg(long, env = "CLICKGATE_CONTROL_TOKEN", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "CLICKGATE_CONTROL_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
     pub control_token: Option<String>,
 
     /// Events per `POST /v1/clicks`, at most [default: 10000]
@@ -139,6 +150,42 @@ pub struct Settings {
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish, in ms [default: 10000]
     #[arg(long, env = "CLICKGATE_DRAIN_TIMEOUT_MS", global = true)]
     pub drain_timeout_ms: Option<u64>,
+
+    /// Unix socket between the planes (aggregate deltas) [default: <data dir>/control.sock]
+    #[arg(long, env = "CLICKGATE_CONTROL_SOCKET", global = true)]
+    pub control_socket: Option<PathBuf>,
+
+    /// Each dataplane core ships its aggregate deltas this often, in ms (at most 1000) [default: 500]
+    #[arg(long, env = "CLICKGATE_AGG_FLUSH_INTERVAL_MS", global = true)]
+    pub agg_flush_interval_ms: Option<u64>,
+
+    /// Aggregate keys a dataplane core holds between two flushes, at most [default: 100000]
+    #[arg(long, env = "CLICKGATE_AGG_KEYS_MAX", global = true)]
+    pub agg_keys_max: Option<usize>,
+
+    /// Deltas a core keeps unacknowledged by the controlplane, at most [default: 64]
+    #[arg(long, env = "CLICKGATE_SHIP_UNACKED_FRAMES_MAX", global = true)]
+    pub ship_unacked_frames_max: Option<usize>,
+
+    /// 5-minute buckets are kept this long, in seconds [default: 86400]
+    #[arg(long, env = "CLICKGATE_RETENTION_5M_SECS", global = true)]
+    pub retention_5m_secs: Option<u64>,
+
+    /// 1-hour buckets are kept this long, in seconds [default: 604800]
+    #[arg(long, env = "CLICKGATE_RETENTION_1H_SECS", global = true)]
+    pub retention_1h_secs: Option<u64>,
+
+    /// 1-day buckets are kept this long, in seconds [default: 7776000]
+    #[arg(long, env = "CLICKGATE_RETENTION_1D_SECS", global = true)]
+    pub retention_1d_secs: Option<u64>,
+
+    /// Counter cells (window x bucket x campaign x dimension) the store holds, at most [default: 4000000]
+    #[arg(long, env = "CLICKGATE_STORE_CELLS_MAX", global = true)]
+    pub store_cells_max: Option<usize>,
+
+    /// The store writes a snapshot at least this often while deltas arrive, in seconds [default: 60]
+    #[arg(long, env = "CLICKGATE_SNAPSHOT_INTERVAL_SECS", global = true)]
+    pub snapshot_interval_secs: Option<u64>,
 }
 
 /// Layers `$hi` over `$lo` field by field: a field set in `$hi` wins.
@@ -193,20 +240,39 @@ impl Settings {
                 log_retention_secs,
                 log_commit_interval_us,
                 drain_timeout_ms,
+                control_socket,
+                agg_flush_interval_ms,
+                agg_keys_max,
+                ship_unacked_frames_max,
+                retention_5m_secs,
+                retention_1h_secs,
+                retention_1d_secs,
+                store_cells_max,
+                snapshot_interval_secs,
             ]
         )
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| PathBuf::from("./clickgate-data"))
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("./clickgate-data"))
     }
 
     /// Checks the settings that this build cannot honour yet, so none is silently ignored.
     pub fn check_supported(&self) -> anyhow::Result<()> {
-        if self.kafka_brokers.as_deref().is_some_and(|b| !b.trim().is_empty()) {
+        if self
+            .kafka_brokers
+            .as_deref()
+            .is_some_and(|b| !b.trim().is_empty())
+        {
             bail!("kafka_brokers is set, but this build has no Kafka producer yet (issue #4): leave it empty to use the local log");
         }
-        if self.redis_url.as_deref().is_some_and(|r| !r.trim().is_empty()) {
+        if self
+            .redis_url
+            .as_deref()
+            .is_some_and(|r| !r.trim().is_empty())
+        {
             bail!("redis_url is set, but this build has no Redis store yet (issue #5): leave it empty to use the embedded store");
         }
         if self.ack == Some(AckMode::Kafka) {
@@ -255,9 +321,44 @@ impl Settings {
                 .log_commit_interval_us
                 .unwrap_or(d.log_commit_interval_us),
             drain_timeout_ms: self.drain_timeout_ms.unwrap_or(d.drain_timeout_ms),
+            control_socket: self.control_socket.clone(),
+            agg_flush_interval_ms: self
+                .agg_flush_interval_ms
+                .unwrap_or(d.agg_flush_interval_ms),
+            agg_keys_max: self.agg_keys_max.unwrap_or(d.agg_keys_max),
+            ship_unacked_frames_max: self
+                .ship_unacked_frames_max
+                .unwrap_or(d.ship_unacked_frames_max),
             ..d
         };
         validate_dataplane(&cfg)?;
+        Ok(cfg)
+    }
+}
+
+impl Settings {
+    pub fn controlplane(&self) -> anyhow::Result<ControlplaneConfig> {
+        let d = ControlplaneConfig::default();
+        let cfg = ControlplaneConfig {
+            data_dir: self.data_dir(),
+            query_addr: self.query_addr.unwrap_or(d.query_addr),
+            control_socket: self.control_socket.clone(),
+            retention_5m_secs: self.retention_5m_secs.unwrap_or(d.retention_5m_secs),
+            retention_1h_secs: self.retention_1h_secs.unwrap_or(d.retention_1h_secs),
+            retention_1d_secs: self.retention_1d_secs.unwrap_or(d.retention_1d_secs),
+            store_cells_max: self.store_cells_max.unwrap_or(d.store_cells_max),
+            snapshot_interval_secs: self
+                .snapshot_interval_secs
+                .unwrap_or(d.snapshot_interval_secs),
+            ..d
+        };
+        // Contract §3: 5m buckets are answerable for at least 24 h.
+        if cfg.retention_5m_secs < 24 * 3600 {
+            bail!("retention_5m_secs must be at least 86400 (contract: 5m buckets kept 24 h)");
+        }
+        if cfg.store_cells_max == 0 {
+            bail!("store_cells_max must be greater than 0");
+        }
         Ok(cfg)
     }
 }
@@ -267,14 +368,26 @@ fn validate_dataplane(c: &DataplaneConfig) -> anyhow::Result<()> {
         ("batch_events_max", c.batch_events_max as u64),
         ("body_bytes_max", c.body_bytes_max as u64),
         ("header_bytes_max", c.header_bytes_max as u64),
-        ("connections_per_core_max", c.connections_per_core_max as u64),
-        ("rate_limit_events_per_sec", c.rate_limit_events_per_sec as u64),
-        ("rate_limit_addresses_max", c.rate_limit_addresses_max as u64),
+        (
+            "connections_per_core_max",
+            c.connections_per_core_max as u64,
+        ),
+        (
+            "rate_limit_events_per_sec",
+            c.rate_limit_events_per_sec as u64,
+        ),
+        (
+            "rate_limit_addresses_max",
+            c.rate_limit_addresses_max as u64,
+        ),
         ("dedup_window_secs", c.dedup_window_secs),
         ("dedup_peak_events_per_sec", c.dedup_peak_events_per_sec),
         ("xcore_channel_capacity", c.xcore_channel_capacity as u64),
         ("log_buffer_bytes_max", c.log_buffer_bytes_max as u64),
         ("log_segment_bytes", c.log_segment_bytes),
+        ("agg_flush_interval_ms", c.agg_flush_interval_ms),
+        ("agg_keys_max", c.agg_keys_max as u64),
+        ("ship_unacked_frames_max", c.ship_unacked_frames_max as u64),
     ];
     for (name, v) in positive {
         if v == 0 {
@@ -285,16 +398,27 @@ fn validate_dataplane(c: &DataplaneConfig) -> anyhow::Result<()> {
         bail!("dedup_fp_rate must be in (0, 1), got {}", c.dedup_fp_rate);
     }
     if c.dedup_generations < 2 {
-        bail!("dedup_generations must be at least 2, got {}", c.dedup_generations);
+        bail!(
+            "dedup_generations must be at least 2, got {}",
+            c.dedup_generations
+        );
+    }
+    if c.agg_flush_interval_ms > 1000 {
+        bail!("agg_flush_interval_ms must be at most 1000 (deltas ship at least every second)");
     }
     if c.log_segment_bytes < 1 << 20 {
-        bail!("log_segment_bytes must be at least 1 MiB, got {}", c.log_segment_bytes);
+        bail!(
+            "log_segment_bytes must be at least 1 MiB, got {}",
+            c.log_segment_bytes
+        );
     }
     Ok(())
 }
 
 fn online_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// `all` | `N` (count: CPUs 0..N) | a list of ids and ranges, `0,2-3`.
@@ -356,7 +480,10 @@ mod tests {
     fn flags_win_over_file() {
         let file: Settings =
             toml::from_str("data_dir = \"/f\"\nbatch_events_max = 5\nack = \"memory\"").unwrap();
-        let flags = Settings { batch_events_max: Some(7), ..Settings::default() };
+        let flags = Settings {
+            batch_events_max: Some(7),
+            ..Settings::default()
+        };
         let s = flags.over(file);
         assert_eq!(s.batch_events_max, Some(7));
         assert_eq!(s.data_dir, Some(PathBuf::from("/f")));
@@ -365,13 +492,18 @@ mod tests {
 
     #[test]
     fn unknown_file_key_is_an_error() {
-        let e = toml::from_str::<Settings>("batch_events = 5").unwrap_err().to_string();
+        let e = toml::from_str::<Settings>("batch_events = 5")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("batch_events"), "{e}");
     }
 
     #[test]
     fn zero_bounds_are_refused() {
-        let s = Settings { batch_events_max: Some(0), ..Settings::default() };
+        let s = Settings {
+            batch_events_max: Some(0),
+            ..Settings::default()
+        };
         let e = s.dataplane().unwrap_err().to_string();
         assert!(e.contains("batch_events_max"), "{e}");
     }

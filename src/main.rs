@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use clickgate_controlplane::Controlplane;
 use clickgate_dataplane::Dataplane;
 
 use config::Settings;
@@ -34,6 +35,8 @@ enum Command {
     Run,
     /// The dataplane alone: HTTP ingest on every configured core
     Dataplane,
+    /// The controlplane alone: delta merge, counter store, query API
+    Controlplane,
 }
 
 /// Exit codes: 0 clean stop, 1 runtime failure, 2 bad settings.
@@ -48,7 +51,9 @@ fn main() -> ExitCode {
         }
     };
     let result = match cli.command {
-        Command::Run | Command::Dataplane => run_dataplane(&settings),
+        Command::Run => run_both(&settings),
+        Command::Dataplane => run_dataplane(&settings),
+        Command::Controlplane => run_controlplane(&settings),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -62,7 +67,12 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CLICKGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
@@ -74,37 +84,108 @@ fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
     settings.check_supported()?;
     // Validate everything up front, so a bad value is a settings error (exit 2).
     settings.dataplane()?;
+    settings.controlplane()?;
     Ok(settings)
 }
 
 fn run_dataplane(settings: &Settings) -> anyhow::Result<()> {
+    let dp = start_dataplane(settings)?;
+    on_signal(dp.shutdown_handle())?;
+    dp.join()?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+fn run_controlplane(settings: &Settings) -> anyhow::Result<()> {
+    let rt = control_runtime()?;
+    let cp = start_controlplane(&rt, settings)?;
+    rt.block_on(wait_for_signal())?;
+    tracing::info!("stopping: flushing the counter store");
+    rt.block_on(cp.shutdown())?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+/// Both planes in one process: the controlplane on its own small tokio runtime, the
+/// dataplane on its pinned glommio executors, talking over the Unix socket exactly as
+/// two processes would. Stop order: the dataplane drains and ships its last deltas
+/// first, then the controlplane commits them.
+fn run_both(settings: &Settings) -> anyhow::Result<()> {
+    let rt = control_runtime()?;
+    let cp = start_controlplane(&rt, settings)?;
+    let dp = match start_dataplane(settings) {
+        Ok(dp) => dp,
+        Err(e) => {
+            let _ = rt.block_on(cp.shutdown());
+            return Err(e);
+        }
+    };
+    on_signal(dp.shutdown_handle())?;
+    let dp_result = dp.join();
+    let cp_result = rt.block_on(cp.shutdown());
+    dp_result?;
+    cp_result?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+fn start_dataplane(settings: &Settings) -> anyhow::Result<Dataplane> {
     let cfg = settings.dataplane()?;
     let data_dir = cfg.data_dir.clone();
     let dp = Dataplane::start(cfg)?;
     write_addr_file(&data_dir, "ingest.addr", &dp.local_addr().to_string())?;
     tracing::info!(addr = %dp.local_addr(), "ingest listening");
-    let handle = dp.shutdown_handle();
+    Ok(dp)
+}
+
+fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("cg-control")
+        .enable_all()
+        .build()
+        .context("cannot start the controlplane runtime")
+}
+
+fn start_controlplane(
+    rt: &tokio::runtime::Runtime,
+    settings: &Settings,
+) -> anyhow::Result<Controlplane> {
+    let cfg = settings.controlplane()?;
+    let data_dir = cfg.data_dir.clone();
+    let cp = rt.block_on(Controlplane::start(cfg))?;
+    write_addr_file(&data_dir, "query.addr", &cp.query_addr().to_string())?;
+    tracing::info!(addr = %cp.query_addr(), "query API listening");
+    Ok(cp)
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
+/// Starts a thread that triggers the dataplane's drain on the first SIGTERM or SIGINT.
+fn on_signal(handle: clickgate_dataplane::ShutdownHandle) -> anyhow::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])
+    .context("cannot install signal handlers")?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
-            let mut signals = match signal_hook::iterator::Signals::new([
-                signal_hook::consts::SIGTERM,
-                signal_hook::consts::SIGINT,
-            ]) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot install signal handlers");
-                    return;
-                }
-            };
             if let Some(sig) = signals.forever().next() {
                 tracing::info!(signal = sig, "stopping: draining and flushing");
                 handle.trigger();
             }
         })
         .context("cannot start the signal thread")?;
-    dp.join()?;
-    tracing::info!("stopped cleanly");
     Ok(())
 }
 

@@ -13,7 +13,8 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (i32, String) {
         cmd.env(k, v);
     }
     let out = cmd.output().expect("run clickgate");
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -37,7 +38,12 @@ fn help_lists_every_contract_setting() {
     ] {
         assert!(text.contains(flag), "--help lacks {flag}:\n{text}");
     }
-    for env in ["CLICKGATE_DATA_DIR", "CLICKGATE_INGEST_ADDR", "CLICKGATE_ACK", "CLICKGATE_CORES"] {
+    for env in [
+        "CLICKGATE_DATA_DIR",
+        "CLICKGATE_INGEST_ADDR",
+        "CLICKGATE_ACK",
+        "CLICKGATE_CORES",
+    ] {
         assert!(text.contains(env), "--help lacks {env}");
     }
 }
@@ -72,12 +78,21 @@ fn flag_beats_env_beats_file() {
     std::fs::write(&file, "batch_events_max = 0\n").unwrap();
     // The file's invalid 0 is masked by the env's valid value...
     let (code, text) = run(
-        &["dataplane", "--config", file.to_str().unwrap(), "--cores", "999"],
+        &[
+            "dataplane",
+            "--config",
+            file.to_str().unwrap(),
+            "--cores",
+            "999",
+        ],
         &[("CLICKGATE_BATCH_EVENTS_MAX", "5")],
     );
     // ...so the error that stops start-up is the flag's, not the file's.
     assert_eq!(code, 2, "{text}");
-    assert!(text.contains("cores") && !text.contains("batch_events_max"), "{text}");
+    assert!(
+        text.contains("cores") && !text.contains("batch_events_max"),
+        "{text}"
+    );
     // And the flag beats the env: an invalid flag value is reported even with a valid env.
     let (code, text) = run(
         &["dataplane", "--batch-events-max", "0"],

@@ -59,9 +59,15 @@ fn batch_keeps_good_lines_and_names_bad_ones() {
     assert_eq!(v["accepted"], 3, "{v}");
     assert_eq!(v["duplicates"], 0, "{v}");
     let rejected = v["rejected"].as_array().unwrap();
-    let lines: Vec<u64> = rejected.iter().map(|e| e["line"].as_u64().unwrap()).collect();
+    let lines: Vec<u64> = rejected
+        .iter()
+        .map(|e| e["line"].as_u64().unwrap())
+        .collect();
     assert_eq!(lines, vec![1, 3, 5], "{v}");
-    assert!(rejected[0]["error"].as_str().unwrap().contains("country"), "{v}");
+    assert!(
+        rejected[0]["error"].as_str().unwrap().contains("country"),
+        "{v}"
+    );
     assert!(rejected[2]["error"].as_str().unwrap().contains("ts"), "{v}");
 }
 
@@ -113,7 +119,12 @@ fn each_invalid_field_is_named() {
         v.as_object_mut().unwrap().remove("device");
     });
     let r = post_click(&cg, &body);
-    assert_eq!((r.status, r.json()["field"].clone()), (400, json!("device")), "{}", r.body);
+    assert_eq!(
+        (r.status, r.json()["field"].clone()),
+        (400, json!("device")),
+        "{}",
+        r.body
+    );
     // Malformed JSON: no field to blame.
     let r = post_click(&cg, "{\"event_id\": ");
     assert_eq!(r.status, 400, "{}", r.body);
@@ -167,13 +178,20 @@ fn rate_limit_answers_429_and_trusted_networks_are_exempt() {
     let limited = Clickgate::dataplane(&["--rate-limit-events-per-sec", "10"]);
     let mut c = limited.connect();
     let batch = |base: u64| -> String {
-        (0..10).map(|i| event(&uuid(base + i), 1, |_| {})).collect::<Vec<_>>().join("\n")
+        (0..10)
+            .map(|i| event(&uuid(base + i), 1, |_| {}))
+            .collect::<Vec<_>>()
+            .join("\n")
     };
     assert_eq!(c.request("POST", "/v1/clicks", &batch(0)).status, 202);
     let r = c.request("POST", "/v1/clicks", &batch(100));
     assert_eq!(r.status, 429, "{}", r.body);
     assert_eq!(r.json(), json!({"error":"rate limited"}));
-    let retry: u64 = r.header("retry-after").expect("Retry-After").parse().unwrap();
+    let retry: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
     assert!(retry >= 1);
 
     let trusted = Clickgate::dataplane(&[
@@ -201,13 +219,23 @@ fn duplicates_are_caught_across_connections_and_cores() {
     for conn in 0..24 {
         let mut c = cg.connect();
         // Altered non-key fields do not make a retry a new event.
-        let again: Vec<String> =
-            ids.iter().map(|id| event(id, 9, |v| v["cost_micros"] = json!(conn))).collect();
+        let again: Vec<String> = ids
+            .iter()
+            .map(|id| event(id, 9, |v| v["cost_micros"] = json!(conn)))
+            .collect();
         let r = c.request("POST", "/v1/clicks", &again.join("\n"));
         assert_eq!(r.status, 202, "{}", r.body);
-        assert_eq!(r.json(), json!({"accepted":0,"duplicates":8,"rejected":[]}), "conn {conn}");
+        assert_eq!(
+            r.json(),
+            json!({"accepted":0,"duplicates":8,"rejected":[]}),
+            "conn {conn}"
+        );
         let r = c.request("POST", "/v1/click", &first[conn % 8]);
-        assert_eq!(r.json(), json!({"accepted":0,"duplicates":1,"rejected":[]}), "conn {conn}");
+        assert_eq!(
+            r.json(),
+            json!({"accepted":0,"duplicates":1,"rejected":[]}),
+            "conn {conn}"
+        );
     }
     // Within one body too.
     let id = uuid(900);
@@ -227,11 +255,19 @@ fn pipelined_requests_are_answered_in_order() {
     for i in 0..60u64 {
         match i % 4 {
             0 => {
-                bytes.extend(Conn::request_bytes("POST", "/v1/click", &event(&uuid(i), 1, |_| {})));
+                bytes.extend(Conn::request_bytes(
+                    "POST",
+                    "/v1/click",
+                    &event(&uuid(i), 1, |_| {}),
+                ));
                 expect.push((202, Some(1)));
             }
             1 => {
-                let body = format!("{}\n{}", event(&uuid(i), 2, |_| {}), event(&uuid(i + 1000), 2, |_| {}));
+                let body = format!(
+                    "{}\n{}",
+                    event(&uuid(i), 2, |_| {}),
+                    event(&uuid(i + 1000), 2, |_| {})
+                );
                 bytes.extend(Conn::request_bytes("POST", "/v1/clicks", &body));
                 expect.push((202, Some(2)));
             }
@@ -320,7 +356,10 @@ fn sigterm_flushes_and_restart_keeps_the_log() {
     assert!(cg.sigterm_and_wait().success());
     let logged = logged_events(&cg);
     assert_eq!(logged.len(), 151);
-    assert_eq!(logged.into_iter().map(|(id, _)| id).collect::<HashSet<_>>(), sent);
+    assert_eq!(
+        logged.into_iter().map(|(id, _)| id).collect::<HashSet<_>>(),
+        sent
+    );
 }
 
 /// With ack=disk, a 202 means fsync'd: `kill -9` loses none of them.
@@ -337,14 +376,25 @@ fn kill9_in_disk_mode_loses_no_acknowledged_event() {
         acked.extend(ids);
     }
     // Requests in flight at the kill may or may not be logged; acknowledged ones must be.
-    c.send_raw(&Conn::request_bytes("POST", "/v1/click", &event(&uuid(99_999), 3, |_| {})));
+    c.send_raw(&Conn::request_bytes(
+        "POST",
+        "/v1/click",
+        &event(&uuid(99_999), 3, |_| {}),
+    ));
     cg.kill9();
     let logged: HashSet<String> = logged_events(&cg).into_iter().map(|(id, _)| id).collect();
     let missing: Vec<_> = acked.difference(&logged).collect();
-    assert!(missing.is_empty(), "{} acknowledged events missing after kill -9", missing.len());
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events missing after kill -9",
+        missing.len()
+    );
     // The torn tail (if any) is cut at restart and the log keeps taking appends.
     cg.restart();
-    assert_eq!(post_click(&cg, &event(&uuid(77_777), 3, |_| {})).status, 202);
+    assert_eq!(
+        post_click(&cg, &event(&uuid(77_777), 3, |_| {})).status,
+        202
+    );
 }
 
 #[test]
@@ -354,8 +404,11 @@ fn duplicates_are_logged_with_their_flag() {
     post_click(&cg, &event(&id, 1, |_| {}));
     post_click(&cg, &event(&id, 1, |_| {}));
     assert!(cg.sigterm_and_wait().success());
-    let mut flags: Vec<bool> =
-        logged_events(&cg).into_iter().filter(|(i, _)| *i == id).map(|(_, d)| d).collect();
+    let mut flags: Vec<bool> = logged_events(&cg)
+        .into_iter()
+        .filter(|(i, _)| *i == id)
+        .map(|(_, d)| d)
+        .collect();
     flags.sort();
     assert_eq!(flags, vec![false, true]);
 }

@@ -37,7 +37,7 @@ impl EventId {
                 b'A'..=b'F' => c - b'A' + 10,
                 _ => return None,
             };
-            out[nibble / 2] |= if nibble % 2 == 0 { v << 4 } else { v };
+            out[nibble / 2] |= if nibble.is_multiple_of(2) { v << 4 } else { v };
             nibble += 1;
         }
         Some(EventId(out))

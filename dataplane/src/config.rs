@@ -87,6 +87,17 @@ pub struct DataplaneConfig {
     pub io_memory_bytes: usize,
     /// Submission queue entries of each core's io_uring rings.
     pub ring_depth: usize,
+
+    // --- aggregation and shipping to the controlplane ---
+    /// The controlplane's Unix socket; `None`: `<data_dir>/control.sock`.
+    pub control_socket: Option<PathBuf>,
+    /// Each core ships its aggregate delta this often (at most 1000 ms).
+    pub agg_flush_interval_ms: u64,
+    /// Aggregate keys a core holds between two flushes; past it new keys are counted as
+    /// overflow (the events stay in the log and can be replayed).
+    pub agg_keys_max: usize,
+    /// Deltas a core keeps unacknowledged by the controlplane; past it deltas merge.
+    pub ship_unacked_frames_max: usize,
 }
 
 impl Default for DataplaneConfig {
@@ -119,6 +130,18 @@ impl Default for DataplaneConfig {
             drain_timeout_ms: 10_000,
             io_memory_bytes: 1 << 20,
             ring_depth: 128,
+            control_socket: None,
+            agg_flush_interval_ms: 500,
+            agg_keys_max: 100_000,
+            ship_unacked_frames_max: 64,
         }
+    }
+}
+
+impl DataplaneConfig {
+    pub fn control_socket_path(&self) -> PathBuf {
+        self.control_socket
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("control.sock"))
     }
 }

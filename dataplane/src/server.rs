@@ -2,6 +2,7 @@
 //! configured CPU, each with its own SO_REUSEPORT listener, log and bloom shard; the
 //! dedup meshes; and a drain-then-stop shutdown.
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,11 +15,14 @@ use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::net::TcpListener;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
+use clickgate_core::agg::{AggConfig, Aggregator};
+
 use crate::config::{AckMode, DataplaneConfig};
 use crate::dedup::{LookupReq, LookupResp};
 use crate::deps::{CidrSet, CoreLog, LogConfig, RateLimiter, RotatingBloom};
 use crate::metrics::CoreMetrics;
 use crate::shard::{self, wall_ms, Shard};
+use crate::ship::{spawn_shipper, ShipConfig, FLUSH_INTERVAL_MS_MAX};
 
 /// glommio refuses to start with less locked memory than this.
 const MEMLOCK_BYTES_MIN: u64 = 512 << 10;
@@ -333,6 +337,10 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     let trusted =
         CidrSet::parse_list(&cfg.trusted_cidrs).map_err(|e| fail(format!("trusted CIDRs: {e}")))?;
     let lookups = if n > 1 { Some(req_tx) } else { None };
+    let agg = Rc::new(RefCell::new(Aggregator::new(AggConfig {
+        keys_max: cfg.agg_keys_max,
+        ..AggConfig::default()
+    })));
     let shard = Rc::new(Shard::new(
         k,
         shard_id,
@@ -344,7 +352,9 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         limiter,
         trusted,
         lookups,
+        agg.clone(),
     ));
+    let shipper = spawn_shipper(k, agg, ship_config(&cfg));
 
     // Dedup service: answer other cores' lookups against our shard, and route the
     // answers to our own lookups back to the waiting connections.
@@ -395,6 +405,17 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     drop(listener);
     drain(&shard).await;
     gauges.cancel();
+    // Every answered event is counted in the aggregator by now: ship the last delta
+    // (bounded by the shipper's stop timeout; what stays unacked is in the log).
+    let report = shipper.flush_and_stop().await;
+    if report.unacked_deltas > 0 {
+        tracing::warn!(
+            core = k,
+            unacked_deltas = report.unacked_deltas,
+            unacked_entries = report.unacked_entries,
+            "controlplane did not acknowledge the last deltas before stop"
+        );
+    }
     let closed = shard.log.close().await;
     if let Some(tx) = &shard.lookups {
         tx.close();
@@ -407,6 +428,14 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     shard.refresh_gauges();
     tracing::info!(core = k, "core stopped");
     closed.with_context(|| format!("closing the log of core {k}"))
+}
+
+fn ship_config(cfg: &DataplaneConfig) -> ShipConfig {
+    ShipConfig {
+        flush_interval_ms: cfg.agg_flush_interval_ms.min(FLUSH_INTERVAL_MS_MAX),
+        unacked_frames_max: cfg.ship_unacked_frames_max,
+        ..ShipConfig::new(cfg.control_socket_path())
+    }
 }
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, shared: &Shared) {

@@ -12,6 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use clickgate_core::agg::Aggregator;
 use clickgate_core::hash::{event_hash, shard_for};
 use clickgate_core::{Click, EventError};
 use clickgate_proto::record::{encode_into, encoded_len};
@@ -64,6 +65,8 @@ pub(crate) struct Shard {
     pub stopping: Cell<bool>,
     /// Events handed to the aggregation hook (see `on_accepted`).
     pub aggregated: Cell<u64>,
+    /// This core's pre-aggregates since the last delta; the shipper drains it.
+    pub agg: Rc<RefCell<Aggregator>>,
     limits: Limits,
 }
 
@@ -80,6 +83,7 @@ impl Shard {
         limiter: RateLimiter,
         trusted: CidrSet,
         lookups: Option<Senders<LookupReq>>,
+        agg: Rc<RefCell<Aggregator>>,
     ) -> Shard {
         let limits = Limits {
             header_bytes_max: cfg.header_bytes_max,
@@ -102,6 +106,7 @@ impl Shard {
             pool: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
             aggregated: Cell::new(0),
+            agg,
             limits,
         }
     }
@@ -148,10 +153,16 @@ impl Shard {
     }
 
     /// The aggregation hook: the single call site for every event written to the log
-    /// (duplicates included; `flags` says which). The aggregation issue fills this in.
+    /// (duplicates included; `flags` says which), with the log position just past it, so
+    /// each delta says up to where in the log it counts.
     #[inline]
-    fn on_accepted(&self, _click: &Click<'_>, _flags: Flags) {
-        self.aggregated.set(self.aggregated.get() + 1);
+    fn on_accepted(&self, click: &Click<'_>, flags: Flags, lsn: u64) {
+        let mut agg = self.agg.borrow_mut();
+        if !flags.duplicate() {
+            agg.add(click, !flags.fraud(), flags.fraud());
+            self.aggregated.set(self.aggregated.get() + 1);
+        }
+        agg.note_log_lsn(lsn);
     }
 
     fn take_bufs(&self) -> ConnBufs {
@@ -814,7 +825,7 @@ async fn ingest_events(
         let flags = Flags::default().with_duplicate(s.dup[i]);
         let lsn = append(shard, c, flags, now_ms).await?;
         batch.max_lsn = batch.max_lsn.max(lsn);
-        shard.on_accepted(c, flags);
+        shard.on_accepted(c, flags, lsn);
         if s.dup[i] {
             duplicates += 1;
         } else {

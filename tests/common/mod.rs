@@ -15,7 +15,10 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_clickgate");
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
 }
 
 /// A process-unique, valid UUID text for test events.
@@ -56,6 +59,8 @@ pub struct Clickgate {
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
     pub ingest: SocketAddr,
+    /// The query API's address (`run` and `controlplane` only).
+    pub query: Option<SocketAddr>,
     pub extra: Vec<String>,
     pub subcommand: String,
 }
@@ -70,14 +75,34 @@ impl Clickgate {
         cg
     }
 
+    /// `clickgate run` (both planes) with a fresh data dir.
+    pub fn run(extra: &[&str]) -> Clickgate {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path().to_path_buf();
+        let mut cg = Clickgate::spawn("run", &dir, extra);
+        cg._tmp = Some(tmp);
+        cg
+    }
+
     pub fn spawn(subcommand: &str, data_dir: &Path, extra: &[&str]) -> Clickgate {
-        let addr_file = data_dir.join("run").join("ingest.addr");
-        let _ = std::fs::remove_file(&addr_file);
+        let run_dir = data_dir.join("run");
+        let ingest_file = run_dir.join("ingest.addr");
+        let query_file = run_dir.join("query.addr");
+        let serves_ingest = subcommand != "controlplane";
+        let serves_query = subcommand != "dataplane";
+        if serves_ingest {
+            let _ = std::fs::remove_file(&ingest_file);
+        }
+        if serves_query {
+            let _ = std::fs::remove_file(&query_file);
+        }
         let mut args: Vec<String> = vec![
             subcommand.into(),
             "--data-dir".into(),
             data_dir.display().to_string(),
             "--ingest-addr".into(),
+            "127.0.0.1:0".into(),
+            "--query-addr".into(),
             "127.0.0.1:0".into(),
             "--cores".into(),
             "2".into(),
@@ -90,7 +115,10 @@ impl Clickgate {
         let child = Command::new(BIN)
             .args(&args)
             .env_remove("CLICKGATE_CONFIG")
-            .env("CLICKGATE_LOG", "info")
+            .env(
+                "CLICKGATE_LOG",
+                std::env::var("CLICKGATE_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())
@@ -101,10 +129,16 @@ impl Clickgate {
             data_dir: data_dir.to_path_buf(),
             _tmp: None,
             ingest: "0.0.0.0:0".parse().unwrap(),
+            query: None,
             extra,
             subcommand: subcommand.into(),
         };
-        cg.ingest = cg.wait_for_addr(&addr_file);
+        if serves_query {
+            cg.query = Some(cg.wait_for_addr(&query_file));
+        }
+        if serves_ingest {
+            cg.ingest = cg.wait_for_addr(&ingest_file);
+        }
         cg
     }
 
@@ -119,7 +153,10 @@ impl Clickgate {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("clickgate exited during start-up: {status}");
             }
-            assert!(Instant::now() < deadline, "clickgate did not start within {START_TIMEOUT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "clickgate did not start within {START_TIMEOUT:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -172,6 +209,16 @@ impl Clickgate {
         let mut again = Clickgate::spawn(&self.subcommand, &self.data_dir, &extra);
         self.child = again.child.take();
         self.ingest = again.ingest;
+        self.query = again.query;
+    }
+
+    /// `GET` on the query API.
+    pub fn query(&self, path_and_query: &str) -> Response {
+        Conn::new(self.query.expect("this process serves no query API")).request(
+            "GET",
+            path_and_query,
+            "",
+        )
     }
 
     pub fn metrics(&self) -> String {
@@ -195,7 +242,8 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .filter(|l| {
-            l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
@@ -210,7 +258,10 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body)
@@ -226,13 +277,22 @@ pub struct Conn {
 impl Conn {
     pub fn new(addr: SocketAddr) -> Conn {
         let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
         stream.set_nodelay(true).unwrap();
-        Conn { stream, buf: Vec::new() }
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
     }
 
     pub fn request_bytes(method: &str, path: &str, body: &str) -> Vec<u8> {
-        let ctype = if path == "/v1/clicks" { "application/x-ndjson" } else { "application/json" };
+        let ctype = if path == "/v1/clicks" {
+            "application/x-ndjson"
+        } else {
+            "application/json"
+        };
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
         if method == "POST" {
             req.push_str(&format!(
@@ -263,7 +323,11 @@ impl Conn {
             }
             let mut chunk = [0u8; 65536];
             let n = self.stream.read(&mut chunk).expect("read response");
-            assert!(n > 0, "connection closed before a full response; got {:?}", String::from_utf8_lossy(&self.buf));
+            assert!(
+                n > 0,
+                "connection closed before a full response; got {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
             self.buf.extend_from_slice(&chunk[..n]);
         }
     }
@@ -297,5 +361,12 @@ fn parse_response(buf: &[u8]) -> Option<(Response, usize)> {
         return None;
     }
     let body = String::from_utf8(buf[end..end + len].to_vec()).expect("utf8 body");
-    Some((Response { status, headers, body }, end + len))
+    Some((
+        Response {
+            status,
+            headers,
+            body,
+        },
+        end + len,
+    ))
 }
