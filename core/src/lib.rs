@@ -6,6 +6,7 @@ pub mod agg;
 pub mod bloom;
 pub mod cidr;
 pub mod event;
+pub mod fraud;
 pub mod hash;
 pub mod hll;
 pub mod parse;
