@@ -84,6 +84,13 @@ fn mask128(prefix: u8) -> u128 {
     }
 }
 
+/// One network of a [`CidrSet`]: masked address and prefix length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Network {
+    V4(u32, u8),
+    V6(u128, u8),
+}
+
 /// A set of IPv4 and IPv6 networks with exact prefix-match lookups.
 #[derive(Debug, Clone, Default)]
 pub struct CidrSet {
@@ -170,6 +177,27 @@ impl CidrSet {
     fn contains_v6(&self, a: Ipv6Addr) -> bool {
         let a = u128::from(a);
         self.v6.iter().any(|(p, s)| s.contains(&(a & mask128(*p))))
+    }
+
+    /// Every network held, for pre-filters built in front of the set (the fraud
+    /// blocklist's bloom): IPv4 entries (mapped ones included) as `V4(net, prefix)`,
+    /// the rest as `V6(net, prefix)`, network addresses already masked.
+    pub fn networks(&self) -> impl Iterator<Item = Network> + '_ {
+        let v4 = self
+            .v4
+            .iter()
+            .flat_map(|(p, s)| s.iter().map(move |&n| Network::V4(n, *p)));
+        let v6 = self
+            .v6
+            .iter()
+            .flat_map(|(p, s)| s.iter().map(move |&n| Network::V6(n, *p)));
+        v4.chain(v6)
+    }
+
+    /// True when an IPv6 entry shorter than /96 covers the IPv4-mapped range, so every
+    /// IPv4 address is in the set whatever its IPv4 entries.
+    pub fn covers_all_ipv4(&self) -> bool {
+        self.v6_covers_v4
     }
 
     /// Distinct networks held (duplicates and entries that differ only in host bits
