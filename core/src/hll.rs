@@ -10,10 +10,13 @@
 //! - Three representations (a sketch is 32 bytes plus its heap buffer). **Inline**: up to
 //!   6 set registers inside the struct, no heap at all: most sketches (one per campaign ×
 //!   bucket × dimension, each fed for one flush interval) see only a few users. **Sparse**:
-//!   a sorted `Vec<u32>` of `index << 8 | rank`, one per non-zero register, 4 bytes each in
-//!   memory and 3 on the wire. **Dense**:
-//!   one byte per register (16 KiB; 12 KiB packed on the wire), taken when more than
-//!   [`SPARSE_ENTRIES_MAX`] registers are set, i.e. when sparse would cost a quarter of dense.
+//!   an open-addressing hash set of `index << 8 | rank` entries keyed by index, one per
+//!   non-zero register, at load ≤ 3/4 (≤ 8 KiB in memory), sorted only when encoded (3
+//!   bytes per entry on the wire). **Dense**: one byte per register (16 KiB; 12 KiB packed
+//!   on the wire), taken when more than [`SPARSE_ENTRIES_MAX`] registers are set. The
+//!   form is a function of the set registers only, so the wire form is too.
+//! - An event's user goes into five sketches: [`HllPoint::of_hash`] splits its hash once
+//!   and [`Hll::insert`] applies the split to each.
 //! - Hashes come from [`crate::hash::bytes_hash`] (fixed, unseeded), so sketches built on
 //!   different cores, boxes and replays merge: merge is a register-wise max, which is
 //!   commutative, associative and idempotent.
@@ -27,8 +30,8 @@ pub const REGISTERS: usize = 1 << PRECISION;
 /// Largest register value: the rank of the first set bit among the 64 − P remaining bits,
 /// plus one for "none set".
 const RANK_MAX: u8 = (64 - PRECISION + 1) as u8;
-/// Past this many set registers a sketch turns dense: 1024 × 4 B = 4 KiB in memory, a quarter
-/// of the dense array, which also bounds the cost of a sorted insert.
+/// Past this many set registers a sketch turns dense: its sparse table is then 8 KiB, half
+/// the dense array, and its wire form 3 KiB, a quarter of the dense one.
 pub const SPARSE_ENTRIES_MAX: usize = 1024;
 /// Dense wire size: 6 bits per register.
 pub const DENSE_WIRE_BYTES: usize = REGISTERS * 6 / 8;
@@ -48,16 +51,30 @@ pub const INLINE_ENTRIES_MAX: usize = 6;
 
 #[derive(Clone)]
 enum Repr {
-    /// Sorted `index << 8 | rank` entries, `len` of them.
+    /// Up to `INLINE_ENTRIES_MAX` entries `index << 8 | rank`, one per set register, in
+    /// insertion order (sorted when read out).
     Inline {
         len: u8,
         e: [u32; INLINE_ENTRIES_MAX],
     },
-    /// Sorted by index, one entry per non-zero register: `index << 8 | rank`.
-    Sparse(Vec<u32>),
+    /// An open-addressing set of `index << 8 | rank` entries keyed by index (0 = free
+    /// slot: a set register has rank ≥ 1), `len` of them, linear probing from
+    /// `index & (capacity − 1)`: O(1) insert where a sorted vector paid a binary search
+    /// over cold lines plus a memmove of up to 4 KiB. Load ≤ 3/4, so at most
+    /// `SPARSE_TABLE_MAX` slots (8 KiB). Sorted only when encoded or compared.
+    Sparse { len: u32, t: Vec<u32> },
     /// `REGISTERS` bytes.
     Dense(Vec<u8>),
 }
+
+/// Slots of a sparse table when it first leaves the inline form.
+const SPARSE_TABLE_MIN: usize = 16;
+/// Slots of a sparse table at its largest: `SPARSE_ENTRIES_MAX` at load ≤ 3/4.
+pub const SPARSE_TABLE_MAX: usize = 2 * SPARSE_ENTRIES_MAX;
+
+const _: () = assert!(SPARSE_TABLE_MIN.is_power_of_two() && SPARSE_TABLE_MAX.is_power_of_two());
+const _: () = assert!(SPARSE_ENTRIES_MAX * 4 <= SPARSE_TABLE_MAX * 3);
+const _: () = assert!((INLINE_ENTRIES_MAX + 1) * 4 <= SPARSE_TABLE_MIN * 3);
 
 #[derive(Clone)]
 pub struct Hll {
@@ -90,12 +107,52 @@ pub enum HllError {
     Register(u8),
 }
 
+/// A hashed value split once into (register index, rank), so that one value can go into
+/// several sketches (an event's user into each of its keys) at the cost of one split.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HllPoint(u32);
+
+impl HllPoint {
+    #[inline]
+    pub fn of_hash(hash: u64) -> HllPoint {
+        let idx = (hash >> (64 - PRECISION)) as u32;
+        // The guard bit caps the rank at 64 - P + 1 when all remaining bits are zero.
+        let rank = ((hash << PRECISION) | (1 << (PRECISION - 1))).leading_zeros() + 1;
+        HllPoint(idx << 8 | rank)
+    }
+
+    /// `index << 8 | rank`: 22 bits, 0 never (rank ≥ 1).
+    #[inline]
+    pub(crate) fn raw(self) -> u32 {
+        self.0
+    }
+
+    /// Inverse of `raw` for a value `raw` returned.
+    #[inline]
+    pub(crate) fn from_raw(raw: u32) -> HllPoint {
+        debug_assert!(raw & 0xff != 0 && raw >> 8 < REGISTERS as u32);
+        HllPoint(raw)
+    }
+
+    #[inline]
+    pub(crate) fn idx(self) -> u32 {
+        self.0 >> 8
+    }
+
+    #[inline]
+    fn rank(self) -> u8 {
+        self.0 as u8
+    }
+}
+
 #[inline]
-fn split(hash: u64) -> (u32, u8) {
-    let idx = (hash >> (64 - PRECISION)) as u32;
-    // The guard bit caps the rank at 64 - P + 1 when all remaining bits are zero.
-    let rank = ((hash << PRECISION) | (1 << (PRECISION - 1))).leading_zeros() as u8 + 1;
-    (idx, rank)
+fn entry_idx(e: u32) -> usize {
+    (e >> 8) as usize
+}
+
+#[inline]
+fn entry_rank(e: u32) -> u8 {
+    (e & 0xff) as u8
 }
 
 impl Hll {
@@ -103,17 +160,34 @@ impl Hll {
         Hll::default()
     }
 
-    /// The sorted entries of a non-dense sketch.
-    fn entries(&self) -> Option<&[u32]> {
+    /// Non-zero registers of a non-dense sketch.
+    fn entries_len(&self) -> Option<usize> {
         match &self.repr {
-            Repr::Inline { len, e } => Some(&e[..*len as usize]),
-            Repr::Sparse(v) => Some(v),
+            Repr::Inline { len, .. } => Some(*len as usize),
+            Repr::Sparse { len, .. } => Some(*len as usize),
             Repr::Dense(_) => None,
         }
     }
 
+    /// Calls `f` with each entry of a non-dense sketch, in no particular order.
+    fn for_each_entry(&self, mut f: impl FnMut(u32)) {
+        match &self.repr {
+            Repr::Inline { len, e } => e[..*len as usize].iter().for_each(|&x| f(x)),
+            Repr::Sparse { t, .. } => t.iter().filter(|&&x| x != 0).for_each(|&x| f(x)),
+            Repr::Dense(_) => unreachable!("dense sketches have no entries"),
+        }
+    }
+
+    /// The entries of a non-dense sketch sorted by index (the wire order).
+    fn sorted_entries(&self) -> Vec<u32> {
+        let mut v = Vec::with_capacity(self.entries_len().unwrap_or(0));
+        self.for_each_entry(|x| v.push(x));
+        v.sort_unstable();
+        v
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.entries().is_some_and(|e| e.is_empty())
+        self.entries_len() == Some(0)
     }
 
     pub fn is_dense(&self) -> bool {
@@ -124,103 +198,165 @@ impl Hll {
     pub fn heap_bytes(&self) -> usize {
         match &self.repr {
             Repr::Inline { .. } => 0,
-            Repr::Sparse(v) => v.capacity() * 4,
+            Repr::Sparse { t, .. } => t.capacity() * 4,
             Repr::Dense(d) => d.capacity(),
         }
     }
 
-    /// Back to empty. Keeps a sparse buffer's capacity for reuse; frees a dense array
-    /// (hot keys re-grow one per flush interval, amortised over ≥ 1024 distinct users).
+    /// Back to empty. Keeps a sparse table for reuse; frees a dense array (hot keys
+    /// re-grow one per flush interval, amortised over ≥ 1024 distinct users).
     pub fn clear(&mut self) {
         match &mut self.repr {
-            Repr::Sparse(v) => v.clear(),
+            Repr::Sparse { len, t } => {
+                *len = 0;
+                t.fill(0);
+            }
             _ => *self = Hll::default(),
         }
     }
 
-    /// Adds one hashed value. No allocation while inline or once the sparse buffer has
+    /// Adds one hashed value. No allocation while inline or once the sparse table has
     /// grown, except the switches to sparse and to dense.
     #[inline]
     pub fn insert_hash(&mut self, hash: u64) {
-        let (idx, rank) = split(hash);
-        let entry = idx << 8 | rank as u32;
+        self.insert(HllPoint::of_hash(hash));
+    }
+
+    /// Adds one split hashed value ([`HllPoint::of_hash`]).
+    #[inline]
+    pub fn insert(&mut self, p: HllPoint) {
+        let idx = p.idx();
         match &mut self.repr {
             Repr::Dense(d) => {
                 let r = &mut d[idx as usize];
-                if rank > *r {
-                    *r = rank;
+                if p.rank() > *r {
+                    *r = p.rank();
                 }
             }
             Repr::Inline { len, e } => {
                 let n = *len as usize;
-                match e[..n].binary_search_by_key(&idx, |x| x >> 8) {
-                    Ok(i) => e[i] = e[i].max(entry),
-                    Err(i) if n < INLINE_ENTRIES_MAX => {
-                        e.copy_within(i..n, i + 1);
-                        e[i] = entry;
-                        *len += 1;
+                for x in &mut e[..n] {
+                    if *x >> 8 == idx {
+                        *x = (*x).max(p.0);
+                        return;
                     }
-                    Err(i) => {
-                        let mut v = Vec::with_capacity(4 * INLINE_ENTRIES_MAX);
-                        v.extend_from_slice(&e[..i]);
-                        v.push(entry);
-                        v.extend_from_slice(&e[i..n]);
-                        self.repr = Repr::Sparse(v);
-                    }
+                }
+                if n < INLINE_ENTRIES_MAX {
+                    e[n] = p.0;
+                    *len += 1;
+                } else {
+                    self.insert_cold(p);
                 }
             }
-            Repr::Sparse(v) => match v.binary_search_by_key(&idx, |x| x >> 8) {
-                Ok(i) => v[i] = v[i].max(entry),
-                Err(i) if v.len() < SPARSE_ENTRIES_MAX => v.insert(i, entry),
-                Err(_) => {
-                    self.make_dense();
-                    if let Repr::Dense(d) = &mut self.repr {
-                        d[idx as usize] = rank;
+            Repr::Sparse { len, t } => {
+                let mask = t.len() - 1;
+                let mut i = idx as usize & mask;
+                loop {
+                    let x = t[i];
+                    if x == 0 {
+                        break;
                     }
+                    if x >> 8 == idx {
+                        t[i] = x.max(p.0);
+                        return;
+                    }
+                    i = (i + 1) & mask;
                 }
-            },
+                let n = *len as usize;
+                if n < SPARSE_ENTRIES_MAX && (n + 1) * 4 <= t.len() * 3 {
+                    t[i] = p.0;
+                    *len += 1;
+                } else {
+                    self.insert_cold(p);
+                }
+            }
         }
+    }
+
+    /// The address `insert(p)` will read first, for a prefetch ahead of the insert.
+    #[inline]
+    pub(crate) fn insert_addr(&self, p: HllPoint) -> *const u8 {
+        match &self.repr {
+            Repr::Dense(d) => d.as_ptr().wrapping_add(p.idx() as usize),
+            Repr::Sparse { t, .. } => t
+                .as_ptr()
+                .wrapping_add(p.idx() as usize & (t.len() - 1))
+                .cast(),
+            Repr::Inline { .. } => (self as *const Hll).cast(),
+        }
+    }
+
+    /// A new register that does not fit the current form: inline → sparse, a bigger
+    /// sparse table, or dense past `SPARSE_ENTRIES_MAX`.
+    #[cold]
+    #[inline(never)]
+    fn insert_cold(&mut self, p: HllPoint) {
+        let n = self
+            .entries_len()
+            .expect("dense sketches take every insert")
+            + 1;
+        if n > SPARSE_ENTRIES_MAX {
+            self.make_dense();
+        } else {
+            self.grow_sparse(n);
+        }
+        self.insert(p);
+    }
+
+    /// Makes this non-dense sketch sparse with room for `n` entries at load ≤ 3/4.
+    fn grow_sparse(&mut self, n: usize) {
+        debug_assert!(n <= SPARSE_ENTRIES_MAX);
+        let mut cap = SPARSE_TABLE_MIN;
+        while n * 4 > cap * 3 {
+            cap *= 2;
+        }
+        if let Repr::Sparse { t, .. } = &self.repr {
+            if t.len() >= cap {
+                return;
+            }
+        }
+        let mut t = vec![0u32; cap];
+        let mask = cap - 1;
+        let mut len = 0;
+        self.for_each_entry(|x| {
+            let mut i = entry_idx(x) & mask;
+            while t[i] != 0 {
+                i = (i + 1) & mask;
+            }
+            t[i] = x;
+            len += 1;
+        });
+        self.repr = Repr::Sparse { len, t };
     }
 
     fn make_dense(&mut self) {
-        let Some(entries) = self.entries() else {
+        if self.is_dense() {
             return;
-        };
+        }
         let mut d = vec![0u8; REGISTERS];
-        for &e in entries {
-            d[(e >> 8) as usize] = (e & 0xff) as u8;
-        }
+        self.for_each_entry(|x| d[entry_idx(x)] = entry_rank(x));
         self.repr = Repr::Dense(d);
-    }
-
-    fn from_sorted(v: Vec<u32>) -> Hll {
-        let mut h = Hll {
-            repr: Repr::Sparse(v),
-        };
-        if let Repr::Sparse(v) = &h.repr {
-            if v.len() > SPARSE_ENTRIES_MAX {
-                h.make_dense();
-            } else if v.len() <= INLINE_ENTRIES_MAX {
-                let mut e = [0; INLINE_ENTRIES_MAX];
-                e[..v.len()].copy_from_slice(v);
-                h.repr = Repr::Inline {
-                    len: v.len() as u8,
-                    e,
-                };
-            }
-        }
-        h
     }
 
     /// The value of register `idx`.
     pub fn register(&self, idx: usize) -> u8 {
-        match (&self.repr, self.entries()) {
-            (Repr::Dense(d), _) => d[idx],
-            (_, Some(e)) => match e.binary_search_by_key(&(idx as u32), |x| x >> 8) {
-                Ok(i) => (e[i] & 0xff) as u8,
-                Err(_) => 0,
-            },
-            _ => unreachable!("non-dense sketches have entries"),
+        match &self.repr {
+            Repr::Dense(d) => d[idx],
+            Repr::Inline { len, e } => e[..*len as usize]
+                .iter()
+                .find(|&&x| entry_idx(x) == idx)
+                .map_or(0, |&x| entry_rank(x)),
+            Repr::Sparse { t, .. } => {
+                let mask = t.len() - 1;
+                let mut i = idx & mask;
+                loop {
+                    match t[i] {
+                        0 => return 0,
+                        x if entry_idx(x) == idx => return entry_rank(x),
+                        _ => i = (i + 1) & mask,
+                    }
+                }
+            }
         }
     }
 
@@ -238,51 +374,32 @@ impl Hll {
             }
             return;
         }
-        let b = other.entries().expect("not dense");
-        if let Repr::Dense(d) = &mut self.repr {
-            for &e in b {
-                let r = &mut d[(e >> 8) as usize];
-                *r = (*r).max((e & 0xff) as u8);
-            }
-            return;
-        }
-        // Both sparse: merge two sorted lists.
-        let a = self.entries().expect("not dense");
-        let mut out = Vec::with_capacity(a.len() + b.len());
-        let (mut i, mut j) = (0, 0);
-        while i < a.len() && j < b.len() {
-            let (ia, ib) = (a[i] >> 8, b[j] >> 8);
-            if ia < ib {
-                out.push(a[i]);
-                i += 1;
-            } else if ib < ia {
-                out.push(b[j]);
-                j += 1;
-            } else {
-                out.push(a[i].max(b[j]));
-                i += 1;
-                j += 1;
+        self.reserve(other.entries_len().expect("not dense"));
+        other.for_each_entry(|x| self.insert(HllPoint(x)));
+    }
+
+    /// Room for `n` more entries without regrowing step by step (a merge).
+    fn reserve(&mut self, n: usize) {
+        if let Some(have) = self.entries_len() {
+            let want = have + n;
+            if want > INLINE_ENTRIES_MAX && want <= SPARSE_ENTRIES_MAX {
+                self.grow_sparse(want);
             }
         }
-        out.extend_from_slice(&a[i..]);
-        out.extend_from_slice(&b[j..]);
-        *self = Hll::from_sorted(out);
     }
 
     /// Estimated number of distinct hashes inserted.
     pub fn estimate(&self) -> u64 {
         let mut hist = [0u32; RANK_MAX as usize + 1];
-        match (&self.repr, self.entries()) {
+        match (&self.repr, self.entries_len()) {
             (Repr::Dense(d), _) => {
                 for &r in d {
                     hist[r as usize] += 1;
                 }
             }
-            (_, Some(entries)) => {
-                hist[0] = (REGISTERS - entries.len()) as u32;
-                for &e in entries {
-                    hist[(e & 0xff) as usize] += 1;
-                }
+            (_, Some(n)) => {
+                hist[0] = (REGISTERS - n) as u32;
+                self.for_each_entry(|x| hist[entry_rank(x) as usize] += 1);
             }
             _ => unreachable!("non-dense sketches have entries"),
         }
@@ -290,21 +407,13 @@ impl Hll {
     }
 
     /// Appends the wire form to `out`: nothing for an empty sketch; else a tag byte, the
-    /// precision, then either `u16` count + 3 bytes per entry (`u16` index, `u8` rank) or
-    /// the registers packed 6 bits each.
+    /// precision, then either `u16` count + 3 bytes per entry (`u16` index, `u8` rank)
+    /// sorted by index, or the registers packed 6 bits each.
     pub fn write_to(&self, out: &mut Vec<u8>) {
         if self.is_empty() {
             return;
         }
-        if let Some(entries) = self.entries() {
-            out.reserve(4 + 3 * entries.len());
-            out.extend_from_slice(&[TAG_SPARSE, PRECISION as u8]);
-            out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
-            for &e in entries {
-                out.extend_from_slice(&((e >> 8) as u16).to_le_bytes());
-                out.push((e & 0xff) as u8);
-            }
-        } else if let Repr::Dense(d) = &self.repr {
+        if let Repr::Dense(d) = &self.repr {
             out.reserve(2 + DENSE_WIRE_BYTES);
             out.extend_from_slice(&[TAG_DENSE, PRECISION as u8]);
             for r in d.chunks_exact(4) {
@@ -312,6 +421,15 @@ impl Hll {
                     r[0] as u32 | (r[1] as u32) << 6 | (r[2] as u32) << 12 | (r[3] as u32) << 18;
                 out.extend_from_slice(&v.to_le_bytes()[..3]);
             }
+            return;
+        }
+        let entries = self.sorted_entries();
+        out.reserve(4 + 3 * entries.len());
+        out.extend_from_slice(&[TAG_SPARSE, PRECISION as u8]);
+        out.extend_from_slice(&(entries.len() as u16).to_le_bytes());
+        for &e in &entries {
+            out.extend_from_slice(&((e >> 8) as u16).to_le_bytes());
+            out.push(entry_rank(e));
         }
     }
 
@@ -351,11 +469,12 @@ impl Hll {
                 if b.len() != 4 + 3 * n || n > REGISTERS {
                     return Err(HllError::Length(b.len()));
                 }
-                let mut other = Vec::with_capacity(n);
+                let entry = |c: &[u8]| (u16::from_le_bytes([c[0], c[1]]) as u32, c[2]);
+                // Validate everything first, then merge: a sparse sketch never merges
+                // partially.
                 let mut prev: Option<u32> = None;
                 for c in b[4..].chunks_exact(3) {
-                    let idx = u16::from_le_bytes([c[0], c[1]]) as u32;
-                    let rank = c[2];
+                    let (idx, rank) = entry(c);
                     if idx as usize >= REGISTERS || prev.is_some_and(|p| p >= idx) {
                         return Err(HllError::Order);
                     }
@@ -363,11 +482,15 @@ impl Hll {
                         return Err(HllError::Register(rank));
                     }
                     prev = Some(idx);
-                    other.push(idx << 8 | rank as u32);
                 }
-                self.merge(&Hll {
-                    repr: Repr::Sparse(other),
-                });
+                if n == 0 {
+                    return Ok(());
+                }
+                self.reserve(n);
+                for c in b[4..].chunks_exact(3) {
+                    let (idx, rank) = entry(c);
+                    self.insert(HllPoint(idx << 8 | rank as u32));
+                }
             }
             TAG_DENSE => {
                 if b.len() != 2 + DENSE_WIRE_BYTES {
@@ -397,12 +520,16 @@ impl Hll {
 impl PartialEq for Hll {
     /// Equal registers, whatever the representation.
     fn eq(&self, other: &Hll) -> bool {
-        match (self.entries(), other.entries(), &self.repr, &other.repr) {
-            (Some(a), Some(b), _, _) => return a == b,
-            (_, _, Repr::Dense(a), Repr::Dense(b)) => return a == b,
-            _ => {}
+        match (&self.repr, &other.repr) {
+            (Repr::Dense(a), Repr::Dense(b)) => a == b,
+            (Repr::Dense(_), _) | (_, Repr::Dense(_)) => {
+                (0..REGISTERS).all(|i| self.register(i) == other.register(i))
+            }
+            _ => {
+                self.entries_len() == other.entries_len()
+                    && self.sorted_entries() == other.sorted_entries()
+            }
         }
-        (0..REGISTERS).all(|i| self.register(i) == other.register(i))
     }
 }
 
@@ -412,7 +539,7 @@ impl fmt::Debug for Hll {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Hll")
             .field("dense", &self.is_dense())
-            .field("sparse_entries", &self.entries().map_or(0, |e| e.len()))
+            .field("sparse_entries", &self.entries_len().unwrap_or(0))
             .field("estimate", &self.estimate())
             .finish()
     }
@@ -580,6 +707,70 @@ mod tests {
         let mut dense = vec![TAG_DENSE, 14];
         dense.extend(std::iter::repeat_n(0xff, DENSE_WIRE_BYTES));
         check(&dense, HllError::Register(63));
+    }
+
+    /// Guards the hash-set sparse form: the wire form is the sorted register list (or the
+    /// packed array past the sparse bound) whatever the insertion order, byte for byte
+    /// what a plain register array gives.
+    #[test]
+    fn wire_form_is_sorted_and_independent_of_insertion_order() {
+        for n in [1u64, 6, 7, 50, 700, 1024, 1100, 5000] {
+            let hashes: Vec<u64> = (0..n).map(|i| mix64(i ^ 0x5eed)).collect();
+            let mut fwd = Hll::new();
+            hashes.iter().for_each(|&h| fwd.insert_hash(h));
+            let mut rev = Hll::new();
+            hashes.iter().rev().for_each(|&h| rev.insert_hash(h));
+            let mut regs = vec![0u8; REGISTERS];
+            for &h in &hashes {
+                let p = HllPoint::of_hash(h);
+                let r = &mut regs[p.idx() as usize];
+                *r = (*r).max(p.rank());
+            }
+            let set: Vec<(usize, u8)> = (0..REGISTERS)
+                .filter(|&i| regs[i] != 0)
+                .map(|i| (i, regs[i]))
+                .collect();
+            let mut want = Vec::new();
+            if set.len() > SPARSE_ENTRIES_MAX {
+                want.extend_from_slice(&[TAG_DENSE, PRECISION as u8]);
+                for r in regs.chunks_exact(4) {
+                    let v = r[0] as u32
+                        | (r[1] as u32) << 6
+                        | (r[2] as u32) << 12
+                        | (r[3] as u32) << 18;
+                    want.extend_from_slice(&v.to_le_bytes()[..3]);
+                }
+            } else {
+                want.extend_from_slice(&[TAG_SPARSE, PRECISION as u8]);
+                want.extend_from_slice(&(set.len() as u16).to_le_bytes());
+                for (i, r) in set {
+                    want.extend_from_slice(&(i as u16).to_le_bytes());
+                    want.push(r);
+                }
+            }
+            assert_eq!(fwd.to_bytes(), want, "n={n}");
+            assert_eq!(rev.to_bytes(), want, "n={n}");
+            assert_eq!(fwd, rev);
+        }
+    }
+
+    #[test]
+    fn cleared_sparse_sketch_keeps_its_table_and_counts_afresh() {
+        let mut h = build(3, 0..500);
+        let heap = h.heap_bytes();
+        assert!(heap >= 500 * 4);
+        h.clear();
+        assert!(h.is_empty());
+        assert_eq!(h.estimate(), 0);
+        assert_eq!(h.heap_bytes(), heap);
+        for i in 0..3 {
+            h.insert_hash(mix64(i));
+        }
+        let mut fresh = Hll::new();
+        (0..3).for_each(|i| fresh.insert_hash(mix64(i)));
+        assert_eq!(h.to_bytes(), fresh.to_bytes());
+        assert_eq!(h, fresh);
+        assert_eq!(h.estimate(), 3);
     }
 
     proptest! {
