@@ -59,6 +59,11 @@ pub struct DataplaneConfig {
     /// Addresses tracked per core; past it the least recently seen is evicted.
     pub rate_limit_addresses_max: usize,
 
+    // --- fraud gate ---
+    /// Addresses whose clicks per minute a core counts (the `ip_rate` rule and model
+    /// feature); past it the least recently seen is evicted and starts again from 0.
+    pub fraud_ip_rate_addresses_max: usize,
+
     // --- dedup ---
     pub dedup_window_secs: u64,
     /// Peak accepted events/s for the whole box; sizes the bloom shards.
@@ -117,6 +122,7 @@ impl Default for DataplaneConfig {
             ts_skew_ms: 5 * 60 * 1000,
             rate_limit_events_per_sec: 1000,
             rate_limit_addresses_max: 65_536,
+            fraud_ip_rate_addresses_max: 65_536,
             dedup_window_secs: 600,
             dedup_peak_events_per_sec: 50_000,
             dedup_fp_rate: 0.001,

@@ -7,6 +7,7 @@ pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod response;
+mod rules;
 mod server;
 mod shard;
 pub mod ship;

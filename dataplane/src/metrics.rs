@@ -6,8 +6,10 @@
 //! `/metrics` reads every core's block and sums: a read-only cross-core access, off the
 //! per-event path. Blocks are cache-line aligned so cores never write the same line.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
 
 use crate::http::Route;
 use crate::response::Status;
@@ -93,10 +95,34 @@ pub const LATENCY_BUCKETS_US: [u64; 14] = [
     1_000_000,
 ];
 
+/// Distinct rule ids a core labels `clickgate_fraud_clicks_total` with, at most (rule
+/// ids come from operators: the label set must stay bounded). Past it, and across rule
+/// sets, new ids count under `rule="other"`.
+pub const FRAUD_RULE_LABELS_MAX: usize = 256;
+/// The label of the slot past [`FRAUD_RULE_LABELS_MAX`].
+pub const FRAUD_RULE_OTHER: &str = "other";
+const NR_FRAUD_SLOTS: usize = FRAUD_RULE_LABELS_MAX + 1;
+
 const NR_ROUTES: usize = Route::ALL.len();
 const NR_STATUSES: usize = Status::ALL.len();
 const NR_REASONS: usize = Unavailable::ALL.len();
 const NR_BUCKETS: usize = LATENCY_BUCKETS_US.len() + 1;
+
+/// Counters per fraud-rule label slot (arrays this long have no derived `Default`).
+struct FraudSlots([AtomicU64; NR_FRAUD_SLOTS]);
+
+impl Default for FraudSlots {
+    fn default() -> Self {
+        FraudSlots(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl std::ops::Index<usize> for FraudSlots {
+    type Output = AtomicU64;
+    fn index(&self, i: usize) -> &AtomicU64 {
+        &self.0[i]
+    }
+}
 
 #[derive(Default)]
 #[repr(align(128))]
@@ -121,6 +147,20 @@ pub struct CoreMetrics {
     dedup_bits_per_event_milli: AtomicU64,
     dedup_remote_lookups: AtomicU64,
     ratelimit_tracked: AtomicU64,
+    // Fraud gate.
+    fraud_events: AtomicU64,
+    /// Per label slot (see `fraud_slot`); the last one is `other`.
+    fraud_by_rule: FraudSlots,
+    /// The rule id of each used slot, in slot order. Written when a rule set is
+    /// loaded and read when `/metrics` is served: never on the per-event path.
+    fraud_rule_names: Mutex<Vec<String>>,
+    rules_version: AtomicU64,
+    rules_count: AtomicU64,
+    rules_loads: AtomicU64,
+    rules_reload_failures: AtomicU64,
+    ip_rate_tracked: AtomicU64,
+    ip_rate_evictions: AtomicU64,
+    runtime_config_version: AtomicU64,
 }
 
 /// Single-writer increment: only the owner core writes its block.
@@ -198,6 +238,48 @@ impl CoreMetrics {
     }
     pub fn set_ratelimit_tracked(&self, n: u64) {
         self.ratelimit_tracked.store(n, Relaxed);
+    }
+    /// One click judged fraud.
+    #[inline]
+    pub fn fraud_event(&self) {
+        bump(&self.fraud_events, 1);
+    }
+    /// One fired rule of a fraud click, by its label slot.
+    #[inline]
+    pub fn fraud_rule(&self, slot: u16) {
+        bump(&self.fraud_by_rule[slot as usize], 1);
+    }
+    /// The label slot of rule `id` on this core: its own while fewer than
+    /// `FRAUD_RULE_LABELS_MAX` ids were seen, else `other`. Called when a rule set is
+    /// loaded. A slot is never reused, so each labelled series only ever grows.
+    pub fn fraud_slot(&self, id: &str) -> u16 {
+        let mut names = self
+            .fraud_rule_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = names.iter().position(|n| n == id) {
+            return i as u16;
+        }
+        if names.len() < FRAUD_RULE_LABELS_MAX {
+            names.push(id.to_string());
+            return (names.len() - 1) as u16;
+        }
+        FRAUD_RULE_LABELS_MAX as u16
+    }
+    pub fn rules_loaded(&self, version: u64, rules: u64) {
+        self.rules_version.store(version, Relaxed);
+        self.rules_count.store(rules, Relaxed);
+        bump(&self.rules_loads, 1);
+    }
+    pub fn rules_reload_failed(&self) {
+        bump(&self.rules_reload_failures, 1);
+    }
+    pub fn set_ip_rate(&self, tracked: u64, evictions: u64) {
+        self.ip_rate_tracked.store(tracked, Relaxed);
+        self.ip_rate_evictions.store(evictions, Relaxed);
+    }
+    pub fn set_runtime_config_version(&self, v: u64) {
+        self.runtime_config_version.store(v, Relaxed);
     }
 }
 
@@ -378,6 +460,99 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
         "Client addresses tracked by the per-core rate limiters.",
     );
     let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.ratelimit_tracked));
+    render_fraud(cores, out);
+}
+
+fn render_fraud(cores: &[CoreMetrics], out: &mut String) {
+    let name = "clickgate_fraud_events_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Accepted (non-duplicate) events judged fraudulent: answered 202, logged with the fraud flag, not billable.",
+    );
+    let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.fraud_events));
+    let name = "clickgate_fraud_clicks_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Fraudulent clicks by rule that fired (a click firing several rules counts under each); ids past the label bound count as rule=\"other\".",
+    );
+    let mut by_rule: BTreeMap<String, u64> = BTreeMap::new();
+    for c in cores {
+        let names = c
+            .fraud_rule_names
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for (i, n) in names.iter().enumerate() {
+            *by_rule.entry(n.clone()).or_default() += c.fraud_by_rule[i].load(Relaxed);
+        }
+        let other = c.fraud_by_rule[FRAUD_RULE_LABELS_MAX].load(Relaxed);
+        if other > 0 {
+            *by_rule.entry(FRAUD_RULE_OTHER.to_string()).or_default() += other;
+        }
+    }
+    for (rule, v) in by_rule {
+        let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {v}");
+    }
+    let name = "clickgate_fraud_rules_version";
+    header(
+        out,
+        name,
+        "gauge",
+        "Version of the fraud rule set each core judges with (0: none applied yet).",
+    );
+    per_core(out, name, cores, |c| &c.rules_version);
+    let name = "clickgate_fraud_rules";
+    header(
+        out,
+        name,
+        "gauge",
+        "Rules in the set each core judges with.",
+    );
+    per_core(out, name, cores, |c| &c.rules_count);
+    let name = "clickgate_fraud_rules_loads_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Rule sets loaded by the cores (start-up and hot swaps).",
+    );
+    let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.rules_loads));
+    let name = "clickgate_fraud_rules_reload_failures_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Rule or runtime-settings files the cores could not load (the previous ones stay in force).",
+    );
+    let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.rules_reload_failures));
+    let name = "clickgate_fraud_ip_rate_tracked_addresses";
+    header(
+        out,
+        name,
+        "gauge",
+        "Addresses held by the per-core per-minute click counters.",
+    );
+    let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.ip_rate_tracked));
+    let name = "clickgate_fraud_ip_rate_evictions_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Addresses evicted from the per-minute click counters to make room (their count restarts).",
+    );
+    let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.ip_rate_evictions));
+    let name = "clickgate_runtime_config_version";
+    header(
+        out,
+        name,
+        "gauge",
+        "Version of the runtime settings (control API SetConfig) each core applies (0: none).",
+    );
+    per_core(out, name, cores, |c| &c.runtime_config_version);
 }
 
 fn per_core(
@@ -426,6 +601,39 @@ mod tests {
                 .trim_end_matches("_count");
             assert!(out.contains(&format!("# TYPE {base} ")), "{line}");
         }
+    }
+
+    #[test]
+    fn fraud_labels_are_bounded_and_summed_by_name() {
+        let cores: Vec<CoreMetrics> = (0..2).map(|_| CoreMetrics::default()).collect();
+        // The same id may hold different slots on different cores.
+        let a0 = cores[0].fraud_slot("a");
+        let b1 = cores[1].fraud_slot("b");
+        let a1 = cores[1].fraud_slot("a");
+        assert_eq!((a0, b1, a1), (0, 0, 1));
+        assert_eq!(cores[0].fraud_slot("a"), 0);
+        cores[0].fraud_rule(a0);
+        cores[1].fraud_rule(a1);
+        cores[1].fraud_rule(b1);
+        for i in 1..FRAUD_RULE_LABELS_MAX {
+            assert_eq!(cores[0].fraud_slot(&format!("r{i}")) as usize, i);
+        }
+        let other = cores[0].fraud_slot("one-too-many");
+        assert_eq!(other as usize, FRAUD_RULE_LABELS_MAX);
+        cores[0].fraud_rule(other);
+        let mut out = String::new();
+        render(&cores, &mut out);
+        assert!(
+            out.contains("clickgate_fraud_clicks_total{rule=\"a\"} 2\n"),
+            "{out}"
+        );
+        assert!(out.contains("clickgate_fraud_clicks_total{rule=\"b\"} 1\n"));
+        assert!(out.contains("clickgate_fraud_clicks_total{rule=\"other\"} 1\n"));
+        let series = out
+            .lines()
+            .filter(|l| l.starts_with("clickgate_fraud_clicks_total{"))
+            .count();
+        assert!(series <= FRAUD_RULE_LABELS_MAX + 2, "{series}");
     }
 
     #[test]

@@ -16,11 +16,13 @@ use glommio::net::TcpListener;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use clickgate_core::agg::{AggConfig, Aggregator};
+use clickgate_proto::control_files::{self, RuntimeOverrides};
 
 use crate::config::{AckMode, DataplaneConfig};
 use crate::dedup::{LookupReq, LookupResp};
 use crate::deps::{CidrSet, CoreLog, LogConfig, RateLimiter, RotatingBloom};
 use crate::metrics::CoreMetrics;
+use crate::rules::{self, CoreRules};
 use crate::shard::{self, wall_ms, Shard};
 use crate::ship::{spawn_shipper, ShipConfig, FLUSH_INTERVAL_MS_MAX};
 
@@ -73,12 +75,13 @@ enum CoreReport {
 impl Dataplane {
     /// Checks io_uring and memlock, opens logs, binds listeners on every core, and
     /// returns once all cores accept. Err with a clear message otherwise.
-    pub fn start(cfg: DataplaneConfig) -> anyhow::Result<Dataplane> {
+    pub fn start(mut cfg: DataplaneConfig) -> anyhow::Result<Dataplane> {
         if cfg.ack == AckMode::Kafka {
             bail!("ack mode `kafka` is not available yet in this build: use `disk` or `memory` (--ack)");
         }
         preflight()?;
         CidrSet::parse_list(&cfg.trusted_cidrs).map_err(|e| anyhow!("trusted CIDRs: {e}"))?;
+        let overrides = runtime_overrides(&mut cfg);
         let cpus = if cfg.cores.is_empty() {
             online_cpus()?
         } else {
@@ -103,6 +106,7 @@ impl Dataplane {
         let spawn = |k: usize, addr: SocketAddr, dp: &mut Dataplane| -> anyhow::Result<()> {
             let (cfg, shared, metrics, tx) =
                 (cfg.clone(), shared.clone(), dp.metrics.clone(), tx.clone());
+            let overrides = overrides.clone();
             let (req_mesh, resp_mesh) = (req_mesh.clone(), resp_mesh.clone());
             let h = LocalExecutorBuilder::new(Placement::Fixed(cpus[k]))
                 .name(&format!("clickgate-core-{k}"))
@@ -114,6 +118,7 @@ impl Dataplane {
                         n,
                         addr,
                         cfg,
+                        overrides,
                         shared,
                         metrics,
                         req_mesh,
@@ -248,6 +253,8 @@ struct CoreArgs {
     n: usize,
     addr: SocketAddr,
     cfg: Arc<DataplaneConfig>,
+    /// Runtime settings set through the control API, as read at start.
+    overrides: RuntimeOverrides,
     shared: Arc<Shared>,
     metrics: Arc<[CoreMetrics]>,
     req_mesh: MeshBuilder<LookupReq, Full>,
@@ -268,6 +275,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         n,
         addr,
         cfg,
+        overrides,
         shared,
         metrics,
         req_mesh,
@@ -333,9 +341,20 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     );
     let (memory_bytes, bits_per_event) = (bloom.memory_bytes(), bloom.bits_per_event());
     metrics[k].set_dedup(memory_bytes, bits_per_event);
-    let limiter = RateLimiter::new(cfg.rate_limit_events_per_sec, cfg.rate_limit_addresses_max);
-    let trusted =
-        CidrSet::parse_list(&cfg.trusted_cidrs).map_err(|e| fail(format!("trusted CIDRs: {e}")))?;
+    let hot = rules::hot_settings(
+        cfg.rate_limit_events_per_sec,
+        &cfg.trusted_cidrs,
+        &overrides,
+    );
+    let limiter = RateLimiter::new(hot.rate_limit_events_per_sec, cfg.rate_limit_addresses_max);
+    let trusted = match rules::trusted_set(&hot.trusted_cidrs) {
+        Some(t) => t,
+        None => CidrSet::parse_list(&cfg.trusted_cidrs)
+            .map_err(|e| fail(format!("trusted CIDRs: {e}")))?,
+    };
+    let core_rules = CoreRules::load(&cfg.data_dir, cfg.fraud_ip_rate_addresses_max, &metrics[k]);
+    core_rules.set_runtime_version(overrides.version);
+    metrics[k].set_runtime_config_version(overrides.version);
     let lookups = if n > 1 { Some(req_tx) } else { None };
     let agg = Rc::new(RefCell::new(Aggregator::new(AggConfig {
         keys_max: cfg.agg_keys_max,
@@ -351,6 +370,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         bloom,
         limiter,
         trusted,
+        core_rules,
         lookups,
         agg.clone(),
     ));
@@ -387,6 +407,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         })
         .detach()
     };
+    let poller = glommio::spawn_local(poll_control_files(shard.clone(), hot)).detach();
     tracing::info!(
         core = k,
         cpu_shard = shard_id,
@@ -405,6 +426,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     drop(listener);
     drain(&shard).await;
     gauges.cancel();
+    poller.cancel();
     // Every answered event is counted in the aggregator by now: ship the last delta
     // (bounded by the shipper's stop timeout; what stays unacked is in the log).
     let report = shipper.flush_and_stop().await;
@@ -428,6 +450,57 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     shard.refresh_gauges();
     tracing::info!(core = k, "core stopped");
     closed.with_context(|| format!("closing the log of core {k}"))
+}
+
+/// Reads the runtime settings set through the control API and applies the one that
+/// only takes effect at start (the dedup window sizes the blooms). Unreadable: logged,
+/// and the process settings stand.
+fn runtime_overrides(cfg: &mut DataplaneConfig) -> RuntimeOverrides {
+    match control_files::read_runtime(&cfg.data_dir) {
+        Ok(Some(o)) => {
+            if let Some(w) = o.dedup_window_secs {
+                tracing::info!(dedup_window_secs = w, "dedup window set by the control API");
+                cfg.dedup_window_secs = w;
+            }
+            o
+        }
+        Ok(None) => RuntimeOverrides::default(),
+        Err(e) => {
+            tracing::error!(error = %e, "runtime settings not loaded; using the process settings");
+            RuntimeOverrides::default()
+        }
+    }
+}
+
+/// Every `RULES_POLL_MS`: swap in a new rule set, apply new hot runtime settings.
+async fn poll_control_files(shard: Rc<Shard>, mut hot: rules::HotSettings) {
+    loop {
+        glommio::timer::sleep(rules::poll_interval()).await;
+        shard.rules.poll_rules(shard.k, shard.m()).await;
+        let Some(o) = shard.rules.poll_runtime(shard.k, shard.m()) else {
+            continue;
+        };
+        let cfg = &shard.cfg;
+        let new = rules::hot_settings(cfg.rate_limit_events_per_sec, &cfg.trusted_cidrs, &o);
+        if new.rate_limit_events_per_sec != hot.rate_limit_events_per_sec {
+            // A new limiter starts every address with a full bucket: lenient, once.
+            *shard.limiter.borrow_mut() =
+                RateLimiter::new(new.rate_limit_events_per_sec, cfg.rate_limit_addresses_max);
+            tracing::info!(
+                core = shard.k,
+                rate_limit_events_per_sec = new.rate_limit_events_per_sec,
+                "rate limit changed"
+            );
+        }
+        if new.trusted_cidrs != hot.trusted_cidrs {
+            // Applies to connections opened from now on.
+            if let Some(t) = rules::trusted_set(&new.trusted_cidrs) {
+                *shard.trusted.borrow_mut() = Rc::new(t);
+                tracing::info!(core = shard.k, trusted_cidrs = ?new.trusted_cidrs, "trusted networks changed");
+            }
+        }
+        hot = new;
+    }
 }
 
 fn ship_config(cfg: &DataplaneConfig) -> ShipConfig {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clickgate_core::agg::Aggregator;
+use clickgate_core::fraud::{Decision, FIRED_MAX};
 use clickgate_core::hash::{event_hash, shard_for};
 use clickgate_core::{Click, EventError};
 use clickgate_proto::record::{encode_into, encoded_len};
@@ -28,6 +29,7 @@ use crate::deps::{CidrSet, CoreLog, RateLimiter, RotatingBloom};
 use crate::http::{self, Frame, Head, Limits, Method, ReadBuf, Reject, Route};
 use crate::metrics::{CoreMetrics, Unavailable};
 use crate::response::{self, ContentType, Extra, Status};
+use crate::rules::{ActiveRules, CoreRules};
 
 /// Connection buffers kept per core for reuse by new connections, at most.
 const CONN_BUFS_POOL_MAX: usize = 1024;
@@ -54,7 +56,10 @@ pub(crate) struct Shard {
     pub log: CoreLog,
     pub bloom: RefCell<RotatingBloom>,
     pub limiter: RefCell<RateLimiter>,
-    pub trusted: CidrSet,
+    /// Replaced whole when the runtime settings change; read when a connection opens.
+    pub trusted: RefCell<Rc<CidrSet>>,
+    /// The fraud gate: rule snapshot, per-IP minute counter, hot-swap poller state.
+    pub rules: CoreRules,
     /// Request side of the dedup mesh (None with a single core).
     pub lookups: Option<Senders<LookupReq>>,
     pub waiters: RefCell<Waiters>,
@@ -82,6 +87,7 @@ impl Shard {
         bloom: RotatingBloom,
         limiter: RateLimiter,
         trusted: CidrSet,
+        rules: CoreRules,
         lookups: Option<Senders<LookupReq>>,
         agg: Rc<RefCell<Aggregator>>,
     ) -> Shard {
@@ -98,7 +104,8 @@ impl Shard {
             log,
             bloom: RefCell::new(bloom),
             limiter: RefCell::new(limiter),
-            trusted,
+            trusted: RefCell::new(Rc::new(trusted)),
+            rules,
             lookups,
             waiters: RefCell::new(Waiters::default()),
             reserved_log_bytes: Cell::new(0),
@@ -150,6 +157,9 @@ impl Shard {
         );
         self.m()
             .set_ratelimit_tracked(self.limiter.borrow().tracked() as u64);
+        let rate = self.rules.ip_rate.borrow();
+        self.m()
+            .set_ip_rate(rate.tracked() as u64, rate.evictions());
     }
 
     /// The aggregation hook: the single call site for every event written to the log
@@ -312,7 +322,7 @@ pub(crate) async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     let slot = shard.conns.borrow_mut().insert(fd, wall_ms());
     shard.m().connection_opened();
     let peer = stream.peer_addr().ok().map(|a| a.ip());
-    let exempt = peer.is_some_and(|ip| shard.trusted.contains(ip));
+    let exempt = peer.is_some_and(|ip| shard.trusted.borrow().contains(ip));
     let _ = stream.set_nodelay(true);
     let mut bufs = shard.take_bufs();
     let mut stream = stream;
@@ -728,14 +738,21 @@ async fn ingest_events(
     batch: &mut Batch,
     now_ms: u64,
 ) -> Result<(u64, u64), Unavailable> {
+    // 0. The rule snapshot this request is judged with, whole, even if a new set is
+    //    swapped in while it waits for dedup verdicts.
+    let active = shard.rules.snapshot();
+
     // 1. Reserve log space first: once an id is in a bloom shard, a retry of it would be
-    //    a duplicate, so the event must then reach the log.
+    //    a duplicate, so the event must then reach the log. Rules are evaluated only
+    //    after dedup (step 6), so each event reserves room for the most rule ids a record
+    //    of this set can carry: the 503 is still decided before any bloom is touched.
     if shard.log.failed() {
         return Err(Unavailable::LogError);
     }
+    let rule_bytes = active.rules.fired_bytes_max();
     let need: usize = clicks
         .iter()
-        .map(|c| FRAME_HEADER_BYTES + encoded_len(c, &[]))
+        .map(|c| FRAME_HEADER_BYTES + encoded_len(c, &[]) + rule_bytes)
         .sum();
     let reserved = shard.reserved_log_bytes.get();
     if shard.log.pending_bytes() + reserved + need > shard.cfg.log_buffer_bytes_max {
@@ -819,11 +836,22 @@ async fn ingest_events(
         shard.waiters.borrow_mut().recycle(verdicts);
     }
 
-    // 6. Log every event (duplicates flagged), then the aggregation hook.
+    // 6. Judge every new event (fraud gate), log every event (duplicates flagged, with
+    //    no verdict), then the aggregation hook.
     let (mut accepted, mut duplicates) = (0u64, 0u64);
     for (i, c) in clicks.iter().enumerate() {
-        let flags = Flags::default().with_duplicate(s.dup[i]);
-        let lsn = append(shard, c, flags, now_ms).await?;
+        let (flags, decision) = if s.dup[i] {
+            (Flags::default().with_duplicate(true), Decision::default())
+        } else {
+            let d = judge(shard, &active, c);
+            (Flags::default().with_fraud(d.fraud()), d)
+        };
+        let mut ids = [""; FIRED_MAX];
+        for (j, &r) in decision.fired().iter().enumerate() {
+            ids[j] = active.rules.rule_id(r);
+        }
+        let ids = &ids[..decision.fired().len()];
+        let lsn = append(shard, c, flags, now_ms, ids).await?;
         batch.max_lsn = batch.max_lsn.max(lsn);
         shard.on_accepted(c, flags, lsn);
         if s.dup[i] {
@@ -837,18 +865,45 @@ async fn ingest_events(
     Ok((accepted, duplicates))
 }
 
+/// The fraud gate for one new (non-duplicate) event. The per-IP minute counter counts
+/// only new events: a publisher's retry must stay harmless (contract §2), so a
+/// duplicate neither counts toward nor is judged by the rate rule; billing, which
+/// dedups exactly, counts the same way (contract §6).
+#[inline]
+fn judge(shard: &Shard, active: &ActiveRules, c: &Click<'_>) -> Decision {
+    let rules = &active.rules;
+    if rules.is_empty() {
+        return Decision::default();
+    }
+    let ip_clicks = if rules.needs_ip_rate() {
+        shard.rules.ip_rate.borrow_mut().hit(c.ip, c.ts_ms)
+    } else {
+        0
+    };
+    let d = rules.evaluate(c, ip_clicks);
+    if d.fraud() {
+        let m = shard.m();
+        m.fraud_event();
+        for &r in d.fired() {
+            m.fraud_rule(active.slots[r as usize]);
+        }
+    }
+    d
+}
+
 async fn append(
     shard: &Shard,
     c: &Click<'_>,
     flags: Flags,
     recv_ms: u64,
+    rules: &[&str],
 ) -> Result<u64, Unavailable> {
-    let len = encoded_len(c, &[]);
+    let len = encoded_len(c, rules);
     let deadline = Instant::now() + Duration::from_millis(LOG_FULL_WAIT_MS);
     loop {
         let r = shard.log.append_with(len, |buf| {
-            encode_into(c, flags, recv_ms, &[], buf)
-                .expect("a validated click with no rules always encodes")
+            encode_into(c, flags, recv_ms, rules, buf)
+                .expect("rule ids within the record's bounds always encode")
         });
         match r {
             Ok(lsn) => return Ok(lsn),

@@ -4,7 +4,13 @@
 //!   of the local log, Kafka `raw_clicks` and the archive.
 //! - [`segment`]: the local log's segment files: framing, torn-tail detection, reader.
 //! - [`frames`]: aggregate delta frames from dataplane cores to the controlplane.
+//! - [`control_files`]: the rules and runtime-settings files the controlplane hands the
+//!   dataplane through the data directory.
+//! - `control` (feature `grpc`): the control API's generated gRPC client and server.
 
+#[cfg(feature = "grpc")]
+pub mod control;
+pub mod control_files;
 pub mod frames;
 pub mod record;
 pub mod segment;
