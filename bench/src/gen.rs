@@ -141,7 +141,7 @@ pub fn push_u64(out: &mut Vec<u8>, mut v: u64) {
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-/// Writes `v` as 2*`N` hex digits into `out`.
+/// Writes the low `out.len()` hex digits of `v` into `out`.
 #[inline]
 fn hex_into(out: &mut [u8], v: u64) {
     let n = out.len();
@@ -155,29 +155,45 @@ fn hex_into(out: &mut [u8], v: u64) {
 /// stream (run nonce + thread), the low half is a 62-bit bijection of the counter.
 #[derive(Clone, Debug)]
 pub struct UuidGen {
-    hi: u64,
+    /// Text of the fixed high half: `xxxxxxxx-xxxx-4xxx-`.
+    head: [u8; 19],
 }
+
+/// Two lowercase hex chars per byte value.
+static HEX2: [[u8; 2]; 256] = {
+    let mut t = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    t
+};
 
 impl UuidGen {
     pub fn new(stream: u64) -> Self {
         let hi = (mix64(stream) & !0xf000) | 0x4000; // version 4
-        UuidGen { hi }
+        let mut head = [0u8; 19];
+        hex_into(&mut head[0..8], hi >> 32);
+        head[8] = b'-';
+        hex_into(&mut head[9..13], (hi >> 16) & 0xffff);
+        head[13] = b'-';
+        hex_into(&mut head[14..18], hi & 0xffff);
+        head[18] = b'-';
+        UuidGen { head }
     }
 
     /// Formats the id for `counter` (< 2^62) into `out` (8-4-4-4-12), no allocation.
     #[inline]
     pub fn format(&self, counter: u64, out: &mut [u8; 36]) {
-        let lo = mix62(counter) | (0b10 << 62); // RFC 4122 variant
-        let hi = self.hi;
-        hex_into(&mut out[0..8], hi >> 32);
-        out[8] = b'-';
-        hex_into(&mut out[9..13], (hi >> 16) & 0xffff);
-        out[13] = b'-';
-        hex_into(&mut out[14..18], hi & 0xffff);
-        out[18] = b'-';
-        hex_into(&mut out[19..23], lo >> 48);
+        let lo = (mix62(counter) | (0b10 << 62)).to_be_bytes(); // RFC 4122 variant
+        out[..19].copy_from_slice(&self.head);
+        out[19..21].copy_from_slice(&HEX2[lo[0] as usize]);
+        out[21..23].copy_from_slice(&HEX2[lo[1] as usize]);
         out[23] = b'-';
-        hex_into(&mut out[24..36], lo & 0xffff_ffff_ffff);
+        for (k, &byte) in lo[2..].iter().enumerate() {
+            out[24 + 2 * k..26 + 2 * k].copy_from_slice(&HEX2[byte as usize]);
+        }
     }
 }
 
@@ -224,10 +240,22 @@ pub struct EventGen {
     /// Decimal text of 0..=255: (length, digits).
     octets: Vec<(u8, [u8; 3])>,
     pool: Option<Pool>,
+    /// The 13 digits of the current ms timestamp, cached for pooled events.
+    now_text: (u64, [u8; 13]),
     /// Where the last fresh event put its id and ts (offsets into `out`), and its ts.
     last_id_at: Option<usize>,
     last_ts_at: usize,
     last_ts: u64,
+}
+
+/// The last 13 decimal digits of `v`, zero-padded.
+fn digits13(mut v: u64) -> [u8; 13] {
+    let mut d = [b'0'; 13];
+    for b in d.iter_mut().rev() {
+        *b = b'0' + (v % 10) as u8;
+        v /= 10;
+    }
+    d
 }
 
 struct Pool {
@@ -272,6 +300,7 @@ impl EventGen {
                 })
                 .collect(),
             pool: None,
+            now_text: (0, digits13(0)),
             last_id_at: None,
             last_ts_at: 0,
             last_ts: 0,
@@ -346,10 +375,14 @@ impl EventGen {
             self.ids.format(id, slot);
         }
         if let Some(at) = e.ts_at {
-            let mut ts = (now_ms as i64 + e.ts_delta).max(0) as u64;
-            for b in out[base + at..base + at + 13].iter_mut().rev() {
-                *b = b'0' + (ts % 10) as u8;
-                ts /= 10;
+            let slot = &mut out[base + at..base + at + 13];
+            if e.ts_delta == 0 {
+                if self.now_text.0 != now_ms {
+                    self.now_text = (now_ms, digits13(now_ms));
+                }
+                slot.copy_from_slice(&self.now_text.1);
+            } else {
+                slot.copy_from_slice(&digits13((now_ms as i64 + e.ts_delta).max(0) as u64));
             }
         }
         kind
