@@ -1,24 +1,28 @@
 //! Bloom filters for dedup on `event_id` (contract §2: a retry within the window is a
 //! duplicate).
 //!
-//! Indices come from one 64-bit hash by double hashing (Kirsch–Mitzenmacher): the low 32
-//! bits of the hash plus a full remix of it. The top 32 bits are never used raw: they
-//! pick the owning core (`hash::shard_for`), so within one shard they are anything but
-//! uniform.
+//! `BloomFilter` is the textbook filter: k probes anywhere in the table, by double hashing
+//! (Kirsch–Mitzenmacher) from the low 32 bits of the hash plus a full remix of it.
 //!
-//! `RotatingBloom` keeps its generations interleaved word by word: probe `i` of an event
-//! reads one group of adjacent words holding that bit position in every generation, so a
-//! check-and-insert costs `k` cache misses whatever the number of generations.
+//! `RotatingBloom` is a blocked filter (Putze, Sanders and Singler, 2007): a remix of the
+//! hash picks one 64-byte block and all k bits of an item live in it, and the G generations
+//! of a block index are adjacent, so a check-and-insert reads G adjacent cache lines (one
+//! burst, whatever k) instead of k random lines. It pays ~13% more bits than the textbook
+//! filter for the same false-positive rate, and one word per block for an epoch stamp that
+//! makes rotation free: an expired generation is never cleared in one pass, each of its
+//! blocks is zeroed when first written again.
+//!
+//! Neither uses the top 32 bits of the hash raw: they pick the owning core
+//! (`hash::shard_for`), so within one shard they are anything but uniform.
 
 use std::f64::consts::LN_2;
 
 use crate::hash::mix64;
 
-/// More probes than this buy little and cost a cache miss each.
+/// More probes than this buy little (and cost a cache miss each in `BloomFilter`).
 const HASHES_MAX: u32 = 32;
-/// At most this many generations (one bit each in a `u32` survivor mask).
+/// At most this many generations: a check reads one cache line per generation.
 const GENERATIONS_MAX: u32 = 32;
-const _: () = assert!(GENERATIONS_MAX <= u32::BITS);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BloomParams {
@@ -105,23 +109,105 @@ impl BloomFilter {
     }
 }
 
+/// Data words per block of a `RotatingBloom`; the block's eighth word is its epoch stamp.
+const BLOCK_DATA_WORDS: usize = 7;
+const BLOCK_DATA_BITS: u64 = BLOCK_DATA_WORDS as u64 * 64;
+
+/// One cache line: 448 filter bits and the epoch they were written in.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(64))]
+struct Block {
+    data: [u64; BLOCK_DATA_WORDS],
+    /// `now_ms / span_ms` when `data` was last written (zeroed then, if older).
+    epoch: u64,
+}
+
+const _: () = assert!(std::mem::size_of::<Block>() == 64);
+const _: () = assert!(
+    BLOCK_DATA_BITS <= 1 << 16,
+    "positions come from 16-bit chunks"
+);
+
+/// False-positive rate of a blocked filter holding `bits_per_item` data bits per item with
+/// `hashes` bits per item: a block's load is Poisson with mean B / bits_per_item, and in a
+/// block holding `i` items a bit is set with probability 1 - (1 - 1/B)^(k i) (Putze,
+/// Sanders and Singler, "Cache-, hash- and space-efficient Bloom filters", 2007).
+fn blocked_fp_rate(bits_per_item: f64, hashes: u32) -> f64 {
+    let b = BLOCK_DATA_BITS as f64;
+    let load = b / bits_per_item;
+    let ln_clear = (1.0 - 1.0 / b).ln();
+    let last = (load + 12.0 * load.sqrt() + 30.0) as u32;
+    let mut ln_poisson = -load;
+    let mut rate = 0.0;
+    for i in 0..=last {
+        if i > 0 {
+            ln_poisson += load.ln() - (i as f64).ln();
+        }
+        let set = 1.0 - (ln_clear * (hashes as f64) * (i as f64)).exp();
+        rate += ln_poisson.exp() * set.powi(hashes as i32);
+    }
+    rate
+}
+
+/// Data bits per item and hashes for a blocked filter at false-positive rate `p`: for
+/// each k near the textbook optimum, the fewest bits that meet `p`, and the k needing the
+/// fewest. Blocked filters need 10-20% more bits than the textbook formula at 0.01-0.1%.
+fn blocked_sizing(p: f64) -> (f64, u32) {
+    const BITS_PER_ITEM_MAX: f64 = 4096.0;
+    let textbook = -p.ln() / (LN_2 * LN_2);
+    let k_textbook = (textbook * LN_2).round() as u32;
+    let mut best = (BITS_PER_ITEM_MAX, HASHES_MAX);
+    for k in k_textbook.saturating_sub(3).max(1)..=(k_textbook + 3).min(HASHES_MAX) {
+        // Bracket: the rate falls as bits grow, and blocking never beats the textbook.
+        let mut lo = textbook;
+        let mut hi = textbook * 1.25 + 1.0;
+        while blocked_fp_rate(hi, k) > p {
+            lo = hi;
+            hi *= 2.0;
+            if hi > BITS_PER_ITEM_MAX {
+                break;
+            }
+        }
+        if hi > BITS_PER_ITEM_MAX {
+            continue;
+        }
+        while hi - lo > 0.01 {
+            let mid = 0.5 * (lo + hi);
+            if blocked_fp_rate(mid, k) <= p {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        if hi < best.0 {
+            best = (hi, k);
+        }
+    }
+    best
+}
+
 /// Time-rotated generations over a dedup window: an item is remembered for at least
 /// `window_ms` (and at most window_ms * G/(G-1)); G generations each cover window/(G-1).
 ///
-/// Generation `g` of word `j` lives at `words[j * G + g]`: see the module comment.
+/// A blocked filter (see the module comment): block `j` of generation slot `s` lives at
+/// `blocks[j * G + s]`, so one check reads G adjacent cache lines. Epoch `e` writes slot
+/// `e % G`; a block counts only if its stamp is one of the last G epochs, so an expired
+/// generation needs no clearing pass: each block is zeroed when first written again.
 #[derive(Clone, Debug)]
 pub struct RotatingBloom {
-    words: Vec<u64>,
-    /// Bits per generation.
-    bits: u64,
+    blocks: Vec<Block>,
+    /// Blocks per generation.
+    block_count: u64,
     hashes: u32,
     generations: u32,
-    /// The generation taking inserts.
+    /// The slot taking inserts: `epoch % generations`.
     current: u32,
     span_ms: u64,
-    /// `now_ms / span_ms` when `current` became current.
+    /// The latest `now_ms / span_ms` seen (never goes back).
     epoch: u64,
     items_per_window: u64,
+    /// Blocks zeroed so far (each on its first write in a new epoch).
+    cleared_blocks: u64,
 }
 
 impl RotatingBloom {
@@ -138,7 +224,7 @@ impl RotatingBloom {
         let g = generations.clamp(2, GENERATIONS_MAX);
         // Rounded up so that G-1 spans cover at least the whole window.
         let span_ms = window_ms.div_ceil(g as u64 - 1).max(1);
-        let per_generation = items_per_window.div_ceil(g as u64 - 1);
+        let per_generation = items_per_window.div_ceil(g as u64 - 1).max(1);
         let p = if fp_rate.is_nan() {
             0.001
         } else {
@@ -146,80 +232,85 @@ impl RotatingBloom {
         };
         // A fresh item is a false positive if any of the G generations says yes.
         let p_generation = 1.0 - (1.0 - p).powf(1.0 / g as f64);
-        let params = bloom_params(per_generation, p_generation);
-        let words_per_generation = params.bits / 64;
+        let (bits_per_item, hashes) = blocked_sizing(p_generation);
+        let block_count =
+            ((per_generation as f64 * bits_per_item / BLOCK_DATA_BITS as f64).ceil() as u64).max(1);
+        let epoch = now_ms / span_ms;
         RotatingBloom {
-            words: vec![0; (words_per_generation * g as u64) as usize],
-            bits: words_per_generation * 64,
-            hashes: params.hashes,
+            blocks: vec![Block::default(); (block_count * g as u64) as usize],
+            block_count,
+            hashes,
             generations: g,
-            current: 0,
+            current: (epoch % g as u64) as u32,
             span_ms,
-            epoch: now_ms / span_ms,
+            epoch,
             items_per_window: items_per_window.max(1),
+            cleared_blocks: 0,
         }
     }
 
     /// true when `hash` was (probably) seen within the window; inserts it either way
-    /// (into the current generation). Rotates first when now_ms has passed the
-    /// generation boundary. A clock that goes backwards never rotates.
+    /// (into the current generation). A clock that goes backwards never rotates.
     #[inline]
     pub fn check_and_insert(&mut self, hash: u64, now_ms: u64) -> bool {
         let epoch = now_ms / self.span_ms;
         if epoch > self.epoch {
-            self.rotate(epoch - self.epoch);
             self.epoch = epoch;
+            self.current = (epoch % self.generations as u64) as u32;
         }
+        let (block, mask) = self.block_and_mask(hash);
         let g = self.generations as usize;
-        let cur = self.current as usize;
-        let (a, b) = probe_pair(hash);
-        // Bit g set: generation g holds every probed bit so far. All probes are read
-        // before any is written, so the item cannot vouch for itself.
-        let mut survivors = if g == 32 { u32::MAX } else { (1u32 << g) - 1 };
-        for i in 0..self.hashes {
-            let bit = probe(a, b, i, self.bits);
-            let base = (bit >> 6) as usize * g;
-            let shift = bit & 63;
-            // Branch-free on purpose: a branch on a bit just loaded from DRAM
-            // mispredicts half the time and serialises the k misses.
-            let mut holders = 0u32;
-            for (gen, word) in self.words[base..base + g].iter().enumerate() {
-                holders |= (((word >> shift) & 1) as u32) << gen;
+        let group = &mut self.blocks[block * g..block * g + g];
+        // Every generation is read before the current one is written, so the item cannot
+        // vouch for itself. Branch-free: the lines are in flight together.
+        let mut seen = false;
+        for b in group.iter() {
+            let mut missing = 0;
+            for (d, m) in b.data.iter().zip(&mask) {
+                missing |= m & !d;
             }
-            survivors &= holders;
+            let live = self.epoch.wrapping_sub(b.epoch) < g as u64;
+            seen |= (missing == 0) & live;
         }
-        for i in 0..self.hashes {
-            let bit = probe(a, b, i, self.bits);
-            self.words[(bit >> 6) as usize * g + cur] |= 1u64 << (bit & 63);
+        let cur = &mut group[self.current as usize];
+        if cur.epoch != self.epoch {
+            cur.data = [0; BLOCK_DATA_WORDS];
+            cur.epoch = self.epoch;
+            self.cleared_blocks += 1;
         }
-        survivors != 0
+        for (d, m) in cur.data.iter_mut().zip(&mask) {
+            *d |= m;
+        }
+        seen
     }
 
-    /// Advances `steps` generation boundaries: each one retires the oldest generation,
-    /// cleared, as the new current one.
-    fn rotate(&mut self, steps: u64) {
-        let g = self.generations as usize;
-        if steps >= g as u64 {
-            self.words.fill(0);
-            self.current = (self.current + 1) % self.generations;
-            return;
-        }
-        for _ in 0..steps {
-            self.current = (self.current + 1) % self.generations;
-            let cur = self.current as usize;
-            for word in self.words.iter_mut().skip(cur).step_by(g) {
-                *word = 0;
+    /// The block index and the item's k bits within a block. The block comes from the top
+    /// bits of one remix of the hash, the bit positions from 16-bit chunks of further
+    /// remixes (four per 64 bits), each range-reduced to 0..448.
+    #[inline]
+    fn block_and_mask(&self, hash: u64) -> (usize, [u64; BLOCK_DATA_WORDS]) {
+        let x = mix64(hash ^ 0x9e37_79b9_7f4a_7c15);
+        let block = ((x as u128 * self.block_count as u128) >> 64) as usize;
+        let mut mask = [0u64; BLOCK_DATA_WORDS];
+        let mut chunks = x;
+        for i in 0..self.hashes {
+            if i % 4 == 0 {
+                chunks = mix64(chunks ^ 0x6a09_e667_f3bc_c909);
             }
+            let pos = (((chunks >> (16 * (i % 4))) & 0xffff) * BLOCK_DATA_BITS) >> 16;
+            mask[(pos >> 6) as usize] |= 1 << (pos & 63);
         }
+        (block, mask)
     }
 
+    /// Everything allocated, epoch stamps included.
     pub fn memory_bytes(&self) -> u64 {
-        self.words.len() as u64 * 8
+        self.blocks.len() as u64 * std::mem::size_of::<Block>() as u64
     }
 
-    /// Total bits / items_per_window.
+    /// Total bits (epoch stamps included) / items_per_window.
     pub fn bits_per_event(&self) -> f64 {
-        (self.words.len() as u64 * 64) as f64 / self.items_per_window as f64
+        (self.memory_bytes() * 8) as f64 / self.items_per_window as f64
     }
 
     pub fn generations(&self) -> u32 {
@@ -372,8 +463,78 @@ mod tests {
         let f = RotatingBloom::new(60_000, 4, 10_000_000, 0.001, 0);
         assert_eq!(f.generations(), 4);
         let bpe = f.bits_per_event();
-        // 4/3 generations' worth of items at 0.025% each: ≈ 4/3 * 17.2 bits.
-        assert!((21.0..=25.0).contains(&bpe), "{bpe}");
+        // 4/3 generations' worth of items at 0.025% each: blocked, ≈ 19.5 data bits per
+        // item (the textbook filter would need 17.3), plus one stamp word in eight:
+        // ≈ 4/3 * 19.5 * 8/7 = 29.7 bits.
+        assert!((28.5..=31.0).contains(&bpe), "{bpe}");
+        assert_eq!(f.hashes(), 11);
         assert_eq!(f.memory_bytes() * 8, (bpe * 10_000_000.0).round() as u64);
+        assert_eq!(f.memory_bytes() % 64, 0);
+    }
+
+    #[test]
+    fn blocked_sizing_costs_a_little_more_than_the_textbook() {
+        for p in [0.01, 0.001, 0.000_25, 1e-6] {
+            let (bits, k) = blocked_sizing(p);
+            let textbook = -p.ln() / (LN_2 * LN_2);
+            assert!(
+                bits >= textbook && bits <= 1.4 * textbook,
+                "p {p}: {bits} k {k}"
+            );
+            assert!(blocked_fp_rate(bits, k) <= p);
+        }
+        // Silly rates still give a usable filter.
+        let (bits, k) = blocked_sizing(1e-15);
+        assert!(bits.is_finite() && (1..=HASHES_MAX).contains(&k));
+    }
+
+    /// The rotation stall guard: expiring a generation costs no pass over it, so no call
+    /// zeroes more than the one block it writes, at a boundary or after a long silence.
+    #[test]
+    fn no_call_clears_more_than_one_block() {
+        let window_ms = 1_000;
+        let mut f = RotatingBloom::new(window_ms, 4, 30_000, 0.001, 0);
+        let mut hashes = shard_hashes(5, 2);
+        let mut now = 0;
+        for step in 0..20_000u64 {
+            // Steady load, with a jump over several boundaries now and then.
+            now += if step % 5_000 == 4_999 {
+                10 * window_ms
+            } else {
+                1
+            };
+            for h in hashes.by_ref().take(10) {
+                let before = f.cleared_blocks;
+                f.check_and_insert(h, now);
+                assert!(f.cleared_blocks - before <= 1);
+            }
+        }
+        assert!(f.cleared_blocks > f.block_count, "stale blocks were reused");
+    }
+
+    /// Under load, across boundaries: every item is still seen a window after its insert.
+    #[test]
+    fn remembers_every_item_for_the_window_under_load() {
+        for generations in [2u32, 4, 5] {
+            let window_ms = 600;
+            let mut f = RotatingBloom::new(window_ms, generations, 12_000, 0.01, 7);
+            let mut hashes = shard_hashes(11 + generations as u64, 4);
+            let per_ms = 20;
+            // inserted[(t - 7) * per_ms..][..per_ms]: the items first inserted at t.
+            let mut inserted: Vec<u64> = Vec::new();
+            for now in 7..7 + 4 * window_ms {
+                for h in hashes.by_ref().take(per_ms) {
+                    f.check_and_insert(h, now);
+                    inserted.push(h);
+                }
+                // Items inserted exactly one window ago, seen again only now.
+                if now >= 7 + window_ms {
+                    let at = (now - window_ms - 7) as usize * per_ms;
+                    for &h in &inserted[at..at + per_ms] {
+                        assert!(f.check_and_insert(h, now), "G={generations} lost {h}");
+                    }
+                }
+            }
+        }
     }
 }
