@@ -342,6 +342,8 @@ impl Settings {
         let cfg = ControlplaneConfig {
             data_dir: self.data_dir(),
             query_addr: self.query_addr.unwrap_or(d.query_addr),
+            control_addr: self.control_addr.unwrap_or(d.control_addr),
+            control_token: self.control_token.clone().filter(|t| !t.is_empty()),
             control_socket: self.control_socket.clone(),
             retention_5m_secs: self.retention_5m_secs.unwrap_or(d.retention_5m_secs),
             retention_1h_secs: self.retention_1h_secs.unwrap_or(d.retention_1h_secs),

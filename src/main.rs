@@ -2,6 +2,7 @@
 //! Logic lives in the library crates.
 
 mod config;
+mod rules;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,14 +36,30 @@ enum Command {
     Run,
     /// The dataplane alone: HTTP ingest on every configured core
     Dataplane,
-    /// The controlplane alone: delta merge, counter store, query API
+    /// The controlplane alone: delta merge, counter store, query API, control API
     Controlplane,
+    /// Fraud rules through the control API (exit 0 ok, 1 server error, 2 bad file or
+    /// argument, 3 token refused, 4 endpoint unreachable)
+    Rules(rules::RulesArgs),
 }
 
 /// Exit codes: 0 clean stop, 1 runtime failure, 2 bad settings.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // A client: the planes' settings need not be valid here.
+    if let Command::Rules(args) = &cli.command {
+        return match rules::run(args) {
+            Ok(out) => {
+                println!("{out}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("clickgate rules: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        };
+    }
     let settings = match load_settings(&cli) {
         Ok(s) => s,
         Err(e) => {
@@ -54,6 +71,7 @@ fn main() -> ExitCode {
         Command::Run => run_both(&settings),
         Command::Dataplane => run_dataplane(&settings),
         Command::Controlplane => run_controlplane(&settings),
+        Command::Rules(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,7 +173,8 @@ fn start_controlplane(
     let data_dir = cfg.data_dir.clone();
     let cp = rt.block_on(Controlplane::start(cfg))?;
     write_addr_file(&data_dir, "query.addr", &cp.query_addr().to_string())?;
-    tracing::info!(addr = %cp.query_addr(), "query API listening");
+    write_addr_file(&data_dir, "control.addr", &cp.control_addr().to_string())?;
+    tracing::info!(addr = %cp.query_addr(), control_addr = %cp.control_addr(), "query and control APIs listening");
     Ok(cp)
 }
 

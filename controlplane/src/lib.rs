@@ -13,15 +13,18 @@
 //! - [`durable`]: WAL + snapshot; why not a rebuild from the raw log.
 //! - [`ingest`]: the socket server and the writer.
 //! - [`query`]: request validation and routes.
+//! - [`control`]: the gRPC control API (fraud rules, runtime settings) on `control_addr`.
 //!
 //! Freshness: a dataplane core ships at least every second and the query reads the store
 //! the writer just updated, so a click is visible about one flush interval plus one
 //! fdatasync after its 202.
 
+pub mod control;
 pub mod durable;
 pub mod ingest;
 pub mod metrics;
 pub mod query;
+pub mod refill;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -46,6 +49,10 @@ pub struct ControlplaneConfig {
     /// The store lives in `<data_dir>/store/`.
     pub data_dir: PathBuf,
     pub query_addr: SocketAddr,
+    /// The gRPC control API (contract §4).
+    pub control_addr: SocketAddr,
+    /// Bearer token of the control API; `None`: every control call is refused.
+    pub control_token: Option<String>,
     /// The Unix socket dataplane cores ship deltas to; `None`: `<data_dir>/control.sock`.
     pub control_socket: Option<PathBuf>,
     pub retention_5m_secs: u64,
@@ -74,6 +81,8 @@ impl Default for ControlplaneConfig {
         ControlplaneConfig {
             data_dir: PathBuf::from("./clickgate-data"),
             query_addr: "127.0.0.1:8081".parse().expect("literal"),
+            control_addr: "0.0.0.0:50051".parse().expect("literal"),
+            control_token: None,
             control_socket: None,
             retention_5m_secs: 24 * 3600,
             retention_1h_secs: 7 * 24 * 3600,
@@ -117,6 +126,7 @@ pub(crate) fn now_ms() -> u64 {
 /// A running controlplane (inside a tokio runtime).
 pub struct Controlplane {
     query_addr: SocketAddr,
+    control_addr: SocketAddr,
     control_socket: PathBuf,
     stop: watch::Sender<bool>,
     jobs: mpsc::Sender<Job>,
@@ -159,12 +169,17 @@ impl Controlplane {
             .await
             .with_context(|| format!("binding query address {}", cfg.query_addr))?;
         let query_addr = tcp.local_addr()?;
+        let control_tcp = tokio::net::TcpListener::bind(cfg.control_addr)
+            .await
+            .with_context(|| format!("binding control API address {}", cfg.control_addr))?;
+        let control_addr = control_tcp.local_addr()?;
 
         let (jobs, jobs_rx) = mpsc::channel(cfg.writer_queue_frames_max.max(1));
         let wcfg = WriterConfig {
             group_commit_frames_max: cfg.group_commit_frames_max.max(1),
             snapshot_interval: Duration::from_secs(cfg.snapshot_interval_secs),
             snapshot_wal_bytes: cfg.snapshot_wal_bytes,
+            log_root: cfg.data_dir.join("log"),
         };
         let (st, mt) = (store.clone(), metrics.clone());
         let writer = std::thread::Builder::new()
@@ -198,6 +213,24 @@ impl Controlplane {
             top_n_max: cfg.top_n_max,
             ..QueryLimits::default()
         };
+        let control =
+            control::ControlService::open(cfg.data_dir.clone(), metrics.clone(), store.clone())?;
+        if cfg.control_token.as_deref().is_none_or(str::is_empty) {
+            tracing::warn!("no control token configured: the control API refuses every call (set CLICKGATE_CONTROL_TOKEN)");
+        }
+        let grpc = control.into_server(cfg.control_token.clone());
+        let mut grpc_stop = stop_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let incoming = tonic::transport::server::TcpIncoming::from(control_tcp);
+            let serve = tonic::transport::Server::builder()
+                .add_service(grpc)
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = grpc_stop.changed().await;
+                });
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "control API server failed");
+            }
+        }));
         let app = query::router(ApiState {
             store: store.clone(),
             metrics,
@@ -212,9 +245,10 @@ impl Controlplane {
                 tracing::error!(error = %e, "query API server failed");
             }
         }));
-        tracing::info!(query_addr = %query_addr, control_socket = %socket.display(), "controlplane listening");
+        tracing::info!(query_addr = %query_addr, control_addr = %control_addr, control_socket = %socket.display(), "controlplane listening");
         Ok(Controlplane {
             query_addr,
+            control_addr,
             control_socket: socket,
             stop,
             jobs,
@@ -226,6 +260,11 @@ impl Controlplane {
 
     pub fn query_addr(&self) -> SocketAddr {
         self.query_addr
+    }
+
+    /// The bound control API (gRPC) address (the real port when the configured one was 0).
+    pub fn control_addr(&self) -> SocketAddr {
+        self.control_addr
     }
 
     pub fn control_socket(&self) -> &Path {

@@ -61,6 +61,8 @@ pub struct Clickgate {
     pub ingest: SocketAddr,
     /// The query API's address (`run` and `controlplane` only).
     pub query: Option<SocketAddr>,
+    /// The control API's (gRPC) address (`run` and `controlplane` only).
+    pub control: Option<SocketAddr>,
     pub extra: Vec<String>,
     pub subcommand: String,
 }
@@ -88,6 +90,7 @@ impl Clickgate {
         let run_dir = data_dir.join("run");
         let ingest_file = run_dir.join("ingest.addr");
         let query_file = run_dir.join("query.addr");
+        let control_file = run_dir.join("control.addr");
         let serves_ingest = subcommand != "controlplane";
         let serves_query = subcommand != "dataplane";
         if serves_ingest {
@@ -95,6 +98,7 @@ impl Clickgate {
         }
         if serves_query {
             let _ = std::fs::remove_file(&query_file);
+            let _ = std::fs::remove_file(&control_file);
         }
         let mut args: Vec<String> = vec![
             subcommand.into(),
@@ -103,6 +107,8 @@ impl Clickgate {
             "--ingest-addr".into(),
             "127.0.0.1:0".into(),
             "--query-addr".into(),
+            "127.0.0.1:0".into(),
+            "--control-addr".into(),
             "127.0.0.1:0".into(),
             "--cores".into(),
             "2".into(),
@@ -130,11 +136,13 @@ impl Clickgate {
             _tmp: None,
             ingest: "0.0.0.0:0".parse().unwrap(),
             query: None,
+            control: None,
             extra,
             subcommand: subcommand.into(),
         };
         if serves_query {
             cg.query = Some(cg.wait_for_addr(&query_file));
+            cg.control = Some(cg.wait_for_addr(&control_file));
         }
         if serves_ingest {
             cg.ingest = cg.wait_for_addr(&ingest_file);
@@ -210,6 +218,7 @@ impl Clickgate {
         self.child = again.child.take();
         self.ingest = again.ingest;
         self.query = again.query;
+        self.control = again.control;
     }
 
     /// `GET` on the query API.
@@ -266,6 +275,17 @@ impl Response {
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.body)
             .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.body))
+    }
+}
+
+/// `write_all` that reports failure instead of panicking (for tests that kill the server).
+pub trait WriteChecked {
+    fn write_all_checked(&mut self, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+impl WriteChecked for TcpStream {
+    fn write_all_checked(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.write_all(bytes)
     }
 }
 
@@ -329,6 +349,21 @@ impl Conn {
                 String::from_utf8_lossy(&self.buf)
             );
             self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// One response, or None if the connection failed or closed first.
+    pub fn try_read_response(&mut self) -> Option<Response> {
+        loop {
+            if let Some((resp, used)) = parse_response(&self.buf) {
+                self.buf.drain(..used);
+                return Some(resp);
+            }
+            let mut chunk = [0u8; 65536];
+            match self.stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+            }
         }
     }
 
