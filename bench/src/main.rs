@@ -4,6 +4,7 @@
 //! request bytes are written by hand into reused buffers and responses are parsed
 //! only as far as status line, Content-Length and the 202 body counters.
 
+mod fresh;
 mod gen;
 mod net;
 mod report;
@@ -22,7 +23,7 @@ use clap::{Parser, ValueEnum};
 
 use crate::gen::Mix;
 use crate::net::{mono_ns, Progress, Stats, WorkerCfg};
-use crate::report::{Config, Machine, Report};
+use crate::report::{Config, Freshness, Machine, Report};
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
 enum Mode {
@@ -129,6 +130,21 @@ struct Args {
     /// at the cost of only N variants of the other fields.
     #[arg(long, default_value_t = 0)]
     pool: usize,
+    /// After the measured window, wait this long for the responses still outstanding
+    /// (nothing new is sent); they count only in the whole-run totals.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    drain: Duration,
+    /// Freshness probe: the query API (e.g. http://127.0.0.1:8081). While the load runs,
+    /// a single event with a campaign id of its own is posted every --freshness-interval
+    /// and the query API polled every 5 ms until it shows it. Off when not given.
+    #[arg(long)]
+    freshness_url: Option<String>,
+    /// Time between freshness probes.
+    #[arg(long, default_value = "200ms", value_parser = parse_duration)]
+    freshness_interval: Duration,
+    /// A probe not visible this long after its 202 counts as a timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    freshness_timeout: Duration,
     /// Write the report as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -200,8 +216,12 @@ fn run(args: Args) -> Result<ExitCode> {
     if args.rate < 0.0 || !args.rate.is_finite() {
         bail!("--rate must be >= 0");
     }
+    if args.freshness_interval.is_zero() || args.freshness_timeout.is_zero() {
+        bail!("--freshness-interval and --freshness-timeout must be positive");
+    }
     let threads = args.threads.min(args.connections);
     let (host, addr) = parse_url(&args.url)?;
+    let query = args.freshness_url.as_deref().map(parse_url).transpose()?;
 
     // Fail fast and clearly if nothing listens there.
     if let Err(e) = TcpStream::connect_timeout(&addr, Duration::from_secs(3)) {
@@ -255,6 +275,7 @@ fn run(args: Args) -> Result<ExitCode> {
             start_ns,
             warm_end_ns,
             end_ns,
+            drain_ns: args.drain.as_nanos() as u64,
             mix: mix.clone(),
             seed: args.seed.wrapping_add(t as u64),
             stream: nonce ^ gen::mix64(t as u64 + 1),
@@ -272,6 +293,41 @@ fn run(args: Args) -> Result<ExitCode> {
                 })?,
         );
     }
+
+    let probe = match &query {
+        Some((query_host, query_addr)) => {
+            if let Err(e) = TcpStream::connect_timeout(query_addr, Duration::from_secs(3)) {
+                eprintln!(
+                    "clickgate-bench: error: freshness target {} ({query_addr}) is unreachable: {e}",
+                    args.freshness_url.as_deref().unwrap_or_default()
+                );
+                return Ok(ExitCode::from(1));
+            }
+            let cfg = fresh::FreshCfg {
+                ingest: addr,
+                ingest_host: host.clone(),
+                query: *query_addr,
+                query_host: query_host.clone(),
+                interval_ns: args.freshness_interval.as_nanos() as u64,
+                timeout_ns: args.freshness_timeout.as_nanos() as u64,
+                start_ns,
+                warm_end_ns,
+                end_ns,
+                // Per run, so earlier runs' probes against the same server never match.
+                run_base: (nonce % 1_000_000) * 1_000_000,
+            };
+            Some(
+                std::thread::Builder::new()
+                    .name("freshness".into())
+                    .spawn(move || {
+                        let wait = start_ns.saturating_sub(mono_ns());
+                        std::thread::sleep(Duration::from_nanos(wait));
+                        fresh::run_probe(cfg)
+                    })?,
+            )
+        }
+        None => None,
+    };
 
     let live = !args.quiet && std::io::stderr().is_terminal();
     let mut last = (0u64, 0u64, 0u64);
@@ -312,6 +368,20 @@ fn run(args: Args) -> Result<ExitCode> {
             .context("load thread failed")?;
         total.merge(&s);
     }
+    let freshness = match probe {
+        Some(h) => {
+            let f = h
+                .join()
+                .map_err(|_| anyhow::anyhow!("the freshness thread panicked"))?;
+            Some(Freshness::from_stats(
+                args.freshness_url.clone().unwrap_or_default(),
+                args.freshness_interval,
+                args.freshness_timeout,
+                &f,
+            ))
+        }
+        None => None,
+    };
 
     let secs = args.duration.as_secs_f64();
     let status = total
@@ -367,6 +437,8 @@ fn run(args: Args) -> Result<ExitCode> {
         rejected: total.rejected,
         latency_us: report::latency(&total.hist),
         latency_distribution: report::distribution(&total.hist),
+        whole_run: total.total,
+        freshness,
     };
     print!("{}", report.text());
     if let Some(p) = &args.json {

@@ -52,6 +52,9 @@ pub struct WorkerCfg {
     pub start_ns: u64,
     pub warm_end_ns: u64,
     pub end_ns: u64,
+    /// After `end_ns`: how long to wait for the responses still outstanding (nothing new is
+    /// sent). They count only in the whole-run totals.
+    pub drain_ns: u64,
     pub mix: Mix,
     pub seed: u64,
     pub stream: u64,
@@ -72,6 +75,24 @@ pub struct Stats {
     pub rejected: u64,
     /// Requests due (open loop) but never sent before the end: the backlog.
     pub backlog_at_end: u64,
+    /// Whole run (warm-up, window and drain): requests written, responses read, and the
+    /// 202 body counters summed over all of them.
+    pub total: Totals,
+}
+
+/// Counters over the whole run, to reconcile with the server's own counters.
+#[derive(Default, Clone, Copy, Debug, serde::Serialize)]
+pub struct Totals {
+    pub requests_sent: u64,
+    pub events_sent: u64,
+    pub responses: u64,
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub rejected: u64,
+    /// Requests dropped with their connection before an answer (reset, close).
+    pub lost: u64,
+    /// Requests still unanswered when the drain time was over.
+    pub unanswered: u64,
 }
 
 impl Stats {
@@ -88,6 +109,7 @@ impl Stats {
             duplicates: 0,
             rejected: 0,
             backlog_at_end: 0,
+            total: Totals::default(),
         }
     }
 
@@ -104,6 +126,15 @@ impl Stats {
         self.duplicates += o.duplicates;
         self.rejected += o.rejected;
         self.backlog_at_end += o.backlog_at_end;
+        let (t, u) = (&mut self.total, &o.total);
+        t.requests_sent += u.requests_sent;
+        t.events_sent += u.events_sent;
+        t.responses += u.responses;
+        t.accepted += u.accepted;
+        t.duplicates += u.duplicates;
+        t.rejected += u.rejected;
+        t.lost += u.lost;
+        t.unanswered += u.unanswered;
     }
 }
 
@@ -333,14 +364,23 @@ impl Worker {
             self.connect(i, now);
         }
         let mut events: Vec<libc::epoll_event> = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+        let drain_end = self.cfg.end_ns + self.cfg.drain_ns;
         loop {
             let now = mono_ns();
-            if now >= self.cfg.end_ns {
+            let draining = now >= self.cfg.end_ns;
+            if draining && (now >= drain_end || self.conns.iter().all(|c| c.inflight.is_empty())) {
                 break;
             }
             // Reconnect what is due; find the next wake-up.
-            let mut wake = self.cfg.end_ns.min(now + 50_000_000);
+            let mut wake = if draining {
+                drain_end.min(now + 50_000_000)
+            } else {
+                self.cfg.end_ns.min(now + 50_000_000)
+            };
             for i in 0..self.conns.len() {
+                if draining {
+                    break;
+                }
                 if let State::Idle(at) = self.conns[i].state {
                     if at <= now {
                         self.connect(i, now);
@@ -382,6 +422,7 @@ impl Worker {
                 self.on_event(token as usize, flags);
             }
         }
+        self.stats.total.unanswered = self.conns.iter().map(|c| c.inflight.len() as u64).sum();
         // Requests that were due but never sent: the server could not keep up.
         if self.open_loop() {
             let due = ((self.cfg.end_ns - self.cfg.start_ns) as f64 / self.interval_ns) as u64;
@@ -537,6 +578,7 @@ impl Worker {
         c.wpos = 0;
         c.rstart = 0;
         c.rlen = 0;
+        self.stats.total.lost += c.inflight.len() as u64;
         c.inflight.clear();
         c.state = if error {
             State::Idle(now + RECONNECT_BACKOFF_NS)
@@ -672,6 +714,16 @@ impl Worker {
             if !(200..300).contains(&r.status) {
                 self.p_err += 1;
             }
+            let counts = if r.status == 202 {
+                parse_counts(&buf[r.body.clone()])
+            } else {
+                Default::default()
+            };
+            let t = &mut self.stats.total;
+            t.responses += 1;
+            t.accepted += counts.accepted;
+            t.duplicates += counts.duplicates;
+            t.rejected += counts.rejected;
             if in_window {
                 let s = &mut self.stats;
                 s.requests += 1;
@@ -679,12 +731,9 @@ impl Worker {
                 s.status[(r.status as usize).min(599)] += 1;
                 s.hist
                     .saturating_record(now.saturating_sub(intended).max(1));
-                if r.status == 202 {
-                    let counts = parse_counts(&buf[r.body.clone()]);
-                    s.accepted += counts.accepted;
-                    s.duplicates += counts.duplicates;
-                    s.rejected += counts.rejected;
-                }
+                s.accepted += counts.accepted;
+                s.duplicates += counts.duplicates;
+                s.rejected += counts.rejected;
             }
             c.rstart += r.len;
             if self.interval_ns > 0.0 {
@@ -710,6 +759,8 @@ impl Worker {
             }
             let ev = self.builder.build(&mut c.wbuf);
             c.inflight.push_back((0, ev));
+            self.stats.total.requests_sent += 1;
+            self.stats.total.events_sent += ev as u64;
         }
         // Latency counts from the send (the caller flushes right away), not from
         // before generating the body.
@@ -740,6 +791,8 @@ impl Worker {
             let c = &mut self.conns[i];
             let ev = self.builder.build(&mut c.wbuf);
             c.inflight.push_back((t, ev));
+            self.stats.total.requests_sent += 1;
+            self.stats.total.events_sent += ev as u64;
             if !c.dirty {
                 c.dirty = true;
                 self.dirty.push(i);

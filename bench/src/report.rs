@@ -6,6 +6,9 @@ use std::fmt::Write as _;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::fresh::FreshStats;
+pub use crate::net::Totals;
+
 #[derive(Serialize, Debug, Clone)]
 pub struct Machine {
     pub cpus: usize,
@@ -96,6 +99,63 @@ pub struct Report {
     pub latency_us: Latency,
     /// (percentile, µs) points of the latency distribution.
     pub latency_distribution: Vec<(f64, f64)>,
+    /// Whole run (warm-up, window, drain), load connections only: to reconcile with the
+    /// server's own counters (add `freshness.events_accepted` for the probe's events).
+    pub whole_run: Totals,
+    /// Accepted-to-queryable latency (`--freshness-url`), measured window only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub freshness: Option<Freshness>,
+}
+
+#[derive(Serialize, Debug, Clone)]
+pub struct Freshness {
+    pub query_url: String,
+    pub interval_ms: f64,
+    pub timeout_ms: f64,
+    /// Probes answered 202 in the measured window that became visible.
+    pub probes: u64,
+    /// Probes answered 202 in the measured window not visible within the timeout.
+    pub timeouts: u64,
+    /// Time from the probe's 202 to the first query answer showing it, ms.
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+    pub mean_ms: f64,
+    /// Whole run: probe events posted and counted accepted by the server.
+    pub posted: u64,
+    pub events_accepted: u64,
+    /// Whole run: probe posts not answered 202 with the event accepted.
+    pub post_errors: u64,
+    /// Whole run: metric queries that failed (non-200, I/O error, bad body).
+    pub query_errors: u64,
+}
+
+impl Freshness {
+    pub fn from_stats(
+        query_url: String,
+        interval: std::time::Duration,
+        timeout: std::time::Duration,
+        f: &FreshStats,
+    ) -> Self {
+        let l = latency(&f.hist);
+        Freshness {
+            query_url,
+            interval_ms: interval.as_secs_f64() * 1e3,
+            timeout_ms: timeout.as_secs_f64() * 1e3,
+            probes: f.hist.len(),
+            timeouts: f.timeouts,
+            p50_ms: l.p50 / 1e3,
+            p90_ms: l.p90 / 1e3,
+            p99_ms: l.p99 / 1e3,
+            max_ms: l.max / 1e3,
+            mean_ms: l.mean / 1e3,
+            posted: f.posted,
+            events_accepted: f.events_accepted,
+            post_errors: f.post_errors,
+            query_errors: f.query_errors,
+        }
+    }
 }
 
 /// Latency summary in µs from a histogram recorded in ns.
@@ -234,6 +294,38 @@ impl Report {
             s,
             "latency (µs)  p50 {:.1}  p90 {:.1}  p99 {:.1}  p99.9 {:.1}  max {:.1}  mean {:.1}",
             l.p50, l.p90, l.p99, l.p999, l.max, l.mean
+        );
+        if let Some(f) = &self.freshness {
+            let _ = writeln!(
+                s,
+                "freshness (ms)  p50 {:.1}  p90 {:.1}  p99 {:.1}  max {:.1}  ({} probes, {} timeouts{})",
+                f.p50_ms,
+                f.p90_ms,
+                f.p99_ms,
+                f.max_ms,
+                f.probes,
+                f.timeouts,
+                if f.post_errors + f.query_errors > 0 {
+                    format!(
+                        "; {} failed posts, {} failed queries",
+                        f.post_errors, f.query_errors
+                    )
+                } else {
+                    String::new()
+                }
+            );
+        }
+        let w = &self.whole_run;
+        let _ = writeln!(
+            s,
+            "whole run     {} requests sent, {} answered (accepted {}, duplicates {}, rejected {}), {} lost, {} unanswered after drain",
+            fmt_int(w.requests_sent),
+            fmt_int(w.responses),
+            fmt_int(w.accepted),
+            fmt_int(w.duplicates),
+            fmt_int(w.rejected),
+            w.lost,
+            w.unanswered
         );
         s
     }
