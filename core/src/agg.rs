@@ -26,28 +26,36 @@
 //! counting. The event itself is still in the raw log, archived and billed (billing
 //! replays the log, it does not read these counters).
 //!
-//! Bytes per active key on a core: one hash-map slot holding key 32 B + counters 24 B +
-//! sketch 32 B (up to 6 users inline) = 88 B, ≈ 100 B at the map's 7/8 load plus its
-//! control byte; beyond 6 distinct billable users of that key in the interval, 4 B per
-//! user while sparse (≤ 1024 users, ≤ 4 KiB), 16 KiB once dense. A dense sketch needs > 1024 distinct
-//! users of one key in one interval, so sketch memory stays below ~16 B per (event ×
-//! dimension) of an interval whatever the mix.
+//! Bytes per active key on a core: one 64 B table slot (one cache line: key, counters,
+//! up to 4 sketch registers inline) at table load 1/4–1/2, so 128–256 B, plus 4 B of
+//! insertion order; the table keeps its size across drains and is at most 32 MiB per
+//! core at the default `keys_max` (200k keys, 512Ki slots). Beyond 4 distinct billable
+//! users of a key in the interval, a pooled sketch: 32 B, then a sparse table of ≤ 8 KiB
+//! (≤ 1024 registers, ≤ 11 B per user), 16 KiB once dense. A dense sketch needs > 1024
+//! distinct users of one key in one interval, so sketch memory stays below ~16 B per
+//! (event × dimension) of an interval whatever the mix.
+//!
+//! ## Cost per event
+//! Five keys are five independent cache lines: all five are prefetched before the
+//! first is used (and the user id hashed meanwhile), so a cold event waits about one
+//! memory latency, not five. Inserts into pooled sketches are deferred into a small
+//! buffer and applied in a prefetching loop ([`Aggregator::drain_delta`] applies the rest
+//! first; nothing reads a sketch before that, and HLL inserts commute).
 //!
 //! ## Allocation
-//! After warm-up an event allocates nothing: the key map is drained, keeping its
-//! capacity, at each drain; sketches handed out in a [`Delta`] come back through [`Aggregator::recycle`]
+//! After warm-up an event allocates nothing: the key table is emptied, keeping its
+//! size, at each drain; sketches handed out in a [`Delta`] come back through [`Aggregator::recycle`]
 //! with their sparse buffers, and new keys reuse them. The exceptions are amortised: a
 //! sparse buffer growing past its previous capacity, and a sketch turning dense (once per
 //! hot key per interval, ≥ 1024 distinct users apart). `drain_delta` itself may allocate
 //! (once per interval, not per event).
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use crate::event::{Click, Device};
 use crate::hash::{bytes_hash, mix64};
-use crate::hll::Hll;
+use crate::hll::{Hll, HllPoint};
 use crate::window::Window;
 
 /// A dimension of a key: the whole campaign or one value of one attribute.
@@ -222,19 +230,140 @@ impl Default for AggConfig {
     }
 }
 
-/// A key's running counts inside the aggregator.
-#[derive(Default)]
+/// Inline sketch entries in a slot, 3 bytes each (an [`HllPoint`] is 22 bits).
+const SLOT_USERS_INLINE: usize = 4;
+/// `Slot::kind` of a free slot.
+const KIND_FREE: u8 = u8::MAX;
+/// `Slot::users_len` of a slot whose sketch lives in `Aggregator::sketches`, at the index
+/// held in the first 4 bytes of `users`.
+const USERS_POOLED: u8 = u8::MAX;
+/// Deferred pooled-sketch inserts held at most (8 B each).
+const PENDING_INSERTS_MAX: usize = 512;
+/// Slots of a table's first allocation.
+const TABLE_SLOTS_MIN: usize = 1024;
+
+/// One key's running counts, a cache line: the key, its counters and up to
+/// `SLOT_USERS_INLINE` sketch entries inline (most keys see only a few users in an
+/// interval), else an index into the sketch pool. One line per key means one cache miss
+/// per (event, dimension) on a cold key, and a prefetch covers it.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
 struct Slot {
+    campaign_id: u64,
+    bucket_start: u64,
+    /// `Dim::to_parts` value.
+    value: u64,
     counters: Counters,
-    users: Hll,
+    /// `Dim::to_parts` kind, or `KIND_FREE`.
+    kind: u8,
+    /// Inline entries in `users`, or `USERS_POOLED`.
+    users_len: u8,
+    users: [u8; 3 * SLOT_USERS_INLINE],
+}
+
+const _: () = assert!(std::mem::size_of::<Slot>() == 64);
+
+const FREE_SLOT: Slot = Slot {
+    campaign_id: 0,
+    bucket_start: 0,
+    value: 0,
+    counters: Counters {
+        clicks: 0,
+        cost_micros: 0,
+        fraud_clicks: 0,
+    },
+    kind: KIND_FREE,
+    users_len: 0,
+    users: [0; 3 * SLOT_USERS_INLINE],
+};
+
+impl Slot {
+    #[inline]
+    fn is(&self, campaign_id: u64, bucket_start: u64, kind: u8, value: u64) -> bool {
+        self.kind == kind
+            && self.value == value
+            && self.campaign_id == campaign_id
+            && self.bucket_start == bucket_start
+    }
+
+    #[inline]
+    fn inline_user(&self, i: usize) -> u32 {
+        let u = &self.users[3 * i..3 * i + 3];
+        u32::from_le_bytes([u[0], u[1], u[2], 0])
+    }
+
+    #[inline]
+    fn set_inline_user(&mut self, i: usize, raw: u32) {
+        self.users[3 * i..3 * i + 3].copy_from_slice(&raw.to_le_bytes()[..3]);
+    }
+
+    #[inline]
+    fn pooled(&self) -> Option<u32> {
+        (self.users_len == USERS_POOLED)
+            .then(|| u32::from_le_bytes(self.users[..4].try_into().expect("4 bytes")))
+    }
+
+    fn dim(&self) -> Dim {
+        match self.kind {
+            Dim::KIND_ALL => Dim::All,
+            Dim::KIND_COUNTRY => Dim::Country((self.value as u16).to_be_bytes()),
+            Dim::KIND_DEVICE => {
+                Dim::Device(Device::from_u8(self.value as u8).expect("stored from a Device"))
+            }
+            Dim::KIND_AD => Dim::Ad(self.value),
+            Dim::KIND_PUBLISHER => Dim::Publisher(self.value),
+            k => unreachable!("slot kind {k}"),
+        }
+    }
+}
+
+/// The slot hash of a key: `base` is [`key_hash_base`] of its campaign and bucket.
+/// A fixed function, not seeded: the table's order, and so the delta's, is the same on
+/// every run. Campaign ids come from the network, so a client can aim keys at one
+/// probe chain; the chain is bounded by `keys_max` (as it was with the std map under the
+/// same fixed hash), and ingest is limited to trusted clients.
+#[inline]
+fn key_hash(base: u64, kind: u8, value: u64) -> u64 {
+    mix64(base ^ value.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ kind as u64)
+}
+
+#[inline]
+fn key_hash_base(campaign_id: u64, bucket_start: u64) -> u64 {
+    mix64(campaign_id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ bucket_start)
+}
+
+/// A hint that `p` is about to be read; never faults, whatever `p` is.
+#[inline(always)]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint with no architectural effect; it does not dereference
+    // `p` and does not fault on any address (SSE, part of the x86_64 baseline).
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
 }
 
 /// A core's pre-aggregator. Single-owner, no locks: each core has its own.
+///
+/// Keys live in an open-addressing table of one-cache-line `Slot`s (linear probing,
+/// load ≤ 1/2), so an event's five keys cost five independent cache lines, all
+/// prefetched before the first is used; sketches past `SLOT_USERS_INLINE` registers live
+/// in a pool beside the table.
 pub struct Aggregator {
     cfg: AggConfig,
-    /// Counts live in the map itself: one probe per (event, dimension).
-    map: KeyMap<Slot>,
-    /// Cleared sketches from recycled deltas, reused for new keys.
+    /// Power-of-two length; free slots have `kind == KIND_FREE`.
+    table: Vec<Slot>,
+    /// Table positions of the keys, in insertion order: what a drain walks (not the whole
+    /// table), and the delta's order.
+    order: Vec<u32>,
+    /// Sketches of keys with more than `SLOT_USERS_INLINE` set registers.
+    sketches: Vec<Hll>,
+    /// Inserts into `sketches` not applied yet: (sketch, `HllPoint::raw`). Nothing reads
+    /// a sketch before `drain_delta`, which applies them first, and inserts commute.
+    pending: Vec<(u32, u32)>,
+    /// Cleared sketches from recycled deltas, reused for new pooled sketches.
     spare_users: Vec<Hll>,
     /// A cleared entry vector from a recycled delta.
     spare_entries: Vec<DeltaEntry>,
@@ -242,12 +371,23 @@ pub struct Aggregator {
     overflow_total: u64,
 }
 
+/// What one event adds to each of its keys.
+#[derive(Clone, Copy)]
+struct Update {
+    counters: Counters,
+    user: Option<HllPoint>,
+}
+
 impl Aggregator {
     pub fn new(cfg: AggConfig) -> Aggregator {
         assert!(cfg.keys_max > 0, "keys_max");
+        assert!(cfg.keys_max < u32::MAX as usize / 2, "keys_max");
         Aggregator {
             cfg,
-            map: KeyMap::default(),
+            table: vec![FREE_SLOT; TABLE_SLOTS_MIN],
+            order: Vec::new(),
+            sketches: Vec::new(),
+            pending: Vec::with_capacity(PENDING_INSERTS_MAX),
             spare_users: Vec::new(),
             spare_entries: Vec::new(),
             log_lsn: 0,
@@ -261,11 +401,11 @@ impl Aggregator {
 
     /// Keys counted since the last drain.
     pub fn len(&self) -> usize {
-        self.map.len()
+        self.order.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
+        self.order.is_empty()
     }
 
     /// (event, dimension) updates refused at `keys_max` since start: the `agg_overflow`
@@ -288,74 +428,221 @@ impl Aggregator {
             return;
         }
         debug_assert!(!(billable && fraud), "a fraud click is not billable");
+        if billable {
+            prefetch(click.user_id.as_ptr());
+        }
         let bucket_start = self.cfg.window.bucket_start(click.ts_ms);
-        let (counters, user) = if fraud {
-            (
-                Counters {
-                    fraud_clicks: 1,
-                    ..Counters::default()
-                },
-                None,
-            )
-        } else {
-            let c = Counters {
-                clicks: 1,
-                cost_micros: click.cost_micros,
-                fraud_clicks: 0,
-            };
-            (c, Some(bytes_hash(click.user_id.as_bytes())))
-        };
-        for dim in [
+        let dims = [
             Dim::All,
             Dim::Country(click.country),
             Dim::Device(click.device),
             Dim::Ad(click.ad_id),
             Dim::Publisher(click.publisher_id),
-        ] {
-            let key = Key {
-                campaign_id: click.campaign_id,
-                window: self.cfg.window,
-                bucket_start,
-                dim,
-            };
-            self.add_to(key, &counters, user);
+        ]
+        .map(Dim::to_parts);
+        let base = key_hash_base(click.campaign_id, bucket_start);
+        let hashes = dims.map(|(kind, value)| key_hash(base, kind, value));
+        // The five keys are independent: start all five (likely cold) lines loading
+        // before waiting on the first, and hash the user meanwhile.
+        let mask = self.table.len() - 1;
+        for h in hashes {
+            prefetch(self.table.as_ptr().wrapping_add(h as usize & mask).cast());
         }
+        let update = if fraud {
+            Update {
+                counters: Counters {
+                    fraud_clicks: 1,
+                    ..Counters::default()
+                },
+                user: None,
+            }
+        } else {
+            Update {
+                counters: Counters {
+                    clicks: 1,
+                    cost_micros: click.cost_micros,
+                    fraud_clicks: 0,
+                },
+                // Hashed and split once for the five sketches.
+                user: Some(HllPoint::of_hash(bytes_hash(click.user_id.as_bytes()))),
+            }
+        };
+        if self.pending.len() + dims.len() > PENDING_INSERTS_MAX {
+            self.flush_pending();
+        }
+        for (&(kind, value), &h) in dims.iter().zip(&hashes) {
+            let pooled = self.add_to(click.campaign_id, bucket_start, kind, value, h, &update);
+            if let (Some(p), Some(at)) = (update.user, pooled) {
+                self.pending.push((at, p.raw()));
+            }
+        }
+    }
+
+    /// Applies the deferred inserts into pooled sketches as one loop that prefetches a
+    /// few inserts ahead (the sketch, then the line the insert touches), so their cache
+    /// misses overlap instead of stalling the event that caused them.
+    fn flush_pending(&mut self) {
+        const AHEAD: usize = 8;
+        let (pending, sketches) = (&self.pending, &mut self.sketches);
+        for j in 0..pending.len() {
+            if let Some(&(s, _)) = pending.get(j + 2 * AHEAD) {
+                prefetch((&sketches[s as usize] as *const Hll).cast());
+            }
+            if let Some(&(s, p)) = pending.get(j + AHEAD) {
+                prefetch(sketches[s as usize].insert_addr(HllPoint::from_raw(p)));
+            }
+            let (s, p) = pending[j];
+            sketches[s as usize].insert(HllPoint::from_raw(p));
+        }
+        self.pending.clear();
+    }
+
+    /// Counts `u` under one key, creating it if there is room. Returns the key's pooled
+    /// sketch, if it has one and `u` has a user for it, for the caller to insert into.
+    #[inline]
+    fn add_to(
+        &mut self,
+        campaign_id: u64,
+        bucket_start: u64,
+        kind: u8,
+        value: u64,
+        hash: u64,
+        u: &Update,
+    ) -> Option<u32> {
+        let mask = self.table.len() - 1;
+        let mut i = hash as usize & mask;
+        loop {
+            let s = &self.table[i];
+            if s.kind == KIND_FREE {
+                break;
+            }
+            if s.is(campaign_id, bucket_start, kind, value) {
+                return self.update_slot(i, u);
+            }
+            i = (i + 1) & mask;
+        }
+        if self.order.len() >= self.cfg.keys_max {
+            self.overflow_total += 1;
+            return None;
+        }
+        if (self.order.len() + 1) * 2 > self.table.len() {
+            self.grow();
+            return self.add_to(campaign_id, bucket_start, kind, value, hash, u);
+        }
+        self.table[i] = Slot {
+            campaign_id,
+            bucket_start,
+            value,
+            kind,
+            ..FREE_SLOT
+        };
+        self.order.push(i as u32);
+        self.update_slot(i, u)
     }
 
     #[inline]
-    fn add_to(&mut self, key: Key, c: &Counters, user: Option<u64>) {
-        let at_bound = self.map.len() >= self.cfg.keys_max;
-        let slot = match self.map.entry(key) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(_) if at_bound => {
-                self.overflow_total += 1;
-                return;
+    fn update_slot(&mut self, i: usize, u: &Update) -> Option<u32> {
+        let s = &mut self.table[i];
+        s.counters.add(&u.counters);
+        let p = u.user?;
+        if let Some(pooled) = s.pooled() {
+            return Some(pooled);
+        }
+        let n = s.users_len as usize;
+        for k in 0..n {
+            let e = s.inline_user(k);
+            if e >> 8 == p.idx() {
+                if p.raw() > e {
+                    s.set_inline_user(k, p.raw());
+                }
+                return None;
             }
-            Entry::Vacant(v) => {
-                let users = self.spare_users.pop().unwrap_or_default();
-                v.insert(Slot {
-                    counters: Counters::default(),
-                    users,
-                })
+        }
+        if n < SLOT_USERS_INLINE {
+            s.set_inline_user(n, p.raw());
+            s.users_len += 1;
+            return None;
+        }
+        Some(self.spill_users(i))
+    }
+
+    /// Moves a slot's inline sketch entries into a pooled sketch.
+    #[cold]
+    #[inline(never)]
+    fn spill_users(&mut self, i: usize) -> u32 {
+        let mut h = self.spare_users.pop().unwrap_or_default();
+        let s = &mut self.table[i];
+        for k in 0..s.users_len as usize {
+            h.insert(HllPoint::from_raw(s.inline_user(k)));
+        }
+        let at = u32::try_from(self.sketches.len()).expect("sketches < keys_max < u32::MAX");
+        self.sketches.push(h);
+        s.users_len = USERS_POOLED;
+        s.users[..4].copy_from_slice(&at.to_le_bytes());
+        at
+    }
+
+    /// Doubles the table (amortised: the table keeps its size across drains).
+    #[cold]
+    #[inline(never)]
+    fn grow(&mut self) {
+        let bigger = vec![FREE_SLOT; 2 * self.table.len()];
+        let old = std::mem::replace(&mut self.table, bigger);
+        let mask = self.table.len() - 1;
+        for at in &mut self.order {
+            let s = &old[*at as usize];
+            let h = key_hash(
+                key_hash_base(s.campaign_id, s.bucket_start),
+                s.kind,
+                s.value,
+            );
+            let mut i = h as usize & mask;
+            while self.table[i].kind != KIND_FREE {
+                i = (i + 1) & mask;
             }
-        };
-        slot.counters.add(c);
-        if let Some(h) = user {
-            slot.users.insert_hash(h);
+            self.table[i] = *s;
+            *at = i as u32;
         }
     }
 
-    /// Takes everything counted since the last drain; the aggregator starts empty again
-    /// (keeping its map's capacity).
+    /// Takes everything counted since the last drain, in key-creation order; the
+    /// aggregator starts empty again (keeping its table's size).
     pub fn drain_delta(&mut self) -> Delta {
+        self.flush_pending();
         let mut entries = std::mem::take(&mut self.spare_entries);
         entries.clear();
-        entries.reserve(self.map.len());
-        entries.extend(self.map.drain().map(|(key, s)| DeltaEntry {
-            key,
-            counters: s.counters,
-            users: s.users,
-        }));
+        entries.reserve(self.order.len());
+        const AHEAD: usize = 8;
+        for (j, &at) in self.order.iter().enumerate() {
+            if let Some(&next) = self.order.get(j + AHEAD) {
+                prefetch(self.table.as_ptr().wrapping_add(next as usize).cast());
+            }
+            let s = &mut self.table[at as usize];
+            let users = match s.pooled() {
+                Some(p) => std::mem::take(&mut self.sketches[p as usize]),
+                None => {
+                    let mut h = Hll::new();
+                    for k in 0..s.users_len as usize {
+                        h.insert(HllPoint::from_raw(s.inline_user(k)));
+                    }
+                    h
+                }
+            };
+            entries.push(DeltaEntry {
+                key: Key {
+                    campaign_id: s.campaign_id,
+                    window: self.cfg.window,
+                    bucket_start: s.bucket_start,
+                    dim: s.dim(),
+                },
+                counters: s.counters,
+                users,
+            });
+            // The other fields are rewritten when the slot is taken again.
+            s.kind = KIND_FREE;
+        }
+        self.order.clear();
+        self.sketches.clear();
         Delta {
             log_lsn: self.log_lsn,
             entries,
@@ -363,14 +650,19 @@ impl Aggregator {
     }
 
     /// Gives a drained delta's buffers back for reuse (optional; without it the next
-    /// interval allocates fresh sketches).
+    /// interval allocates fresh sketches). Only sketches with a heap buffer are worth
+    /// keeping: the others cost nothing to make.
     pub fn recycle(&mut self, mut delta: Delta) {
         for mut e in delta.entries.drain(..) {
             if self.spare_users.len() >= self.cfg.keys_max {
                 break;
             }
-            e.users.clear();
-            self.spare_users.push(e.users);
+            if e.users.heap_bytes() > 0 {
+                e.users.clear();
+                if e.users.heap_bytes() > 0 {
+                    self.spare_users.push(e.users);
+                }
+            }
         }
         if delta.entries.capacity() > self.spare_entries.capacity() {
             self.spare_entries = delta.entries;
@@ -382,6 +674,7 @@ impl Aggregator {
 mod tests {
     use super::*;
     use crate::event::EventId;
+    use crate::hash::mix64;
     use std::borrow::Cow;
 
     const T0: u64 = 1_764_201_600_000; // 2025-11-27T00:00:00Z, aligned to every window
@@ -567,6 +860,111 @@ mod tests {
         check(&d1, 1, T0, Dim::All, (2, 10, 0, 2));
         check(&d1, 3, T0, Dim::All, (0, 0, 1, 0));
         assert_eq!(d1.entries.len(), 10);
+    }
+
+    /// The slot table, inline/pooled sketches, deferred inserts and growth against a
+    /// plain ordered map doing the documented rule, over several drains and a tight
+    /// `keys_max`, with enough users per key to spill and go dense.
+    #[test]
+    fn matches_a_plain_map_model() {
+        use std::collections::BTreeMap;
+        for keys_max in [40usize, 3_000, 200_000] {
+            let mut a = Aggregator::new(AggConfig {
+                keys_max,
+                window: Window::M5,
+            });
+            let mut overflow = 0u64;
+            let mut x = 7u64;
+            for round in 0..3u64 {
+                let mut model: BTreeMap<Key, (Counters, Hll)> = BTreeMap::new();
+                for _ in 0..20_000 {
+                    x = mix64(x.wrapping_add(round));
+                    let c = click(
+                        if x >> 60 < 6 { 1 } else { 1 + x % 50 }, // one hot campaign
+                        T0 + (x >> 8) % 900_000,
+                        (x >> 16) % 40,
+                        if x >> 20 & 1 == 0 { b"US" } else { b"FR" },
+                        Device::ALL[((x >> 24) % 5) as usize],
+                        &format!("u{}", (x >> 28) % 5_000),
+                        (x >> 40) % 1000,
+                    );
+                    let (billable, fraud) = match (x >> 50) % 10 {
+                        0 => (false, true),
+                        1 => (false, false),
+                        _ => (true, false),
+                    };
+                    a.add(&c, billable, fraud);
+                    if !billable && !fraud {
+                        continue;
+                    }
+                    for dim in [
+                        Dim::All,
+                        Dim::Country(c.country),
+                        Dim::Device(c.device),
+                        Dim::Ad(c.ad_id),
+                        Dim::Publisher(c.publisher_id),
+                    ] {
+                        let key = Key {
+                            campaign_id: c.campaign_id,
+                            window: Window::M5,
+                            bucket_start: Window::M5.bucket_start(c.ts_ms),
+                            dim,
+                        };
+                        if !model.contains_key(&key) && model.len() >= keys_max {
+                            overflow += 1;
+                            continue;
+                        }
+                        let (counters, users) = model.entry(key).or_default();
+                        if billable {
+                            counters.clicks += 1;
+                            counters.cost_micros += c.cost_micros;
+                            users.insert_hash(bytes_hash(c.user_id.as_bytes()));
+                        } else {
+                            counters.fraud_clicks += 1;
+                        }
+                    }
+                }
+                assert_eq!(a.len(), model.len());
+                assert_eq!(a.overflow_total(), overflow);
+                let d = a.drain_delta();
+                let mut got: Vec<_> = d
+                    .entries
+                    .iter()
+                    .map(|e| (e.key, e.counters, e.users.to_bytes()))
+                    .collect();
+                got.sort_by_key(|g| g.0);
+                let want: Vec<_> = model
+                    .iter()
+                    .map(|(k, (c, u))| (*k, *c, u.to_bytes()))
+                    .collect();
+                assert!(got == want, "keys_max {keys_max} round {round}");
+                if keys_max == 200_000 {
+                    assert!(d.entries.iter().any(|e| e.users.is_dense()));
+                }
+                a.recycle(d);
+            }
+        }
+    }
+
+    #[test]
+    fn same_input_gives_the_same_delta_in_the_same_order() {
+        let run = || {
+            let mut a = Aggregator::new(AggConfig::default());
+            for i in 0..5_000u64 {
+                let c = click(
+                    i % 97,
+                    T0 + i * 100,
+                    i % 13,
+                    b"DE",
+                    Device::Tablet,
+                    &format!("u{}", i % 211),
+                    i,
+                );
+                a.add(&c, i % 7 != 0, i % 7 == 0);
+            }
+            a.drain_delta().entries
+        };
+        assert_eq!(run(), run());
     }
 
     #[test]
