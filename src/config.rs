@@ -365,6 +365,9 @@ impl Settings {
     }
 }
 
+/// Largest `agg_keys_max` the aggregator's table indexes (it uses u32 slots).
+const AGG_KEYS_MAX_LIMIT: usize = 100_000_000;
+
 fn validate_dataplane(c: &DataplaneConfig) -> anyhow::Result<()> {
     let positive = [
         ("batch_events_max", c.batch_events_max as u64),
@@ -403,6 +406,12 @@ fn validate_dataplane(c: &DataplaneConfig) -> anyhow::Result<()> {
         bail!(
             "dedup_generations must be at least 2, got {}",
             c.dedup_generations
+        );
+    }
+    if c.agg_keys_max > AGG_KEYS_MAX_LIMIT {
+        bail!(
+            "agg_keys_max must be at most {AGG_KEYS_MAX_LIMIT}, got {}",
+            c.agg_keys_max
         );
     }
     if c.agg_flush_interval_ms > 1000 {

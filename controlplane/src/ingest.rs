@@ -46,6 +46,40 @@ pub(crate) struct WriterConfig {
     pub group_commit_frames_max: usize,
     pub snapshot_interval: Duration,
     pub snapshot_wal_bytes: u64,
+    /// The dataplane's local log (`<data_dir>/log`), read to refill crashed runs' counts.
+    pub log_root: PathBuf,
+}
+
+/// Applies the refill of `f`'s gap, if any; failures are logged and counted, never fatal
+/// (billing covers what the real-time counters miss).
+fn refill_before(
+    s: &mut Store,
+    f: &clickgate_proto::frames::ArchivedDeltaFrame,
+    log_root: &std::path::Path,
+    durable: &mut Durable,
+    now: u64,
+    metrics: &Metrics,
+) {
+    match crate::refill::refill_frames(s, f, log_root) {
+        Ok(None) => {}
+        Ok(Some(bodies)) => {
+            for body in bodies {
+                let applied = access_delta(&body)
+                    .map_err(|e| e.to_string())
+                    .and_then(|r| s.apply_frame(r, now).map_err(|e| e.to_string()));
+                match applied {
+                    Ok(crate::store::Applied::Applied) => durable.append(&body),
+                    Ok(crate::store::Applied::Duplicate) => {}
+                    Err(e) => tracing::error!(error = %e, "refill frame refused"),
+                }
+            }
+            metrics.inc(&metrics.refills);
+        }
+        Err(e) => {
+            tracing::warn!(core = f.core.to_native(), error = %format!("{e:#}"), "cannot refill a crashed run's counts from the log");
+            metrics.inc(&metrics.refill_failures);
+        }
+    }
 }
 
 pub(crate) fn writer_loop(
@@ -78,6 +112,11 @@ pub(crate) fn writer_loop(
                         let _ = reply.send(Err("store writer failed".into()));
                     }
                     Job::Frame { body, reply } => {
+                        // The first frame of a dataplane run may reveal counts its
+                        // crashed predecessor never shipped: refill them first.
+                        if let Ok(f) = access_delta(&body) {
+                            refill_before(&mut s, f, &cfg.log_root, &mut durable, now, &metrics);
+                        }
                         let applied =
                             access_delta(&body)
                                 .map_err(|e| e.to_string())

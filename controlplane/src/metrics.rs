@@ -23,6 +23,9 @@ pub struct Metrics {
     pub queries_metrics: AtomicU64,
     pub queries_top: AtomicU64,
     pub queries_bad: AtomicU64,
+    /// Gaps of crashed dataplane runs counted from the local log.
+    pub refills: AtomicU64,
+    pub refill_failures: AtomicU64,
     writer_failed: AtomicBool,
 }
 
@@ -71,6 +74,18 @@ impl Metrics {
             "counter",
             "Delta frames that failed validation (connection closed).",
             g(&self.frames_rejected),
+        );
+        one(
+            "clickgate_refills_total",
+            "counter",
+            "Crashed dataplane runs whose unshipped counts were refilled from the local log.",
+            g(&self.refills),
+        );
+        one(
+            "clickgate_refill_failures_total",
+            "counter",
+            "Refills from the local log that failed (the gap is left to billing).",
+            g(&self.refill_failures),
         );
         let s = store.stats();
         one(

@@ -356,10 +356,15 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     core_rules.set_runtime_version(overrides.version);
     metrics[k].set_runtime_config_version(overrides.version);
     let lookups = if n > 1 { Some(req_tx) } else { None };
+    let start_lsn = log.append_lsn();
     let agg = Rc::new(RefCell::new(Aggregator::new(AggConfig {
         keys_max: cfg.agg_keys_max,
         ..AggConfig::default()
     })));
+    // The first delta then covers up to where this run starts, so it ships even with no
+    // traffic: the controlplane learns of the run at once and refills a crashed
+    // predecessor's unshipped counts from the log (controlplane::refill).
+    agg.borrow_mut().note_log_lsn(start_lsn);
     let shard = Rc::new(Shard::new(
         k,
         shard_id,
@@ -374,7 +379,14 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         lookups,
         agg.clone(),
     ));
-    let shipper = spawn_shipper(k, agg, ship_config(&cfg));
+    let shipper = spawn_shipper(
+        k,
+        agg,
+        ShipConfig {
+            start_lsn,
+            ..ship_config(&cfg)
+        },
+    );
 
     // Dedup service: answer other cores' lookups against our shard, and route the
     // answers to our own lookups back to the waiting connections.

@@ -59,6 +59,8 @@ pub struct ShipConfig {
     pub box_id: u64,
     /// Id of this process run; [`ShipConfig::fresh_instance_id`] by default.
     pub instance_id: u64,
+    /// The core's log LSN when this run opened its log (see `DeltaFrame::start_lsn`).
+    pub start_lsn: u64,
     /// ≤ [`FLUSH_INTERVAL_MS_MAX`].
     pub flush_interval_ms: u64,
     pub unacked_frames_max: usize,
@@ -78,6 +80,7 @@ impl ShipConfig {
             socket_path,
             box_id: 0,
             instance_id: Self::fresh_instance_id(),
+            start_lsn: 0,
             flush_interval_ms: 500,
             unacked_frames_max: 64,
             pending_entries_max: 200_000,
@@ -285,13 +288,16 @@ impl Shipper {
         if p.ids.is_some() {
             return;
         }
-        let frames = frames_from_delta(
+        let mut frames = frames_from_delta(
             self.cfg.box_id,
             self.cfg.instance_id,
             self.core,
             self.next_delta_id,
             &p.delta,
         );
+        for f in &mut frames {
+            f.start_lsn = self.cfg.start_lsn;
+        }
         for f in &frames {
             // Frames built from a drained delta always encode: entries are bounded by
             // FRAME_ENTRIES_MAX, which fits FRAME_BYTES_MAX (checked at compile time).

@@ -62,6 +62,10 @@ pub struct DeltaFrame {
     pub delta_id: u64,
     /// The core's log LSN this delta covers up to.
     pub log_lsn: u64,
+    /// The core's log LSN when this process run opened its log: everything before it was
+    /// counted by earlier runs, or is a gap left by a crash that the controlplane refills
+    /// from the log (0: unknown, never refilled).
+    pub start_lsn: u64,
     pub entries: Vec<DeltaEntry>,
 }
 
@@ -148,6 +152,7 @@ pub fn frames_from_delta(
             core,
             delta_id: first_delta_id,
             log_lsn: delta.log_lsn,
+            start_lsn: 0,
             entries: Vec::new(),
         });
     }
@@ -159,6 +164,7 @@ pub fn frames_from_delta(
             core,
             delta_id: first_delta_id + i as u64,
             log_lsn: delta.log_lsn,
+            start_lsn: 0,
             entries: chunk
                 .iter()
                 .map(|e| DeltaEntry::from_parts(&e.key, &e.counters, &e.users))
