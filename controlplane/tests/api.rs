@@ -52,6 +52,8 @@ fn config(dir: &Path) -> ControlplaneConfig {
     ControlplaneConfig {
         data_dir: dir.to_path_buf(),
         query_addr: "127.0.0.1:0".parse().unwrap(),
+        // Tests run in parallel: never the fixed default port.
+        control_addr: "127.0.0.1:0".parse().unwrap(),
         ..ControlplaneConfig::default()
     }
 }
