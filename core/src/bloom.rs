@@ -205,6 +205,8 @@ pub struct RotatingBloom {
     span_ms: u64,
     /// The latest `now_ms / span_ms` seen (never goes back).
     epoch: u64,
+    /// Where the next epoch starts: checked instead of dividing on every call.
+    next_epoch_ms: u64,
     items_per_window: u64,
     /// Blocks zeroed so far (each on its first write in a new epoch).
     cleared_blocks: u64,
@@ -244,6 +246,7 @@ impl RotatingBloom {
             current: (epoch % g as u64) as u32,
             span_ms,
             epoch,
+            next_epoch_ms: (epoch + 1).saturating_mul(span_ms),
             items_per_window: items_per_window.max(1),
             cleared_blocks: 0,
         }
@@ -253,10 +256,8 @@ impl RotatingBloom {
     /// (into the current generation). A clock that goes backwards never rotates.
     #[inline]
     pub fn check_and_insert(&mut self, hash: u64, now_ms: u64) -> bool {
-        let epoch = now_ms / self.span_ms;
-        if epoch > self.epoch {
-            self.epoch = epoch;
-            self.current = (epoch % self.generations as u64) as u32;
+        if now_ms >= self.next_epoch_ms {
+            self.advance(now_ms);
         }
         let (block, mask) = self.block_and_mask(hash);
         let g = self.generations as usize;
@@ -284,21 +285,34 @@ impl RotatingBloom {
         seen
     }
 
+    /// Moves to the epoch holding `now_ms`: nothing to clear, stale blocks read as empty.
+    #[cold]
+    fn advance(&mut self, now_ms: u64) {
+        self.epoch = now_ms / self.span_ms;
+        self.current = (self.epoch % self.generations as u64) as u32;
+        self.next_epoch_ms = (self.epoch + 1).saturating_mul(self.span_ms);
+    }
+
     /// The block index and the item's k bits within a block. The block comes from the top
-    /// bits of one remix of the hash, the bit positions from 16-bit chunks of further
-    /// remixes (four per 64 bits), each range-reduced to 0..448.
+    /// bits of one remix of the hash; the bit positions from 16-bit chunks (four per word,
+    /// each range-reduced to 0..448) of further words, splitmix64-style outputs of that
+    /// remix, which are independent of each other and so computed in parallel.
     #[inline]
     fn block_and_mask(&self, hash: u64) -> (usize, [u64; BLOCK_DATA_WORDS]) {
-        let x = mix64(hash ^ 0x9e37_79b9_7f4a_7c15);
+        const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+        let x = mix64(hash ^ GOLDEN);
         let block = ((x as u128 * self.block_count as u128) >> 64) as usize;
         let mut mask = [0u64; BLOCK_DATA_WORDS];
-        let mut chunks = x;
-        for i in 0..self.hashes {
-            if i % 4 == 0 {
-                chunks = mix64(chunks ^ 0x6a09_e667_f3bc_c909);
+        let mut left = self.hashes;
+        let mut word = 0u64;
+        while left > 0 {
+            word += 1;
+            let chunks = mix64(x.wrapping_add(word.wrapping_mul(GOLDEN)));
+            for c in 0..left.min(4) {
+                let pos = (((chunks >> (16 * c)) & 0xffff) * BLOCK_DATA_BITS) >> 16;
+                mask[(pos >> 6) as usize] |= 1 << (pos & 63);
             }
-            let pos = (((chunks >> (16 * (i % 4))) & 0xffff) * BLOCK_DATA_BITS) >> 16;
-            mask[(pos >> 6) as usize] |= 1 << (pos & 63);
+            left = left.saturating_sub(4);
         }
         (block, mask)
     }
