@@ -123,7 +123,7 @@ fn logged(cg: &Clickgate) -> HashMap<String, Logged> {
                 duplicate: rec.flags.duplicate(),
                 fraud: rec.flags.fraud(),
                 rules: rec.rules.iter().map(|s| s.to_string()).collect(),
-                core: core as usize,
+                core,
                 recv_ms: rec.recv_ms,
             };
             let id = rec.click.event_id.to_string();
