@@ -107,6 +107,8 @@ fn lines(buf: &[u8]) -> impl Iterator<Item = &[u8]> {
 }
 
 /// Byte ranges of the events in `buf`, found once so the split is not measured.
+// One range for a single-event body: a list of ranges, not a mistaken `(0..n).collect()`.
+#[allow(clippy::single_range_in_vec_init)]
 fn event_ranges(buf: &[u8], ndjson: bool) -> Vec<Range<usize>> {
     if !ndjson {
         return vec![0..buf.len()];
