@@ -68,7 +68,10 @@ fn clicks() -> Vec<Click<'static>> {
                 IpAddr::V4(Ipv4Addr::from(r as u32))
             };
             let ua = if i % 16 == 5 {
-                Cow::Owned(format!("Mozilla/5.0 BADBOT-{:08x}", mix64(i % PATTERNS as u64) as u32))
+                Cow::Owned(format!(
+                    "Mozilla/5.0 BADBOT-{:08x}",
+                    mix64(i % PATTERNS as u64) as u32
+                ))
             } else {
                 Cow::Borrowed(UAS[i as usize % UAS.len()])
             };
@@ -76,7 +79,11 @@ fn clicks() -> Vec<Click<'static>> {
                 event_id: EventId([i as u8; 16]),
                 ts_ms: 1_764_201_600_000 + i * 10,
                 campaign_id: 12345,
-                ad_id: if i % 16 == 9 { 1_000_000 + i % HONEYPOTS } else { 678 },
+                ad_id: if i % 16 == 9 {
+                    1_000_000 + i % HONEYPOTS
+                } else {
+                    678
+                },
                 publisher_id: 42,
                 advertiser_id: 7,
                 user_id: Cow::Borrowed("u-88121"),
@@ -110,9 +117,15 @@ fn bench(c: &mut Criterion) {
     });
 
     // Each kind alone, to see where the time goes.
-    for (i, name) in ["blocklist", "user_agent", "honeypot", "ip_rate", "risk_model"]
-        .iter()
-        .enumerate()
+    for (i, name) in [
+        "blocklist",
+        "user_agent",
+        "honeypot",
+        "ip_rate",
+        "risk_model",
+    ]
+    .iter()
+    .enumerate()
     {
         let one = RuleSet {
             version: 0,
@@ -136,10 +149,20 @@ fn bench(c: &mut Criterion) {
     let bl = IpBlocklist::parse_list(&cidrs).unwrap();
     let exact = CidrSet::parse_list(&cidrs).unwrap();
     g.bench_function("ip_blocklist_bloom_then_exact", |b| {
-        b.iter(|| clicks.iter().filter(|c| bl.contains(black_box(c.ip))).count())
+        b.iter(|| {
+            clicks
+                .iter()
+                .filter(|c| bl.contains(black_box(c.ip)))
+                .count()
+        })
     });
     g.bench_function("ip_cidrset_exact_only", |b| {
-        b.iter(|| clicks.iter().filter(|c| exact.contains(black_box(c.ip))).count())
+        b.iter(|| {
+            clicks
+                .iter()
+                .filter(|c| exact.contains(black_box(c.ip)))
+                .count()
+        })
     });
     g.finish();
 }

@@ -891,8 +891,11 @@ impl CompiledRules {
                         .iter()
                         .any(|w| matches!(w.0, Feature::UaBot | Feature::UaDeviceMismatch));
                     if reads_ua && c.model_ua.is_none() {
-                        let tokens: Vec<&str> =
-                            BOT_UA_TOKENS.iter().chain(MOBILE_UA_TOKENS).copied().collect();
+                        let tokens: Vec<&str> = BOT_UA_TOKENS
+                            .iter()
+                            .chain(MOBILE_UA_TOKENS)
+                            .copied()
+                            .collect();
                         // Short common-letter tokens: a prefilter would fire on
                         // every few bytes; the plain DFA scan is faster.
                         let ac = AhoCorasickBuilder::new()
