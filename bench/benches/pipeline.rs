@@ -97,7 +97,8 @@ fn pipeline(c: &mut Criterion) {
                 if at + FRAME_HEADER_BYTES + len > log.len() {
                     at = 0;
                 }
-                let (head, payload) = log[at..at + FRAME_HEADER_BYTES + len].split_at_mut(FRAME_HEADER_BYTES);
+                let (head, payload) =
+                    log[at..at + FRAME_HEADER_BYTES + len].split_at_mut(FRAME_HEADER_BYTES);
                 encode_into(&click, flags, NOW_MS, &[], payload).expect("encode");
                 put_frame_header(head, payload);
                 at += FRAME_HEADER_BYTES + len;
@@ -125,9 +126,16 @@ fn pipeline(c: &mut Criterion) {
                 if at + FRAME_HEADER_BYTES + len > log.len() {
                     at = 0;
                 }
-                let (head, payload) = log[at..at + FRAME_HEADER_BYTES + len].split_at_mut(FRAME_HEADER_BYTES);
-                encode_into(&click, Flags::default().with_duplicate(dup), NOW_MS, &[], payload)
-                    .expect("encode");
+                let (head, payload) =
+                    log[at..at + FRAME_HEADER_BYTES + len].split_at_mut(FRAME_HEADER_BYTES);
+                encode_into(
+                    &click,
+                    Flags::default().with_duplicate(dup),
+                    NOW_MS,
+                    &[],
+                    payload,
+                )
+                .expect("encode");
                 put_frame_header(head, payload);
                 at += FRAME_HEADER_BYTES + len;
             }

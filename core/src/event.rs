@@ -169,11 +169,17 @@ pub struct EventError {
 
 impl EventError {
     pub fn field(field: &'static str, reason: impl Into<Cow<'static, str>>) -> Self {
-        EventError { field: Some(field), reason: reason.into() }
+        EventError {
+            field: Some(field),
+            reason: reason.into(),
+        }
     }
 
     pub fn syntax(reason: impl Into<Cow<'static, str>>) -> Self {
-        EventError { field: None, reason: reason.into() }
+        EventError {
+            field: None,
+            reason: reason.into(),
+        }
     }
 
     fn display(&self) -> String {

@@ -28,7 +28,15 @@ pub const RULES_PER_RECORD_MAX: usize = 16;
 /// Length of a rule id, at most.
 pub const RULE_ID_BYTES_MAX: usize = 64;
 /// The largest encoded record: fixed part + longest strings + rule ids.
-pub const RECORD_BYTES_MAX: usize = 2 + 8 + 16 + 6 * 8 + 1 + 16 + 2 + 1 + 1
+pub const RECORD_BYTES_MAX: usize = 2
+    + 8
+    + 16
+    + 6 * 8
+    + 1
+    + 16
+    + 2
+    + 1
+    + 1
     + clickgate_core::event::USER_ID_BYTES_MAX
     + 2
     + clickgate_core::event::USER_AGENT_BYTES_MAX
@@ -49,10 +57,18 @@ impl Flags {
         self.0 & Self::FRAUD != 0
     }
     pub fn with_duplicate(self, on: bool) -> Flags {
-        Flags(if on { self.0 | Self::DUPLICATE } else { self.0 & !Self::DUPLICATE })
+        Flags(if on {
+            self.0 | Self::DUPLICATE
+        } else {
+            self.0 & !Self::DUPLICATE
+        })
     }
     pub fn with_fraud(self, on: bool) -> Flags {
-        Flags(if on { self.0 | Self::FRAUD } else { self.0 & !Self::FRAUD })
+        Flags(if on {
+            self.0 | Self::FRAUD
+        } else {
+            self.0 & !Self::FRAUD
+        })
     }
 }
 
@@ -117,7 +133,11 @@ pub fn encode_into(
     if rules.len() > RULES_PER_RECORD_MAX || rules.iter().any(|r| r.len() > RULE_ID_BYTES_MAX) {
         return Err(RecordError::Rules);
     }
-    assert_eq!(out.len(), encoded_len(click, rules), "encode_into: buffer size");
+    assert_eq!(
+        out.len(),
+        encoded_len(click, rules),
+        "encode_into: buffer size"
+    );
     assert!(click.user_id.len() <= u8::MAX as usize && click.user_agent.len() <= u16::MAX as usize);
     let mut w = Writer { out, at: 0 };
     w.put(&[RECORD_VERSION, flags.0]);
@@ -159,7 +179,13 @@ pub fn encode_into(
 }
 
 /// Encodes by appending to a vector (convenience for tests and the batch paths).
-pub fn encode(click: &Click<'_>, flags: Flags, recv_ms: u64, rules: &[&str], out: &mut Vec<u8>) -> Result<(), RecordError> {
+pub fn encode(
+    click: &Click<'_>,
+    flags: Flags,
+    recv_ms: u64,
+    rules: &[&str],
+    out: &mut Vec<u8>,
+) -> Result<(), RecordError> {
     let start = out.len();
     out.resize(start + encoded_len(click, rules), 0);
     let r = encode_into(click, flags, recv_ms, rules, &mut out[start..]);
@@ -187,7 +213,9 @@ pub fn decode(bytes: &[u8]) -> Result<RawRecord<'_>, RecordError> {
     let cost_micros = r.u64()?;
     let ip = match r.u8()? {
         4 => IpAddr::V4(Ipv4Addr::from(<[u8; 4]>::try_from(r.take(4)?).expect("4"))),
-        6 => IpAddr::V6(Ipv6Addr::from(<[u8; 16]>::try_from(r.take(16)?).expect("16"))),
+        6 => IpAddr::V6(Ipv6Addr::from(
+            <[u8; 16]>::try_from(r.take(16)?).expect("16"),
+        )),
         f => return Err(RecordError::IpFamily(f)),
     };
     let country: [u8; 2] = r.take(2)?.try_into().expect("2 bytes");
@@ -250,7 +278,11 @@ struct Reader<'a> {
 
 impl<'a> Reader<'a> {
     fn take(&mut self, n: usize) -> Result<&'a [u8], RecordError> {
-        let end = self.at.checked_add(n).filter(|&e| e <= self.b.len()).ok_or(RecordError::Truncated(self.at))?;
+        let end = self
+            .at
+            .checked_add(n)
+            .filter(|&e| e <= self.b.len())
+            .ok_or(RecordError::Truncated(self.at))?;
         let s = &self.b[self.at..end];
         self.at = end;
         Ok(s)
@@ -291,10 +323,20 @@ mod tests {
 
     #[test]
     fn round_trips_v4_and_v6_with_rules() {
-        for ip in ["203.0.113.7".parse().unwrap(), "2001:db8::1".parse().unwrap()] {
+        for ip in [
+            "203.0.113.7".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+        ] {
             let c = sample(ip, "u-88121", "Mozilla/5.0");
             let mut buf = Vec::new();
-            encode(&c, Flags::default().with_duplicate(true), 99, &["bots", "burst"], &mut buf).unwrap();
+            encode(
+                &c,
+                Flags::default().with_duplicate(true),
+                99,
+                &["bots", "burst"],
+                &mut buf,
+            )
+            .unwrap();
             assert_eq!(buf.len(), encoded_len(&c, &["bots", "burst"]));
             let r = decode(&buf).unwrap();
             assert_eq!(r.click, c);
@@ -309,7 +351,10 @@ mod tests {
         let c = sample("1.2.3.4".parse().unwrap(), "u", "");
         let rules = vec!["r"; RULES_PER_RECORD_MAX + 1];
         let mut buf = Vec::new();
-        assert_eq!(encode(&c, Flags::default(), 0, &rules, &mut buf), Err(RecordError::Rules));
+        assert_eq!(
+            encode(&c, Flags::default(), 0, &rules, &mut buf),
+            Err(RecordError::Rules)
+        );
         assert!(buf.is_empty());
     }
 
