@@ -66,8 +66,9 @@ impl Hasher for MixHasher {
 
 type Set<T> = HashSet<T, BuildHasherDefault<MixHasher>>;
 
+/// The netmask of an IPv4 prefix length (0..=32).
 #[inline]
-fn mask32(prefix: u8) -> u32 {
+pub(crate) fn mask32(prefix: u8) -> u32 {
     if prefix == 0 {
         0
     } else {
@@ -75,8 +76,9 @@ fn mask32(prefix: u8) -> u32 {
     }
 }
 
+/// The netmask of an IPv6 prefix length (0..=128).
 #[inline]
-fn mask128(prefix: u8) -> u128 {
+pub(crate) fn mask128(prefix: u8) -> u128 {
     if prefix == 0 {
         0
     } else {

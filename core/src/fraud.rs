@@ -613,23 +613,7 @@ fn contains_any_ci(hay: &str, needles: &[&str]) -> bool {
 // ---------------------------------------------------------------------------------------
 // The IP blocklist.
 
-#[inline]
-fn mask32(prefix: u8) -> u32 {
-    if prefix == 0 {
-        0
-    } else {
-        u32::MAX << (32 - prefix as u32)
-    }
-}
-
-#[inline]
-fn mask128(prefix: u8) -> u128 {
-    if prefix == 0 {
-        0
-    } else {
-        u128::MAX << (128 - prefix as u32)
-    }
-}
+use crate::cidr::{mask128, mask32};
 
 #[inline]
 fn key_v4(net: u32, prefix: u8) -> u64 {
