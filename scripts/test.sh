@@ -7,5 +7,8 @@ cd "$(dirname "$0")/.."
 # shellcheck source=scripts/host.sh
 source scripts/host.sh
 host_prepare
+# shellcheck source=scripts/services.sh
+source scripts/services.sh
+services_start
 
 cargo test --workspace --locked "$@"

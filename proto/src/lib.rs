@@ -3,6 +3,8 @@
 //! - [`record`]: the raw record (validated event + what the dataplane decided), the unit
 //!   of the local log, Kafka `raw_clicks` and the archive.
 //! - [`segment`]: the local log's segment files: framing, torn-tail detection, reader.
+//! - [`cursor`]: consumer cursors on the local log (Kafka forwarder, archiver), which
+//!   log retention respects.
 //! - [`frames`]: aggregate delta frames from dataplane cores to the controlplane.
 //! - [`control_files`]: the rules and runtime-settings files the controlplane hands the
 //!   dataplane through the data directory.
@@ -11,6 +13,7 @@
 #[cfg(feature = "grpc")]
 pub mod control;
 pub mod control_files;
+pub mod cursor;
 pub mod frames;
 pub mod record;
 pub mod segment;
