@@ -8,6 +8,10 @@ use clickgate_core::window::Window;
 
 use crate::store::Store;
 
+/// Labels of `clickgate_query_auth_failures_total`: no key, a wrong key, a client address
+/// over its failure limit, a non-admin key on an admin route.
+pub const AUTH_FAILURE_REASONS: [&str; 4] = ["missing", "invalid", "rate_limited", "forbidden"];
+
 #[derive(Default)]
 pub struct Metrics {
     pub connections_total: AtomicU64,
@@ -26,6 +30,11 @@ pub struct Metrics {
     /// Gaps of crashed dataplane runs counted from the local log.
     pub refills: AtomicU64,
     pub refill_failures: AtomicU64,
+    /// Query API calls refused by [`crate::auth`], by [`AUTH_FAILURE_REASONS`].
+    pub auth_failures: [AtomicU64; 4],
+    /// API keys configured (0: the query API is open, loopback only).
+    pub api_keys: AtomicU64,
+    pub queries_campaigns: AtomicU64,
     writer_failed: AtomicBool,
 }
 
@@ -187,6 +196,24 @@ impl Metrics {
             out,
             "clickgate_queries_total{{route=\"top\"}} {}",
             g(&self.queries_top)
+        );
+        let _ = writeln!(
+            out,
+            "clickgate_queries_total{{route=\"campaigns\"}} {}",
+            g(&self.queries_campaigns)
+        );
+        let _ = writeln!(out, "# HELP clickgate_query_auth_failures_total Query API calls refused by authentication, by reason.\n# TYPE clickgate_query_auth_failures_total counter");
+        for (i, r) in AUTH_FAILURE_REASONS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "clickgate_query_auth_failures_total{{reason=\"{r}\"}} {}",
+                g(&self.auth_failures[i])
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP clickgate_query_api_keys API keys configured for the query API (0: open, loopback only).\n# TYPE clickgate_query_api_keys gauge\nclickgate_query_api_keys {}",
+            g(&self.api_keys)
         );
         let _ = writeln!(out, "# HELP clickgate_query_errors_total Query API requests answered 400.\n# TYPE clickgate_query_errors_total counter");
         let _ = writeln!(out, "clickgate_query_errors_total {}", g(&self.queries_bad));

@@ -12,6 +12,11 @@
 //! applied for its `(box_id, instance_id, core)`; the marks live in the store itself, so a
 //! snapshot and a WAL replay agree on what was applied.
 //!
+//! Ownership: `campaign_id → advertiser_id` as the frames carry it (from the events; the
+//! latest applied wins), persisted in the snapshot chunks; the query API's tenant
+//! isolation reads it. A campaign whose buckets are all evicted loses its entry, so the
+//! map never holds more campaigns than the cells do.
+//!
 //! Bounds: `cells_max` cells (each ≈ 150 B + its sketch: 4 B per distinct user while
 //! ≤ 1024, then 16 KiB). Past it a new cell is refused and counted (`store_overflow_total`);
 //! existing cells keep counting. Retention evicts old buckets, which frees cells.
@@ -23,7 +28,7 @@ use clickgate_core::hll::Hll;
 use clickgate_core::window::Window;
 use clickgate_proto::frames::{
     entry_parts, AppliedMark, ArchivedDeltaEntry, ArchivedDeltaFrame, ArchivedStoreChunk,
-    DeltaEntry, FrameError, StoreChunk, FRAMES_VERSION, FRAME_ENTRIES_MAX,
+    CampaignOwner, DeltaEntry, FrameError, StoreChunk, FRAMES_VERSION, FRAME_ENTRIES_MAX,
 };
 
 /// How long each window's buckets are kept, counted from the bucket's end.
@@ -114,6 +119,8 @@ type Bucket = HashMap<(u64, Dim), Cell>;
 pub struct Store {
     buckets: BTreeMap<(Window, u64), Bucket>,
     applied: HashMap<(u64, u64, u32), Mark>,
+    /// `campaign_id → advertiser_id`.
+    owners: HashMap<u64, u64>,
     cells: usize,
     cells_max: usize,
     retention: Retention,
@@ -131,6 +138,7 @@ impl Store {
         Store {
             buckets: BTreeMap::new(),
             applied: HashMap::new(),
+            owners: HashMap::new(),
             cells: 0,
             cells_max,
             retention,
@@ -202,6 +210,10 @@ impl Store {
         for e in f.entries.iter() {
             self.apply_entry(e, true, now_ms)?;
         }
+        for o in f.owners.iter() {
+            self.owners
+                .insert(o.campaign_id.to_native(), o.advertiser_id.to_native());
+        }
         self.applied.insert(
             id,
             Mark {
@@ -254,8 +266,27 @@ impl Store {
         Ok(())
     }
 
+    /// The advertiser a campaign's events named (`None`: no data about it is retained).
+    pub fn owner(&self, campaign_id: u64) -> Option<u64> {
+        self.owners.get(&campaign_id).copied()
+    }
+
+    /// `(campaign_id, advertiser_id)` of the campaigns with retained data, ascending by
+    /// campaign; only `advertiser`'s when given.
+    pub fn campaigns(&self, advertiser: Option<u64>) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .owners
+            .iter()
+            .filter(|(_, &a)| advertiser.is_none_or(|want| want == a))
+            .map(|(&c, &a)| (c, a))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
     /// Drops buckets past retention and marks of long-gone dataplane runs.
     pub fn evict(&mut self, now_ms: u64) {
+        let buckets_before = self.buckets.len();
         for w in Window::ALL {
             let stale: Vec<(Window, u64)> = self
                 .buckets
@@ -269,6 +300,15 @@ impl Store {
                     self.stats.evicted_buckets += 1;
                 }
             }
+        }
+        if self.buckets.len() < buckets_before {
+            // Forget owners of campaigns with no cell left (once per evicted bucket batch).
+            let live: std::collections::HashSet<u64> = self
+                .buckets
+                .values()
+                .flat_map(|b| b.keys().map(|&(campaign, _)| campaign))
+                .collect();
+            self.owners.retain(|c, _| live.contains(c));
         }
         self.applied
             .retain(|_, m| m.seen_ms.saturating_add(MARK_TTL_MS) > now_ms);
@@ -312,16 +352,60 @@ impl Store {
             .collect()
     }
 
+    /// A campaign's counters summed over the buckets of `window` with start in
+    /// `[from_ms, to_ms)`, per value of one dimension kind (`Dim::KIND_COUNTRY`, …), most
+    /// billable clicks first (ties: the lower value). Cost: a scan of every cell of those
+    /// buckets (they are keyed by campaign and value, not indexed by kind), so the dashboard
+    /// asks for it over the range it shows, at most `query_buckets_max` buckets.
+    pub fn breakdown(
+        &self,
+        campaign_id: u64,
+        window: Window,
+        kind: u8,
+        from_ms: u64,
+        to_ms: u64,
+    ) -> Vec<(Dim, Counters)> {
+        if to_ms <= from_ms {
+            return Vec::new();
+        }
+        let mut sums: HashMap<Dim, Counters> = HashMap::new();
+        for b in self
+            .buckets
+            .range((window, from_ms)..(window, to_ms))
+            .map(|(_, b)| b)
+        {
+            for (&(c, dim), cell) in b {
+                if c == campaign_id && dim.to_parts().0 == kind {
+                    sums.entry(dim).or_default().add(&cell.counters);
+                }
+            }
+        }
+        let mut v: Vec<(Dim, Counters)> = sums.into_iter().collect();
+        v.sort_unstable_by(|a, b| b.1.clicks.cmp(&a.1.clicks).then(a.0.cmp(&b.0)));
+        v
+    }
+
     /// The `n` ads with most billable clicks in one bucket; ties: lower campaign id, then
     /// lower ad id first.
     pub fn top_ads(&self, window: Window, bucket_start: u64, n: usize) -> Vec<TopAd> {
+        self.top_ads_where(window, bucket_start, n, |_| true)
+    }
+
+    /// [`Store::top_ads`] among the campaigns `keep` accepts (a tenant's own).
+    pub fn top_ads_where(
+        &self,
+        window: Window,
+        bucket_start: u64,
+        n: usize,
+        keep: impl Fn(u64) -> bool,
+    ) -> Vec<TopAd> {
         let Some(b) = self.buckets.get(&(window, bucket_start)) else {
             return Vec::new();
         };
         let mut ads: Vec<TopAd> = b
             .iter()
             .filter_map(|(&(campaign_id, dim), cell)| match dim {
-                Dim::Ad(ad_id) if cell.counters.clicks > 0 => Some(TopAd {
+                Dim::Ad(ad_id) if cell.counters.clicks > 0 && keep(campaign_id) => Some(TopAd {
                     ad_id,
                     campaign_id,
                     clicks: cell.counters.clicks,
@@ -361,7 +445,25 @@ impl Store {
                 })
                 .collect(),
             entries: Vec::new(),
+            owners: Vec::new(),
         }];
+        let mut owners: Vec<CampaignOwner> = self
+            .owners
+            .iter()
+            .map(|(&campaign_id, &advertiser_id)| CampaignOwner {
+                campaign_id,
+                advertiser_id,
+            })
+            .collect();
+        owners.sort_unstable_by_key(|o| o.campaign_id);
+        for part in owners.chunks(FRAME_ENTRIES_MAX) {
+            chunks.push(StoreChunk {
+                version: FRAMES_VERSION,
+                applied: Vec::new(),
+                entries: Vec::new(),
+                owners: part.to_vec(),
+            });
+        }
         for (&(window, start), b) in &self.buckets {
             for (&(campaign_id, dim), cell) in b {
                 if chunks
@@ -372,6 +474,7 @@ impl Store {
                         version: FRAMES_VERSION,
                         applied: Vec::new(),
                         entries: Vec::new(),
+                        owners: Vec::new(),
                     });
                 }
                 let key = clickgate_core::agg::Key {
@@ -407,6 +510,10 @@ impl Store {
         }
         for e in c.entries.iter() {
             self.apply_entry(e, false, now_ms)?;
+        }
+        for o in c.owners.iter() {
+            self.owners
+                .insert(o.campaign_id.to_native(), o.advertiser_id.to_native());
         }
         Ok(())
     }
@@ -634,5 +741,39 @@ mod tests {
             }
         }
         assert_eq!(t.top_ads(Window::H1, T0, 5), s.top_ads(Window::H1, T0, 5));
+        assert_eq!(t.campaigns(None), s.campaigns(None));
+        assert_eq!(t.campaigns(None).len(), 700);
+    }
+
+    #[test]
+    fn owners_come_from_frames_survive_snapshots_and_go_with_their_cells() {
+        let r = Retention {
+            m5_ms: 600_000,
+            h1_ms: 600_000,
+            d1_ms: 600_000,
+        };
+        let mut s = Store::new(r, 1_000);
+        let mut a = click(1, T0, 10, "a", 5);
+        a.advertiser_id = 100;
+        let mut b = click(2, T0 + 86_400_000, 11, "b", 5);
+        b.advertiser_id = 200;
+        apply(&mut s, &frame_bytes(&[a, b.clone()], 1, 0, 1), T0);
+        assert_eq!(
+            (s.owner(1), s.owner(2), s.owner(3)),
+            (Some(100), Some(200), None)
+        );
+        assert_eq!(s.campaigns(Some(200)), vec![(2, 200)]);
+        assert_eq!(s.campaigns(None), vec![(1, 100), (2, 200)]);
+        let mut t = Store::new(r, 1_000);
+        for c in &s.to_chunks() {
+            let mut buf = Vec::new();
+            encode_store_chunk(c, &mut buf).unwrap();
+            let (body, _) = split_frame(&buf, FRAME_BYTES_MAX).unwrap().unwrap();
+            t.load_chunk(access_store_chunk(&body).unwrap(), T0)
+                .unwrap();
+        }
+        assert_eq!(t.campaigns(None), s.campaigns(None));
+        s.evict(T0 + 2 * 86_400_000);
+        assert_eq!(s.campaigns(None), vec![(2, 200)]);
     }
 }

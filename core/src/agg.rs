@@ -183,6 +183,10 @@ pub struct Delta {
     /// The highest log LSN noted before the drain ([`Aggregator::note_log_lsn`]).
     pub log_lsn: u64,
     pub entries: Vec<DeltaEntry>,
+    /// `(campaign_id, advertiser_id)` of every campaign counted in this delta, sorted by
+    /// campaign, one per campaign (the last advertiser seen wins): campaign ownership
+    /// comes from the events themselves, and the query API's tenant isolation reads it.
+    pub owners: Vec<(u64, u64)>,
 }
 
 impl Delta {
@@ -193,6 +197,14 @@ impl Delta {
     /// Adds `other`'s counts into this delta (same key: counters add, sketches merge).
     pub fn merge(&mut self, other: Delta) {
         self.log_lsn = self.log_lsn.max(other.log_lsn);
+        if !other.owners.is_empty() {
+            // `other` is the later delta: its owner of a campaign wins.
+            let mut owners = other.owners;
+            owners.extend_from_slice(&self.owners);
+            owners.sort_by_key(|&(campaign, _)| campaign);
+            owners.dedup_by_key(|&mut (campaign, _)| campaign);
+            self.owners = owners;
+        }
         let mut at: KeyMap<usize> = KeyMap::default();
         at.reserve(self.entries.len());
         for (i, e) in self.entries.iter().enumerate() {
@@ -367,6 +379,10 @@ pub struct Aggregator {
     spare_users: Vec<Hll>,
     /// A cleared entry vector from a recycled delta.
     spare_entries: Vec<DeltaEntry>,
+    /// `(campaign_id, advertiser_id)` pushed when a campaign's `all` key is created, i.e.
+    /// once per (campaign, bucket) per interval, never per event; its capacity is kept
+    /// across drains. Bounded by `keys_max` like the keys themselves.
+    owners: Vec<(u64, u64)>,
     log_lsn: u64,
     overflow_total: u64,
 }
@@ -390,6 +406,7 @@ impl Aggregator {
             pending: Vec::with_capacity(PENDING_INSERTS_MAX),
             spare_users: Vec::new(),
             spare_entries: Vec::new(),
+            owners: Vec::new(),
             log_lsn: 0,
             overflow_total: 0,
         }
@@ -470,10 +487,18 @@ impl Aggregator {
         if self.pending.len() + dims.len() > PENDING_INSERTS_MAX {
             self.flush_pending();
         }
+        let keys_before = self.order.len();
         for (&(kind, value), &h) in dims.iter().zip(&hashes) {
             let pooled = self.add_to(click.campaign_id, bucket_start, kind, value, h, &update);
             if let (Some(p), Some(at)) = (update.user, pooled) {
                 self.pending.push((at, p.raw()));
+            }
+        }
+        // `Dim::All` goes first, so if it created a key that key is at `keys_before`:
+        // a campaign's owner is noted once per new (campaign, bucket), not per event.
+        if let Some(&at) = self.order.get(keys_before) {
+            if self.table[at as usize].kind == Dim::KIND_ALL {
+                self.owners.push((click.campaign_id, click.advertiser_id));
             }
         }
     }
@@ -643,9 +668,23 @@ impl Aggregator {
         }
         self.order.clear();
         self.sketches.clear();
+        // Stable sort, then keep each campaign's last entry: the latest advertiser wins.
+        self.owners.sort_by_key(|&(campaign, _)| campaign);
+        let mut owners = Vec::with_capacity(self.owners.len());
+        for (i, &(campaign, advertiser)) in self.owners.iter().enumerate() {
+            if self
+                .owners
+                .get(i + 1)
+                .is_none_or(|&(next, _)| next != campaign)
+            {
+                owners.push((campaign, advertiser));
+            }
+        }
+        self.owners.clear();
         Delta {
             log_lsn: self.log_lsn,
             entries,
+            owners,
         }
     }
 
@@ -996,5 +1035,30 @@ mod tests {
             "{}",
             std::mem::size_of::<DeltaEntry>()
         );
+    }
+
+    #[test]
+    fn owners_are_noted_once_per_campaign_and_the_latest_wins() {
+        let mut a = Aggregator::new(AggConfig::default());
+        let mut c = click(1, T0, 10, b"US", Device::Mobile, "u1", 5);
+        c.advertiser_id = 100;
+        a.add(&c, true, false);
+        a.add(&c, false, true);
+        c.ts_ms = T0 + 400_000; // another bucket: another `all` key
+        a.add(&c, true, false);
+        let mut d = click(2, T0, 11, b"FR", Device::Desktop, "u2", 5);
+        d.advertiser_id = 200;
+        a.add(&d, false, false); // a duplicate counts nothing, owns nothing
+        assert_eq!(a.drain_delta().owners, vec![(1, 100)]);
+        a.add(&d, true, false);
+        c.advertiser_id = 101;
+        a.add(&c, true, false);
+        let mut first = a.drain_delta();
+        assert_eq!(first.owners, vec![(1, 101), (2, 200)]);
+        c.advertiser_id = 102;
+        a.add(&c, true, false);
+        first.merge(a.drain_delta());
+        assert_eq!(first.owners, vec![(1, 102), (2, 200)]);
+        assert!(a.drain_delta().owners.is_empty());
     }
 }

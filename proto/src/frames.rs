@@ -12,6 +12,11 @@
 //! the controlplane applies a frame only if its `delta_id` is above the last one it applied
 //! for that `(box_id, instance_id, core)`.
 //!
+//! Ownership: a delta frame carries `(campaign_id, advertiser_id)` for the campaigns its
+//! entries count ([`CampaignOwner`], at most [`FRAME_ENTRIES_MAX`] per frame), taken
+//! from the events themselves; the store keeps the map (and its snapshot chunks carry it)
+//! so the query API can show each advertiser only its own campaigns. Version 2 added it.
+//!
 //! Entry semantics: an entry counts toward its own window and every coarser one (the
 //! dataplane sends 5m entries; the store adds them to 1h and 1d too). Snapshot chunks
 //! ([`StoreChunk`]) are exact: each entry counts toward its own window only.
@@ -23,14 +28,24 @@ use rkyv::rancor;
 use rkyv::util::AlignedVec;
 
 /// Wire format version inside every frame.
-pub const FRAMES_VERSION: u32 = 1;
+pub const FRAMES_VERSION: u32 = 2;
 /// Largest frame (length prefix excluded) a reader accepts by default.
 pub const FRAME_BYTES_MAX: u32 = 64 << 20;
 /// Entries per delta frame, at most: a sender splits a larger delta into several frames.
 /// Worst case (every sketch dense) stays under the frame bound.
 pub const FRAME_ENTRIES_MAX: usize = 4096;
 const ENTRY_BYTES_MAX: usize = clickgate_core::hll::WIRE_BYTES_MAX + 128;
-const _: () = assert!(FRAME_ENTRIES_MAX * ENTRY_BYTES_MAX + 4096 <= FRAME_BYTES_MAX as usize);
+/// Bytes of one archived [`CampaignOwner`].
+const OWNER_BYTES: usize = 16;
+const _: () =
+    assert!(FRAME_ENTRIES_MAX * (ENTRY_BYTES_MAX + OWNER_BYTES) + 4096 <= FRAME_BYTES_MAX as usize);
+
+/// The advertiser a campaign's events name (contract §1 `advertiser_id`).
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CampaignOwner {
+    pub campaign_id: u64,
+    pub advertiser_id: u64,
+}
 
 /// One key's counts, as shipped.
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -67,6 +82,9 @@ pub struct DeltaFrame {
     /// from the log (0: unknown, never refilled).
     pub start_lsn: u64,
     pub entries: Vec<DeltaEntry>,
+    /// Owners of the campaigns counted (at most [`FRAME_ENTRIES_MAX`]); a later frame's
+    /// owner of a campaign replaces an earlier one's.
+    pub owners: Vec<CampaignOwner>,
 }
 
 /// The controlplane made `delta_id` (and everything before it) of `core` durable.
@@ -94,6 +112,8 @@ pub struct StoreChunk {
     pub version: u32,
     pub applied: Vec<AppliedMark>,
     pub entries: Vec<DeltaEntry>,
+    /// Campaign owners (at most [`FRAME_ENTRIES_MAX`] per chunk).
+    pub owners: Vec<CampaignOwner>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,6 +125,8 @@ pub enum FrameError {
     Invalid(String),
     #[error("unknown frames version {0}")]
     Version(u32),
+    #[error("{0} campaign owners in one frame, over the {FRAME_ENTRIES_MAX} bound")]
+    TooManyOwners(usize),
     #[error("unknown window code {0}")]
     Window(u8),
     #[error("bad dimension kind {0} value {1}")]
@@ -134,7 +156,9 @@ impl DeltaEntry {
 
 /// Splits a drained delta into frames of at most [`FRAME_ENTRIES_MAX`] entries, numbered
 /// from `first_delta_id` up. An empty delta gives one empty frame (it still carries the
-/// log LSN). Returns the frames; the next free id is `first_delta_id + frames.len()`.
+/// log LSN). Campaign owners ride along, at most [`FRAME_ENTRIES_MAX`] per frame (a delta
+/// has at most one per `all` entry, so they fit). Returns the frames; the next free id is
+/// `first_delta_id + frames.len()`.
 pub fn frames_from_delta(
     box_id: u64,
     instance_id: u64,
@@ -143,6 +167,14 @@ pub fn frames_from_delta(
     delta: &Delta,
 ) -> Vec<DeltaFrame> {
     let mut out = Vec::new();
+    let mut owners = delta.owners.chunks(FRAME_ENTRIES_MAX).map(|c| {
+        c.iter()
+            .map(|&(campaign_id, advertiser_id)| CampaignOwner {
+                campaign_id,
+                advertiser_id,
+            })
+            .collect::<Vec<_>>()
+    });
     let mut chunks = delta.entries.chunks(FRAME_ENTRIES_MAX).peekable();
     if chunks.peek().is_none() {
         out.push(DeltaFrame {
@@ -154,6 +186,7 @@ pub fn frames_from_delta(
             log_lsn: delta.log_lsn,
             start_lsn: 0,
             entries: Vec::new(),
+            owners: owners.next().unwrap_or_default(),
         });
     }
     for (i, chunk) in chunks.enumerate() {
@@ -169,6 +202,22 @@ pub fn frames_from_delta(
                 .iter()
                 .map(|e| DeltaEntry::from_parts(&e.key, &e.counters, &e.users))
                 .collect(),
+            owners: owners.next().unwrap_or_default(),
+        });
+    }
+    // More owners than entry chunks cannot come from an `Aggregator`; keep them anyway.
+    for rest in owners {
+        let last = out.last().expect("at least one frame");
+        out.push(DeltaFrame {
+            version: FRAMES_VERSION,
+            box_id,
+            instance_id,
+            core,
+            delta_id: last.delta_id + 1,
+            log_lsn: delta.log_lsn,
+            start_lsn: 0,
+            entries: Vec::new(),
+            owners: rest,
         });
     }
     out
@@ -248,6 +297,9 @@ pub fn access_delta(body: &[u8]) -> Result<&ArchivedDeltaFrame, FrameError> {
     if f.version.to_native() != FRAMES_VERSION {
         return Err(FrameError::Version(f.version.to_native()));
     }
+    if f.owners.len() > FRAME_ENTRIES_MAX {
+        return Err(FrameError::TooManyOwners(f.owners.len()));
+    }
     for e in f.entries.iter() {
         entry_parts(e)?;
     }
@@ -270,6 +322,9 @@ pub fn access_store_chunk(body: &[u8]) -> Result<&ArchivedStoreChunk, FrameError
         .map_err(|e| FrameError::Invalid(e.to_string()))?;
     if c.version.to_native() != FRAMES_VERSION {
         return Err(FrameError::Version(c.version.to_native()));
+    }
+    if c.owners.len() > FRAME_ENTRIES_MAX {
+        return Err(FrameError::TooManyOwners(c.owners.len()));
     }
     for e in c.entries.iter() {
         entry_parts(e)?;
@@ -353,6 +408,12 @@ mod tests {
             (5, 6, 2)
         );
         assert_eq!((f.delta_id.to_native(), f.log_lsn.to_native()), (10, 99));
+        let owners: Vec<(u64, u64)> = f
+            .owners
+            .iter()
+            .map(|o| (o.campaign_id.to_native(), o.advertiser_id.to_native()))
+            .collect();
+        assert_eq!(owners, vec![(1, 7), (2, 7), (3, 7)]);
         assert_eq!(f.entries.len(), d.entries.len());
         for (a, e) in f.entries.iter().zip(&d.entries) {
             let (key, c) = entry_parts(a).unwrap();
@@ -391,12 +452,20 @@ mod tests {
             &Delta {
                 log_lsn: 4,
                 entries: Vec::new(),
+                owners: vec![(5, 6)],
             },
         );
         assert_eq!(empty.len(), 1);
         assert_eq!(
             (empty[0].delta_id, empty[0].log_lsn, empty[0].entries.len()),
             (3, 4, 0)
+        );
+        assert_eq!(
+            empty[0].owners,
+            vec![CampaignOwner {
+                campaign_id: 5,
+                advertiser_id: 6
+            }]
         );
     }
 
@@ -432,6 +501,10 @@ mod tests {
             entries: frames_from_delta(0, 0, 0, 1, &sample_delta(50))
                 .remove(0)
                 .entries,
+            owners: vec![CampaignOwner {
+                campaign_id: 1,
+                advertiser_id: 7,
+            }],
         };
         let mut buf = Vec::new();
         encode_store_chunk(&chunk, &mut buf).unwrap();
@@ -462,7 +535,11 @@ mod tests {
         f.entries[0].users = vec![1, 14, 1, 0, 0, 0, 99];
         check(&f, "sketch");
         f.entries[0].users = Vec::new();
-        f.version = 2;
+        let owner = f.owners[0];
+        f.owners = vec![owner; FRAME_ENTRIES_MAX + 1];
+        check(&f, "owners");
+        f.owners.truncate(1);
+        f.version = 1;
         check(&f, "version");
         assert!(matches!(
             frame_len(u32::MAX.to_le_bytes(), FRAME_BYTES_MAX),
