@@ -186,6 +186,26 @@ pub struct Settings {
     /// The store writes a snapshot at least this often while deltas arrive, in seconds [default: 60]
     #[arg(long, env = "CLICKGATE_SNAPSHOT_INTERVAL_SECS", global = true)]
     pub snapshot_interval_secs: Option<u64>,
+
+    /// Archive: raw record bytes a log stream buffers before its Parquet files are written (the archiver's memory per core) [default: 134217728]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_BYTES", global = true)]
+    pub archive_roll_bytes: Option<u64>,
+
+    /// Archive: buffered records are written at most this long after the first one was read, in seconds [default: 300]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_SECS", global = true)]
+    pub archive_roll_secs: Option<u64>,
+
+    /// Archive: hour partitions (open files) one range of a stream may touch, at most [default: 48]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_OPEN_FILES_MAX", global = true)]
+    pub archive_open_files_max: Option<usize>,
+
+    /// Archive: rows per Parquet row group, at most [default: 1048576]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_ROW_GROUP_ROWS", global = true)]
+    pub archive_row_group_rows: Option<usize>,
+
+    /// Archive: how often the local log is polled for new records, in ms (1..=60000) [default: 200]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_POLL_MS", global = true)]
+    pub archive_poll_ms: Option<u64>,
 }
 
 /// Layers `$hi` over `$lo` field by field: a field set in `$hi` wins.
@@ -249,6 +269,11 @@ impl Settings {
                 retention_1d_secs,
                 store_cells_max,
                 snapshot_interval_secs,
+                archive_roll_bytes,
+                archive_roll_secs,
+                archive_open_files_max,
+                archive_row_group_rows,
+                archive_poll_ms,
             ]
         )
     }
@@ -337,6 +362,24 @@ impl Settings {
 }
 
 impl Settings {
+    /// The archive's directory and bounds (issue #7); `s3://` is refused here (exit 2).
+    pub fn archive(&self) -> anyhow::Result<clickgate_controlplane::archive::ArchiveConfig> {
+        use clickgate_controlplane::archive::{ArchiveConfig, ArchiveLocation};
+        let d = ArchiveConfig::default();
+        let loc = ArchiveLocation::parse(self.archive_url.as_deref(), &self.data_dir())
+            .map_err(anyhow::Error::msg)?;
+        let cfg = ArchiveConfig {
+            dir: loc.dir().to_path_buf(),
+            roll_bytes: self.archive_roll_bytes.unwrap_or(d.roll_bytes),
+            roll_secs: self.archive_roll_secs.unwrap_or(d.roll_secs),
+            open_files_max: self.archive_open_files_max.unwrap_or(d.open_files_max),
+            row_group_rows: self.archive_row_group_rows.unwrap_or(d.row_group_rows),
+            poll_ms: self.archive_poll_ms.unwrap_or(d.poll_ms),
+        };
+        cfg.validate().map_err(anyhow::Error::msg)?;
+        Ok(cfg)
+    }
+
     pub fn controlplane(&self) -> anyhow::Result<ControlplaneConfig> {
         let d = ControlplaneConfig::default();
         let cfg = ControlplaneConfig {
@@ -352,6 +395,7 @@ impl Settings {
             snapshot_interval_secs: self
                 .snapshot_interval_secs
                 .unwrap_or(d.snapshot_interval_secs),
+            archive: self.archive()?,
             ..d
         };
         // Contract §3: 5m buckets are answerable for at least 24 h.

@@ -1,6 +1,7 @@
 //! The `clickgate` binary: parses settings, wires the planes, maps errors to exit codes.
 //! Logic lives in the library crates.
 
+mod billing;
 mod config;
 mod rules;
 
@@ -41,6 +42,9 @@ enum Command {
     /// Fraud rules through the control API (exit 0 ok, 1 server error, 2 bad file or
     /// argument, 3 token refused, 4 endpoint unreachable)
     Rules(rules::RulesArgs),
+    /// Bill one UTC day from the Parquet archive: exact dedup, fraud rules, invoices.csv
+    /// and reconciliation.csv (exit 0 ok, 1 runtime failure, 2 bad argument)
+    Billing(billing::BillingArgs),
 }
 
 /// Exit codes: 0 clean stop, 1 runtime failure, 2 bad settings.
@@ -67,11 +71,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Command::Billing(args) = &cli.command {
+        return ExitCode::from(billing::run(args, &settings));
+    }
     let result = match cli.command {
         Command::Run => run_both(&settings),
         Command::Dataplane => run_dataplane(&settings),
         Command::Controlplane => run_controlplane(&settings),
-        Command::Rules(_) => unreachable!("handled above"),
+        Command::Rules(_) | Command::Billing(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -142,6 +142,39 @@ impl Durable {
         Ok((durable, rec))
     }
 
+    /// Loads the snapshot and the WAL's valid prefix into `store` without writing
+    /// anything (billing reads a live box's counters this way; a torn tail is skipped,
+    /// not cut). `Ok(false)`: `dir` holds no store.
+    pub fn load_read_only(dir: &Path, store: &mut Store, now_ms: u64) -> anyhow::Result<bool> {
+        let (snap, wal) = (dir.join("snapshot"), dir.join("wal"));
+        if !snap.exists() && !wal.exists() {
+            return Ok(false);
+        }
+        if snap.exists() {
+            let bytes = fs::read(&snap).with_context(|| format!("reading {}", snap.display()))?;
+            if bytes.len() < SNAPSHOT_MAGIC.len() || &bytes[..8] != SNAPSHOT_MAGIC {
+                bail!("{} is not a clickgate snapshot", snap.display());
+            }
+            for body in records(&bytes[8..]).0 {
+                let body = aligned(body);
+                let chunk = access_store_chunk(&body)
+                    .with_context(|| format!("decoding {}", snap.display()))?;
+                store.load_chunk(chunk, now_ms)?;
+            }
+        }
+        let bytes = match fs::read(&wal) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", wal.display())),
+        };
+        for body in records(&bytes).0 {
+            let body = aligned(body);
+            let f = access_delta(&body).with_context(|| format!("decoding {}", wal.display()))?;
+            store.apply_frame(f, now_ms)?;
+        }
+        Ok(true)
+    }
+
     /// Buffers one frame body for the next commit.
     pub fn append(&mut self, body: &[u8]) {
         put_record(body, &mut self.pending);

@@ -19,6 +19,8 @@
 //! the writer just updated, so a click is visible about one flush interval plus one
 //! fdatasync after its 202.
 
+pub mod archive;
+pub mod billing;
 pub mod control;
 pub mod durable;
 pub mod ingest;
@@ -74,6 +76,8 @@ pub struct ControlplaneConfig {
     pub query_buckets_max: u64,
     /// Largest `n` of `/v1/top`.
     pub top_n_max: usize,
+    /// The Parquet archiver of the local log (issue #7).
+    pub archive: archive::ArchiveConfig,
 }
 
 impl Default for ControlplaneConfig {
@@ -96,6 +100,7 @@ impl Default for ControlplaneConfig {
             control_connections_max: 1024,
             query_buckets_max: 10_000,
             top_n_max: 1_000,
+            archive: archive::ArchiveConfig::default(),
         }
     }
 }
@@ -133,6 +138,7 @@ pub struct Controlplane {
     tasks: Vec<JoinHandle<()>>,
     writer: std::thread::JoinHandle<()>,
     store: Arc<RwLock<Store>>,
+    archiver: archive::ArchiverHandle,
 }
 
 impl Controlplane {
@@ -245,6 +251,15 @@ impl Controlplane {
                 tracing::error!(error = %e, "query API server failed");
             }
         }));
+        let mut archive_cfg = cfg.archive.clone();
+        if archive_cfg.dir.as_os_str().is_empty() {
+            archive_cfg.dir = cfg.data_dir.join("archive");
+        }
+        let archiver = archive::ArchiverHandle::spawn(
+            archive_cfg,
+            &cfg.data_dir,
+            archive::LocalLogSource::new(&cfg.data_dir),
+        )?;
         tracing::info!(query_addr = %query_addr, control_addr = %control_addr, control_socket = %socket.display(), "controlplane listening");
         Ok(Controlplane {
             query_addr,
@@ -255,6 +270,7 @@ impl Controlplane {
             tasks,
             writer,
             store,
+            archiver,
         })
     }
 
@@ -299,7 +315,9 @@ impl Controlplane {
             .await?
             .map_err(|_| anyhow::anyhow!("store writer panicked"))?;
         let _ = std::fs::remove_file(&self.control_socket);
-        flushed
+        // Contract §0: the open Parquet files are written on a clean stop.
+        let archived = tokio::task::spawn_blocking(move || self.archiver.shutdown()).await?;
+        flushed.and(archived)
     }
 }
 

@@ -87,6 +87,16 @@ impl Clickgate {
     }
 
     pub fn spawn(subcommand: &str, data_dir: &Path, extra: &[&str]) -> Clickgate {
+        Clickgate::spawn_env(subcommand, data_dir, extra, &[])
+    }
+
+    /// [`Clickgate::spawn`] with extra environment variables (test hooks).
+    pub fn spawn_env(
+        subcommand: &str,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Clickgate {
         let run_dir = data_dir.join("run");
         let ingest_file = run_dir.join("ingest.addr");
         let query_file = run_dir.join("query.addr");
@@ -125,6 +135,7 @@ impl Clickgate {
                 "CLICKGATE_LOG",
                 std::env::var("CLICKGATE_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::inherit())
             .stderr(Stdio::inherit())

@@ -1,0 +1,128 @@
+//! Archive bench (bench/archive.sh): generates a day of raw records in memory — as the
+//! local log would hand them out — runs them through the real archiver into a directory,
+//! and reports rows/s and Parquet bytes per event. Billing of that directory is then
+//! timed by `clickgate billing` itself (bench/ARCHIVE.md).
+//!
+//! `cg-archive-bench <archive dir> <events> [<day YYYY-MM-DD>]`
+
+use std::borrow::Cow;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use clickgate_controlplane::archive::{ArchiveConfig, Archiver, Date, RecordSource, DAY_MS};
+use clickgate_core::hash::mix64;
+use clickgate_core::{Click, Device, EventId};
+use clickgate_proto::record::{self, Flags};
+
+const STREAMS: u64 = 2;
+
+/// `events` records split over two streams; record `i` is a pure function of `i`, so a
+/// run is reproducible. 2% are late copies of an earlier event with another cost (a
+/// publisher retry with an altered field).
+struct GenSource {
+    day_start: u64,
+    events: u64,
+    next: [u64; STREAMS as usize],
+    buf: Vec<u8>,
+}
+
+impl GenSource {
+    fn record(&mut self, i: u64) {
+        let h = mix64(i);
+        let (id_src, cost) = if h % 50 == 0 && i > 1000 {
+            (i - 1 - (h >> 20) % 1000, 777)
+        } else {
+            (i, 100_000 + (h >> 8) % 900_000)
+        };
+        let hid = mix64(id_src ^ 0x5eed);
+        let mut id = [0u8; 16];
+        id[..8].copy_from_slice(&hid.to_le_bytes());
+        id[8..].copy_from_slice(&mix64(hid).to_le_bytes());
+        let ts = self.day_start + mix64(id_src) % DAY_MS;
+        let campaign = 1 + (hid >> 7) % 1000;
+        let ip = (h >> 24) % 200_000;
+        let user = format!("u-{}", (h >> 13) % 1_000_000);
+        let click = Click {
+            event_id: EventId(id),
+            ts_ms: ts,
+            campaign_id: campaign,
+            ad_id: campaign * 10 + h % 7,
+            publisher_id: 1 + (h >> 3) % 500,
+            advertiser_id: 1 + campaign % 100,
+            user_id: Cow::Borrowed(&user),
+            ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000u32 + ip as u32)),
+            user_agent: Cow::Borrowed("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)"),
+            country: *b"US",
+            device: Device::Mobile,
+            cost_micros: cost,
+        };
+        self.buf.clear();
+        record::encode(&click, Flags::default(), ts + 50, &[], &mut self.buf).expect("encodes");
+    }
+}
+
+impl RecordSource for GenSource {
+    fn streams(&mut self) -> io::Result<Vec<String>> {
+        Ok((0..STREAMS).map(|k| format!("core-{k}")).collect())
+    }
+    fn committed(&mut self, _: &str) -> io::Result<u64> {
+        Ok(0)
+    }
+    fn seek(&mut self, _: &str, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+    fn next(&mut self, stream: &str) -> io::Result<Option<(u64, u64, &[u8])>> {
+        let k: u64 = stream[5..].parse().expect("core-k");
+        let pos = self.next[k as usize];
+        let i = pos * STREAMS + k;
+        if i >= self.events {
+            return Ok(None);
+        }
+        self.record(i);
+        self.next[k as usize] = pos + 1;
+        Ok(Some((pos, pos + 1, &self.buf)))
+    }
+    fn commit(&mut self, _: &str, _: u64) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        anyhow::bail!("usage: cg-archive-bench <archive dir> <events> [<day YYYY-MM-DD>]");
+    }
+    let dir = std::path::PathBuf::from(&args[1]);
+    let events: u64 = args[2].parse()?;
+    let day = Date::parse(args.get(3).map_or("2026-11-27", String::as_str))
+        .map_err(anyhow::Error::msg)?;
+    std::fs::create_dir_all(&dir)?;
+    let state = dir.join(".bench-state");
+    let src = GenSource {
+        day_start: day.start_ms(),
+        events,
+        next: [0; STREAMS as usize],
+        buf: Vec::new(),
+    };
+    let cfg = ArchiveConfig {
+        dir: dir.clone(),
+        ..ArchiveConfig::default()
+    };
+    let mut a = Archiver::new(cfg, &state, src);
+    let stats = a.stats();
+    let t = Instant::now();
+    a.poll(true)?;
+    let secs = t.elapsed().as_secs_f64();
+    let rows = stats.rows.load(Ordering::Relaxed);
+    let bytes = stats.file_bytes.load(Ordering::Relaxed);
+    println!(
+        "archive: {rows} rows in {secs:.2} s = {:.0} rows/s; {} files, {bytes} bytes = {:.1} bytes/event",
+        rows as f64 / secs,
+        stats.files.load(Ordering::Relaxed),
+        bytes as f64 / rows.max(1) as f64
+    );
+    let _ = std::fs::remove_dir_all(&state);
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! `clickgate billing --day YYYY-MM-DD` (contract §7): flags to
+//! [`clickgate_controlplane::billing::BillingConfig`]; the work is in that module.
+
+use std::path::PathBuf;
+
+use clickgate_controlplane::archive::{ArchiveLocation, Date};
+use clickgate_controlplane::billing::{self, BillingConfig, BillingError};
+
+use crate::config::Settings;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct BillingArgs {
+    /// UTC day to bill, YYYY-MM-DD
+    #[arg(long)]
+    pub day: String,
+
+    /// Directory for invoices.csv, adjustments.csv and reconciliation.csv [default: .]
+    #[arg(long, default_value = ".")]
+    pub out: PathBuf,
+
+    /// Fraud rules file (contract §4 format) [default: the box's <data dir>/rules/current.json]
+    #[arg(long)]
+    pub rules: Option<PathBuf>,
+
+    /// Enable batch-only checks (an IP clicking more than --ip-campaigns-max campaigns in
+    /// the day); every click they remove is listed in adjustments.csv
+    #[arg(long)]
+    pub batch_checks: bool,
+
+    /// Batch check: distinct campaigns one IP may click in a day before its clicks are removed
+    #[arg(long, default_value_t = 20)]
+    pub ip_campaigns_max: u32,
+
+    /// Hours of the neighbouring days read for exact dedup of copies with altered ts (0..=48)
+    #[arg(long, default_value_t = 1)]
+    pub margin_hours: u32,
+
+    /// Rows per spill partition, at most: the memory bound (about 200 B per row)
+    #[arg(long, default_value_t = 2_000_000)]
+    pub partition_rows_max: u64,
+
+    /// Never draw the progress line (it is drawn only when stderr is a terminal anyway)
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// Runs billing; the summary line goes to stdout. Returns the exit code.
+pub fn run(args: &BillingArgs, settings: &Settings) -> u8 {
+    match bill(args, settings) {
+        Ok(summary) => {
+            println!("billing {}: {summary}", args.day);
+            0
+        }
+        Err(e) => {
+            eprintln!("clickgate billing: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn bill(
+    args: &BillingArgs,
+    settings: &Settings,
+) -> Result<clickgate_controlplane::billing::Summary, BillingError> {
+    let day = Date::parse(&args.day).map_err(|e| BillingError::BadInput(format!("--day: {e}")))?;
+    let data_dir = settings.data_dir();
+    let loc = ArchiveLocation::parse(settings.archive_url.as_deref(), &data_dir)
+        .map_err(|e| BillingError::BadInput(format!("--archive-url: {e}")))?;
+    let mut cfg = BillingConfig::new(day, loc.dir().to_path_buf(), data_dir, args.out.clone());
+    cfg.rules_file = args.rules.clone();
+    cfg.batch_checks = args.batch_checks;
+    cfg.ip_campaigns_max = args.ip_campaigns_max;
+    cfg.margin_hours = args.margin_hours;
+    cfg.partition_rows_max = args.partition_rows_max;
+    cfg.progress &= !args.no_progress;
+    billing::run(&cfg)
+}
