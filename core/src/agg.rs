@@ -55,7 +55,7 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use crate::event::{Click, Device};
 use crate::hash::{bytes_hash, mix64};
-use crate::hll::{Hll, HllPoint};
+use crate::hll::{Hll, HllPool, HllPoint};
 use crate::window::Window;
 
 /// A dimension of a key: the whole campaign or one value of one attribute.
@@ -375,10 +375,10 @@ pub struct Aggregator {
     /// Inserts into `sketches` not applied yet: (sketch, `HllPoint::raw`). Nothing reads
     /// a sketch before `drain_delta`, which applies them first, and inserts commute.
     pending: Vec<(u32, u32)>,
-    /// Cleared sketches from recycled deltas, reused for new pooled sketches.
-    spare_users: Vec<Hll>,
     /// A cleared entry vector from a recycled delta.
     spare_entries: Vec<DeltaEntry>,
+    /// Buffers for growing sketches (bounded, see `HllPool`), refilled by `recycle`.
+    pool: HllPool,
     /// `(campaign_id, advertiser_id)` pushed when a campaign's `all` key is created, i.e.
     /// once per (campaign, bucket) per interval, never per event; its capacity is kept
     /// across drains. Bounded by `keys_max` like the keys themselves.
@@ -404,8 +404,8 @@ impl Aggregator {
             order: Vec::new(),
             sketches: Vec::new(),
             pending: Vec::with_capacity(PENDING_INSERTS_MAX),
-            spare_users: Vec::new(),
             spare_entries: Vec::new(),
+            pool: HllPool::default(),
             owners: Vec::new(),
             log_lsn: 0,
             overflow_total: 0,
@@ -508,7 +508,7 @@ impl Aggregator {
     /// misses overlap instead of stalling the event that caused them.
     fn flush_pending(&mut self) {
         const AHEAD: usize = 8;
-        let (pending, sketches) = (&self.pending, &mut self.sketches);
+        let (pending, sketches, pool) = (&self.pending, &mut self.sketches, &mut self.pool);
         for j in 0..pending.len() {
             if let Some(&(s, _)) = pending.get(j + 2 * AHEAD) {
                 prefetch((&sketches[s as usize] as *const Hll).cast());
@@ -517,7 +517,7 @@ impl Aggregator {
                 prefetch(sketches[s as usize].insert_addr(HllPoint::from_raw(p)));
             }
             let (s, p) = pending[j];
-            sketches[s as usize].insert(HllPoint::from_raw(p));
+            sketches[s as usize].insert_pooled(HllPoint::from_raw(p), pool);
         }
         self.pending.clear();
     }
@@ -595,10 +595,10 @@ impl Aggregator {
     #[cold]
     #[inline(never)]
     fn spill_users(&mut self, i: usize) -> u32 {
-        let mut h = self.spare_users.pop().unwrap_or_default();
+        let mut h = Hll::default();
         let s = &mut self.table[i];
         for k in 0..s.users_len as usize {
-            h.insert(HllPoint::from_raw(s.inline_user(k)));
+            h.insert_pooled(HllPoint::from_raw(s.inline_user(k)), &mut self.pool);
         }
         let at = u32::try_from(self.sketches.len()).expect("sketches < keys_max < u32::MAX");
         self.sketches.push(h);
@@ -692,16 +692,11 @@ impl Aggregator {
     /// interval allocates fresh sketches). Only sketches with a heap buffer are worth
     /// keeping: the others cost nothing to make.
     pub fn recycle(&mut self, mut delta: Delta) {
+        // Every sketch buffer goes back to the pool by size class; new sketches start
+        // inline and grow through the pool's classes, so after warm-up growing takes no
+        // allocation whatever the next interval's keys look like.
         for mut e in delta.entries.drain(..) {
-            if self.spare_users.len() >= self.cfg.keys_max {
-                break;
-            }
-            if e.users.heap_bytes() > 0 {
-                e.users.clear();
-                if e.users.heap_bytes() > 0 {
-                    self.spare_users.push(e.users);
-                }
-            }
+            e.users.recycle_into(&mut self.pool);
         }
         if delta.entries.capacity() > self.spare_entries.capacity() {
             self.spare_entries = delta.entries;
@@ -845,7 +840,7 @@ mod tests {
     }
 
     #[test]
-    fn drains_are_disjoint_and_recycling_reuses_sketches() {
+    fn drains_are_disjoint_and_recycling_pools_sketch_buffers() {
         let mut a = Aggregator::new(AggConfig::default());
         for round in 0..3u64 {
             for u in 0..100u64 {
@@ -865,12 +860,13 @@ mod tests {
             }
             let d = a.drain_delta();
             check(&d, 1, T0, Dim::All, (100, 100 * (round + 1), 0, 100));
+            let sketches = d.entries.iter().filter(|e| e.users.heap_bytes() > 0).count();
+            assert_eq!(sketches, 5, "100 users: every key's sketch has a heap buffer");
             a.recycle(d);
-            assert_eq!(a.spare_users.len(), 5);
-            assert!(a
-                .spare_users
-                .iter()
-                .all(|h| h.is_empty() && h.heap_bytes() >= 400));
+            assert!(
+                a.pool.buffers() >= 5,
+                "the 5 buffers (and outgrown ones) are pooled"
+            );
         }
     }
 

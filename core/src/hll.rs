@@ -67,6 +67,15 @@ enum Repr {
     Dense(Vec<u8>),
 }
 
+impl Default for Repr {
+    fn default() -> Self {
+        Repr::Inline {
+            len: 0,
+            e: [0; INLINE_ENTRIES_MAX],
+        }
+    }
+}
+
 /// Slots of a sparse table when it first leaves the inline form.
 const SPARSE_TABLE_MIN: usize = 16;
 /// Slots of a sparse table at its largest: `SPARSE_ENTRIES_MAX` at load ≤ 3/4.
@@ -89,6 +98,66 @@ impl Default for Hll {
                 e: [0; INLINE_ENTRIES_MAX],
             },
         }
+    }
+}
+
+/// Spare heap buffers for sketches, by size class, so that sketches growing after
+/// warm-up (inline → sparse → bigger sparse → dense) take their buffers from here and
+/// give the outgrown ones back instead of allocating: the aggregator's hot path then does
+/// not allocate per event. Bounded: each size class (sparse tables of 64 B to 8 KiB, dense
+/// arrays of 16 KiB) keeps at most [`HllPool::CLASS_BYTES_MAX`] of buffers, ≤ 36 MiB per
+/// core in all — reached only by a core that really had that many sketches of each size
+/// at once; beyond, a returned buffer is freed.
+#[derive(Default)]
+pub struct HllPool {
+    /// `sparse[c]`: zeroed tables of `SPARSE_TABLE_MIN << c` slots.
+    sparse: [Vec<Vec<u32>>; SPARSE_CLASSES],
+    /// Zeroed dense register arrays.
+    dense: Vec<Vec<u8>>,
+}
+
+const SPARSE_CLASSES: usize = (SPARSE_TABLE_MAX / SPARSE_TABLE_MIN).trailing_zeros() as usize + 1;
+
+impl HllPool {
+    pub const CLASS_BYTES_MAX: usize = 4 << 20;
+
+    fn class_of(slots: usize) -> usize {
+        (slots / SPARSE_TABLE_MIN).trailing_zeros() as usize
+    }
+
+    /// A zeroed sparse table of `slots` slots (a power of two in the sparse range).
+    fn take_sparse(&mut self, slots: usize) -> Vec<u32> {
+        self.sparse[Self::class_of(slots)]
+            .pop()
+            .unwrap_or_else(|| vec![0u32; slots])
+    }
+
+    fn put_sparse(&mut self, mut t: Vec<u32>) {
+        let slots = t.len();
+        if !slots.is_power_of_two() || !(SPARSE_TABLE_MIN..=SPARSE_TABLE_MAX).contains(&slots) {
+            return;
+        }
+        let class = &mut self.sparse[Self::class_of(slots)];
+        if (class.len() + 1) * slots * 4 <= Self::CLASS_BYTES_MAX {
+            t.fill(0);
+            class.push(t);
+        }
+    }
+
+    fn take_dense(&mut self) -> Vec<u8> {
+        self.dense.pop().unwrap_or_else(|| vec![0u8; REGISTERS])
+    }
+
+    fn put_dense(&mut self, mut d: Vec<u8>) {
+        if d.len() == REGISTERS && (self.dense.len() + 1) * REGISTERS <= Self::CLASS_BYTES_MAX {
+            d.fill(0);
+            self.dense.push(d);
+        }
+    }
+
+    /// Buffers held.
+    pub fn buffers(&self) -> usize {
+        self.sparse.iter().map(Vec::len).sum::<usize>() + self.dense.len()
     }
 }
 
@@ -220,6 +289,94 @@ impl Hll {
     #[inline]
     pub fn insert_hash(&mut self, hash: u64) {
         self.insert(HllPoint::of_hash(hash));
+    }
+
+    /// [`Hll::insert`], taking any buffer a growing sketch needs from `pool` and giving
+    /// the outgrown one back: no allocation once the pool is warm.
+    #[inline]
+    pub fn insert_pooled(&mut self, p: HllPoint, pool: &mut HllPool) {
+        if self.fits(p) {
+            self.insert(p);
+        } else {
+            self.grow_pooled(pool);
+            self.insert(p);
+        }
+    }
+
+    /// True when `insert(p)` needs no new buffer.
+    #[inline]
+    fn fits(&self, p: HllPoint) -> bool {
+        let idx = p.idx();
+        match &self.repr {
+            Repr::Dense(_) => true,
+            Repr::Inline { len, e } => {
+                (*len as usize) < INLINE_ENTRIES_MAX
+                    || e[..*len as usize].iter().any(|&x| x >> 8 == idx)
+            }
+            Repr::Sparse { len, t } => {
+                let n = *len as usize;
+                if n < SPARSE_ENTRIES_MAX && (n + 1) * 4 <= t.len() * 3 {
+                    return true;
+                }
+                // Full: only an update of a present register fits.
+                let mask = t.len() - 1;
+                let mut i = idx as usize & mask;
+                loop {
+                    let x = t[i];
+                    if x == 0 {
+                        return false;
+                    }
+                    if x >> 8 == idx {
+                        return true;
+                    }
+                    i = (i + 1) & mask;
+                }
+            }
+        }
+    }
+
+    /// Room for one more register, with buffers from `pool`.
+    #[cold]
+    #[inline(never)]
+    fn grow_pooled(&mut self, pool: &mut HllPool) {
+        let n = self
+            .entries_len()
+            .expect("dense sketches take every insert")
+            + 1;
+        let old = if n > SPARSE_ENTRIES_MAX {
+            let mut d = pool.take_dense();
+            self.for_each_entry(|x| d[entry_idx(x)] = entry_rank(x));
+            std::mem::replace(&mut self.repr, Repr::Dense(d))
+        } else {
+            let mut cap = SPARSE_TABLE_MIN;
+            while n * 4 > cap * 3 {
+                cap *= 2;
+            }
+            let mut t = pool.take_sparse(cap);
+            let mask = cap - 1;
+            let mut len = 0;
+            self.for_each_entry(|x| {
+                let mut i = entry_idx(x) & mask;
+                while t[i] != 0 {
+                    i = (i + 1) & mask;
+                }
+                t[i] = x;
+                len += 1;
+            });
+            std::mem::replace(&mut self.repr, Repr::Sparse { len, t })
+        };
+        if let Repr::Sparse { t, .. } = old {
+            pool.put_sparse(t);
+        }
+    }
+
+    /// Back to empty and inline, its buffer (if any) given to `pool`.
+    pub fn recycle_into(&mut self, pool: &mut HllPool) {
+        match std::mem::take(&mut self.repr) {
+            Repr::Sparse { t, .. } => pool.put_sparse(t),
+            Repr::Dense(d) => pool.put_dense(d),
+            Repr::Inline { .. } => {}
+        }
     }
 
     /// Adds one split hashed value ([`HllPoint::of_hash`]).
@@ -597,6 +754,33 @@ fn tau(mut x: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pooled_inserts_equal_plain_inserts_and_reuse_buffers() {
+        let mut pool = HllPool::default();
+        for n in [0u64, 5, 7, 100, 1_000, 1_100, 20_000] {
+            let (mut plain, mut pooled) = (Hll::new(), Hll::new());
+            for i in 0..n {
+                let h = crate::hash::mix64(i ^ n << 40);
+                plain.insert_hash(h);
+                pooled.insert_pooled(HllPoint::of_hash(h), &mut pool);
+            }
+            assert_eq!(plain.to_bytes(), pooled.to_bytes(), "{n} values");
+            assert_eq!(plain.is_dense(), pooled.is_dense(), "{n} values");
+            pooled.recycle_into(&mut pool);
+            assert!(pooled.is_empty() && pooled.heap_bytes() == 0);
+        }
+        // Every outgrown and recycled buffer is pooled: growing again allocates nothing
+        // new, so the pool's count stays put over a second identical pass.
+        let before = pool.buffers();
+        assert!(before > 0);
+        let mut h = Hll::new();
+        for i in 0..20_000u64 {
+            h.insert_pooled(HllPoint::of_hash(crate::hash::mix64(i)), &mut pool);
+        }
+        h.recycle_into(&mut pool);
+        assert_eq!(pool.buffers(), before);
+    }
     use crate::hash::{bytes_hash, mix64};
     use proptest::prelude::*;
 
