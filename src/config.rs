@@ -41,9 +41,89 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_KAFKA_BROKERS", global = true)]
     pub kafka_brokers: Option<String>,
 
+    /// Kafka topic of the raw records (contract §5) [default: raw_clicks]
+    #[arg(long, env = "CLICKGATE_KAFKA_TOPIC", global = true)]
+    pub kafka_topic: Option<String>,
+
+    /// Partitions of the Kafka topic when clickgate creates it (1..=10000) [default: 6]
+    #[arg(long, env = "CLICKGATE_KAFKA_PARTITIONS", global = true)]
+    pub kafka_partitions: Option<u32>,
+
+    /// Replication factor of the Kafka topic when clickgate creates it (1..=16) [default: 1]
+    #[arg(long, env = "CLICKGATE_KAFKA_REPLICATION", global = true)]
+    pub kafka_replication: Option<u16>,
+
+    /// Kafka producer linger (librdkafka linger.ms), in ms (0..=1000) [default: 5]
+    #[arg(long, env = "CLICKGATE_KAFKA_LINGER_MS", global = true)]
+    pub kafka_linger_ms: Option<u32>,
+
+    /// Kafka producer batch size per partition (librdkafka batch.size), in bytes (1024..=16777216) [default: 1048576]
+    #[arg(long, env = "CLICKGATE_KAFKA_BATCH_BYTES", global = true)]
+    pub kafka_batch_bytes: Option<u32>,
+
+    /// Records per core produced to Kafka and not yet acknowledged, at most; the rest waits in the local log (1..=1000000) [default: 100000]
+    #[arg(long, env = "CLICKGATE_KAFKA_INFLIGHT_RECORDS_MAX", global = true)]
+    pub kafka_inflight_records_max: Option<u32>,
+
+    /// Start-up gives up when the Kafka brokers do not answer (topic check, recovery) within this many ms [default: 10000]
+    #[arg(long, env = "CLICKGATE_KAFKA_START_TIMEOUT_MS", global = true)]
+    pub kafka_start_timeout_ms: Option<u64>,
+
+    /// With ack = kafka, a request's 202s become 503s when the broker has not acknowledged them within this many ms [default: 5000]
+    #[arg(long, env = "CLICKGATE_KAFKA_ACK_TIMEOUT_MS", global = true)]
+    pub kafka_ack_timeout_ms: Option<u64>,
+
+    /// With ack = kafka, how often a waiting connection checks the broker's acknowledgement, in microseconds (1..=100000) [default: 250]
+    #[arg(long, env = "CLICKGATE_KAFKA_ACK_POLL_US", global = true)]
+    pub kafka_ack_poll_us: Option<u64>,
+
     /// Redis URL(s), comma-separated; empty: the embedded counter store [default: empty]
     #[arg(long, env = "CLICKGATE_REDIS_URL", global = true)]
     pub redis_url: Option<String>,
+
+    /// Stable id of this box in delta frames and Redis marks; unset: generated once and kept in <data dir>/box_id [default: generated]
+    #[arg(long, env = "CLICKGATE_BOX_ID", global = true)]
+    pub box_id: Option<u64>,
+
+    /// Redis: prefix put in front of every key (several deployments or tests on one Redis) [default: empty]
+    #[arg(long, env = "CLICKGATE_REDIS_KEY_PREFIX", global = true)]
+    pub redis_key_prefix: Option<String>,
+
+    /// Redis: the flusher writes applied deltas this often, in ms (1..=1000) [default: 500]
+    #[arg(long, env = "CLICKGATE_REDIS_FLUSH_INTERVAL_MS", global = true)]
+    pub redis_flush_interval_ms: Option<u64>,
+
+    /// Redis: commands per pipeline (one round trip), at most (100..=100000) [default: 1000]
+    #[arg(long, env = "CLICKGATE_REDIS_PIPELINE_COMMANDS_MAX", global = true)]
+    pub redis_pipeline_commands_max: Option<usize>,
+
+    /// Redis: 5m bucket keys expire this long after the bucket ends, in seconds (at least 86400) [default: 86400]
+    #[arg(long, env = "CLICKGATE_REDIS_TTL_5M_SECS", global = true)]
+    pub redis_ttl_5m_secs: Option<u64>,
+
+    /// Redis: 1h bucket keys expire this long after the bucket ends, in seconds [default: 604800]
+    #[arg(long, env = "CLICKGATE_REDIS_TTL_1H_SECS", global = true)]
+    pub redis_ttl_1h_secs: Option<u64>,
+
+    /// Redis: 1d bucket keys expire this long after the bucket ends, in seconds [default: 7776000]
+    #[arg(long, env = "CLICKGATE_REDIS_TTL_1D_SECS", global = true)]
+    pub redis_ttl_1d_secs: Option<u64>,
+
+    /// Redis: deltas not yet in Redis kept on disk (<data dir>/redis), at most, in bytes; past it they are dropped for Redis and counted (at least 1048576) [default: 1073741824]
+    #[arg(long, env = "CLICKGATE_REDIS_SPILL_BYTES_MAX", global = true)]
+    pub redis_spill_bytes_max: Option<u64>,
+
+    /// Redis: first retry delay after a failed flush, doubled up to the max, in ms [default: 100]
+    #[arg(long, env = "CLICKGATE_REDIS_RETRY_BACKOFF_MIN_MS", global = true)]
+    pub redis_retry_backoff_min_ms: Option<u64>,
+
+    /// Redis: longest retry delay after failed flushes, in ms [default: 10000]
+    #[arg(long, env = "CLICKGATE_REDIS_RETRY_BACKOFF_MAX_MS", global = true)]
+    pub redis_retry_backoff_max_ms: Option<u64>,
+
+    /// Redis: bound on a connect, a flush pipeline and a query, in ms (1..=600000) [default: 5000]
+    #[arg(long, env = "CLICKGATE_REDIS_TIMEOUT_MS", global = true)]
+    pub redis_timeout_ms: Option<u64>,
 
     /// Archive location, a directory or s3://bucket/prefix [default: <data dir>/archive]
     #[arg(long, env = "CLICKGATE_ARCHIVE_URL", global = true)]
@@ -206,6 +286,37 @@ pub struct Settings {
     /// Archive: how often the local log is polled for new records, in ms (1..=60000) [default: 200]
     #[arg(long, env = "CLICKGATE_ARCHIVE_POLL_MS", global = true)]
     pub archive_poll_ms: Option<u64>,
+
+    /// Query API keys file: lines `key = advertiser_id` or `key = "admin"` (keys of 16..=128 printable bytes); with keys every query call and the dashboard need `Authorization: Bearer <key>` [default: none]
+    #[arg(long, env = "CLICKGATE_API_KEYS_FILE", global = true)]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// Query API keys inline, `key=advertiser_id,key=admin` (added to api_keys_file's) [default: none]
+    #[arg(
+        long,
+        env = "CLICKGATE_API_KEYS",
+        global = true,
+        hide_env_values = true
+    )]
+    pub api_keys: Option<String>,
+
+    /// Serve the query API without API keys on a non-loopback address (every tenant's data to anyone who reaches it); refused otherwise [default: false]
+    #[arg(
+        long,
+        env = "CLICKGATE_QUERY_INSECURE",
+        global = true,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub query_insecure: Option<bool>,
+
+    /// Failed query API key attempts per client address per minute before it gets 429 for the rest of the minute (1..=1000000) [default: 10]
+    #[arg(long, env = "CLICKGATE_QUERY_AUTH_FAILURES_PER_MINUTE_MAX", global = true)]
+    pub query_auth_failures_per_minute_max: Option<u32>,
+
+    /// Client addresses whose failed key attempts are tracked, at most (1..=10000000) [default: 4096]
+    #[arg(long, env = "CLICKGATE_QUERY_AUTH_ADDRESSES_MAX", global = true)]
+    pub query_auth_addresses_max: Option<usize>,
 }
 
 /// Layers `$hi` over `$lo` field by field: a field set in `$hi` wins.
@@ -235,7 +346,27 @@ impl Settings {
                 control_addr,
                 cores,
                 kafka_brokers,
+                kafka_topic,
+                kafka_partitions,
+                kafka_replication,
+                kafka_linger_ms,
+                kafka_batch_bytes,
+                kafka_inflight_records_max,
+                kafka_start_timeout_ms,
+                kafka_ack_timeout_ms,
+                kafka_ack_poll_us,
                 redis_url,
+                box_id,
+                redis_key_prefix,
+                redis_flush_interval_ms,
+                redis_pipeline_commands_max,
+                redis_ttl_5m_secs,
+                redis_ttl_1h_secs,
+                redis_ttl_1d_secs,
+                redis_spill_bytes_max,
+                redis_retry_backoff_min_ms,
+                redis_retry_backoff_max_ms,
+                redis_timeout_ms,
                 archive_url,
                 ack,
                 trusted_cidrs,
@@ -274,6 +405,11 @@ impl Settings {
                 archive_open_files_max,
                 archive_row_group_rows,
                 archive_poll_ms,
+                api_keys_file,
+                api_keys,
+                query_insecure,
+                query_auth_failures_per_minute_max,
+                query_auth_addresses_max,
             ]
         )
     }
@@ -286,22 +422,8 @@ impl Settings {
 
     /// Checks the settings that this build cannot honour yet, so none is silently ignored.
     pub fn check_supported(&self) -> anyhow::Result<()> {
-        if self
-            .kafka_brokers
-            .as_deref()
-            .is_some_and(|b| !b.trim().is_empty())
-        {
-            bail!("kafka_brokers is set, but this build has no Kafka producer yet (issue #4): leave it empty to use the local log");
-        }
-        if self
-            .redis_url
-            .as_deref()
-            .is_some_and(|r| !r.trim().is_empty())
-        {
-            bail!("redis_url is set, but this build has no Redis store yet (issue #5): leave it empty to use the embedded store");
-        }
-        if self.ack == Some(AckMode::Kafka) {
-            bail!("ack = kafka needs the Kafka producer (issue #4); use memory or disk");
+        if self.ack == Some(AckMode::Kafka) && self.kafka()?.is_none() {
+            bail!("ack = kafka needs kafka_brokers (--kafka-brokers); use memory or disk without Kafka");
         }
         Ok(())
     }
@@ -354,6 +476,9 @@ impl Settings {
             ship_unacked_frames_max: self
                 .ship_unacked_frames_max
                 .unwrap_or(d.ship_unacked_frames_max),
+            box_id: self.box_id()?,
+            kafka_ack_timeout_ms: self.kafka_ack_timeout_ms.unwrap_or(d.kafka_ack_timeout_ms),
+            kafka_ack_poll_us: self.kafka_ack_poll_us.unwrap_or(d.kafka_ack_poll_us),
             ..d
         };
         validate_dataplane(&cfg)?;
@@ -362,6 +487,37 @@ impl Settings {
 }
 
 impl Settings {
+    /// Kafka settings (issue #4); `None` when `kafka_brokers` is empty (no Kafka at all).
+    pub fn kafka(&self) -> anyhow::Result<Option<clickgate_kafka::KafkaConfig>> {
+        let Some(brokers) = self
+            .kafka_brokers
+            .as_deref()
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        else {
+            return Ok(None);
+        };
+        let d = clickgate_kafka::KafkaConfig::default();
+        let cfg = clickgate_kafka::KafkaConfig {
+            brokers: brokers.to_string(),
+            topic: self.kafka_topic.clone().unwrap_or(d.topic),
+            partitions: self.kafka_partitions.unwrap_or(d.partitions),
+            replication: self.kafka_replication.unwrap_or(d.replication),
+            linger_ms: self.kafka_linger_ms.unwrap_or(d.linger_ms),
+            batch_bytes: self.kafka_batch_bytes.unwrap_or(d.batch_bytes),
+            inflight_records_max: self
+                .kafka_inflight_records_max
+                .unwrap_or(d.inflight_records_max),
+            start_timeout_ms: self.kafka_start_timeout_ms.unwrap_or(d.start_timeout_ms),
+        };
+        cfg.validate().map_err(anyhow::Error::msg)?;
+        let poll = self.kafka_ack_poll_us.unwrap_or(250);
+        if !(1..=100_000).contains(&poll) {
+            bail!("kafka_ack_poll_us must be 1..=100000, got {poll}");
+        }
+        Ok(Some(cfg))
+    }
+
     /// The archive's directory and bounds (issue #7); `s3://` is refused here (exit 2).
     pub fn archive(&self) -> anyhow::Result<clickgate_controlplane::archive::ArchiveConfig> {
         use clickgate_controlplane::archive::{ArchiveConfig, ArchiveLocation};
@@ -395,9 +551,13 @@ impl Settings {
             snapshot_interval_secs: self
                 .snapshot_interval_secs
                 .unwrap_or(d.snapshot_interval_secs),
+            redis: self.redis()?,
             archive: self.archive()?,
+            auth: self.query_auth()?,
             ..d
         };
+        clickgate_controlplane::auth::check_bind(cfg.query_addr, &cfg.auth)
+            .map_err(anyhow::Error::msg)?;
         // Contract §3: 5m buckets are answerable for at least 24 h.
         if cfg.retention_5m_secs < 24 * 3600 {
             bail!("retention_5m_secs must be at least 86400 (contract: 5m buckets kept 24 h)");
@@ -406,6 +566,93 @@ impl Settings {
             bail!("store_cells_max must be greater than 0");
         }
         Ok(cfg)
+    }
+}
+
+impl Settings {
+    /// `box_id`, or the one kept in `<data_dir>/box_id` (created on first use).
+    pub fn box_id(&self) -> anyhow::Result<u64> {
+        let dir = self.data_dir();
+        clickgate_proto::box_id::resolve(&dir, self.box_id)
+            .with_context(|| format!("box id in {}", dir.display()))
+    }
+
+    /// Redis settings (issue #5); `None` when `redis_url` is empty (the embedded store).
+    pub fn redis(
+        &self,
+    ) -> anyhow::Result<Option<clickgate_controlplane::redis_store::RedisConfig>> {
+        use clickgate_controlplane::redis_store::RedisConfig;
+        let urls = RedisConfig::parse_urls(self.redis_url.as_deref().unwrap_or(""));
+        if urls.is_empty() {
+            return Ok(None);
+        }
+        for u in &urls {
+            if !(u.starts_with("redis://") || u.starts_with("unix://")) {
+                bail!("redis_url: {u:?} is not a redis:// URL");
+            }
+        }
+        let d = RedisConfig::default();
+        let c = RedisConfig {
+            urls,
+            key_prefix: self.redis_key_prefix.clone().unwrap_or_default(),
+            flush_interval_ms: self.redis_flush_interval_ms.unwrap_or(d.flush_interval_ms),
+            pipeline_commands_max: self
+                .redis_pipeline_commands_max
+                .unwrap_or(d.pipeline_commands_max),
+            ttl_5m_secs: self.redis_ttl_5m_secs.unwrap_or(d.ttl_5m_secs),
+            ttl_1h_secs: self.redis_ttl_1h_secs.unwrap_or(d.ttl_1h_secs),
+            ttl_1d_secs: self.redis_ttl_1d_secs.unwrap_or(d.ttl_1d_secs),
+            spill_bytes_max: self.redis_spill_bytes_max.unwrap_or(d.spill_bytes_max),
+            retry_backoff_min_ms: self
+                .redis_retry_backoff_min_ms
+                .unwrap_or(d.retry_backoff_min_ms),
+            retry_backoff_max_ms: self
+                .redis_retry_backoff_max_ms
+                .unwrap_or(d.retry_backoff_max_ms),
+            timeout_ms: self.redis_timeout_ms.unwrap_or(d.timeout_ms),
+            ..d
+        };
+        let range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                bail!("{name} must be in {lo}..={hi}, got {v}");
+            }
+            Ok(())
+        };
+        range("redis_flush_interval_ms", c.flush_interval_ms, 1, 1000)?;
+        range(
+            "redis_pipeline_commands_max",
+            c.pipeline_commands_max as u64,
+            100,
+            100_000,
+        )?;
+        range(
+            "redis_ttl_5m_secs",
+            c.ttl_5m_secs,
+            24 * 3600,
+            u64::MAX / 1000,
+        )?;
+        range("redis_ttl_1h_secs", c.ttl_1h_secs, 1, u64::MAX / 1000)?;
+        range("redis_ttl_1d_secs", c.ttl_1d_secs, 1, u64::MAX / 1000)?;
+        range(
+            "redis_spill_bytes_max",
+            c.spill_bytes_max,
+            1 << 20,
+            u64::MAX,
+        )?;
+        range(
+            "redis_retry_backoff_min_ms",
+            c.retry_backoff_min_ms,
+            1,
+            c.retry_backoff_max_ms,
+        )?;
+        range(
+            "redis_retry_backoff_max_ms",
+            c.retry_backoff_max_ms,
+            1,
+            3_600_000,
+        )?;
+        range("redis_timeout_ms", c.timeout_ms, 1, 600_000)?;
+        Ok(Some(c))
     }
 }
 
@@ -561,5 +808,45 @@ mod tests {
         };
         let e = s.dataplane().unwrap_err().to_string();
         assert!(e.contains("batch_events_max"), "{e}");
+    }
+}
+
+impl Settings {
+    /// API keys and their bounds (issue #9): `api_keys_file` and `api_keys` together.
+    pub fn query_auth(&self) -> anyhow::Result<clickgate_controlplane::auth::AuthConfig> {
+        use clickgate_controlplane::auth::{ApiKeys, AuthConfig};
+        let d = AuthConfig::default();
+        let mut keys = match &self.api_keys_file {
+            Some(path) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
+            None => ApiKeys::default(),
+        };
+        if let Some(list) = self.api_keys.as_deref() {
+            let inline =
+                ApiKeys::parse_list(list, "api_keys (CLICKGATE_API_KEYS)").map_err(anyhow::Error::msg)?;
+            keys = keys.merge(inline).map_err(anyhow::Error::msg)?;
+        }
+        let cfg = AuthConfig {
+            keys,
+            query_insecure: self.query_insecure.unwrap_or(d.query_insecure),
+            failures_per_minute_max: self
+                .query_auth_failures_per_minute_max
+                .unwrap_or(d.failures_per_minute_max),
+            failures_addresses_max: self
+                .query_auth_addresses_max
+                .unwrap_or(d.failures_addresses_max),
+        };
+        if !(1..=1_000_000).contains(&cfg.failures_per_minute_max) {
+            bail!(
+                "query_auth_failures_per_minute_max must be 1..=1000000, got {}",
+                cfg.failures_per_minute_max
+            );
+        }
+        if !(1..=10_000_000).contains(&cfg.failures_addresses_max) {
+            bail!(
+                "query_auth_addresses_max must be 1..=10000000, got {}",
+                cfg.failures_addresses_max
+            );
+        }
+        Ok(cfg)
     }
 }

@@ -3,7 +3,10 @@
 
 mod billing;
 mod config;
+mod kafka;
+mod replay;
 mod rules;
+mod tune;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -42,9 +45,17 @@ enum Command {
     /// Fraud rules through the control API (exit 0 ok, 1 server error, 2 bad file or
     /// argument, 3 token refused, 4 endpoint unreachable)
     Rules(rules::RulesArgs),
+    /// Host tuning: `tune check` reports which host settings differ from tuning/README.md
+    /// (exit 0 all match, 1 a hard requirement fails, 3 recommendations differ);
+    /// `tune apply --yes` writes the recommended sysctls
+    Tune(tune::TuneArgs),
     /// Bill one UTC day from the Parquet archive: exact dedup, fraud rules, invoices.csv
     /// and reconciliation.csv (exit 0 ok, 1 runtime failure, 2 bad argument)
     Billing(billing::BillingArgs),
+    /// Replay raw records (Kafka topic, or the local log without Kafka) of a range through
+    /// the stream's dedup and aggregation into the running controlplane's store
+    /// (exit 0 ok, 1 failure, 2 bad argument)
+    Replay(replay::ReplayArgs),
 }
 
 /// Exit codes: 0 clean stop, 1 runtime failure, 2 bad settings.
@@ -64,6 +75,11 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Command::Tune(args) = &cli.command {
+        let (out, code) = tune::run(args);
+        println!("{out}");
+        return ExitCode::from(code);
+    }
     let settings = match load_settings(&cli) {
         Ok(s) => s,
         Err(e) => {
@@ -74,11 +90,22 @@ fn main() -> ExitCode {
     if let Command::Billing(args) = &cli.command {
         return ExitCode::from(billing::run(args, &settings));
     }
+    if let Command::Replay(args) = &cli.command {
+        return match replay::run(args, &settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("clickgate replay: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     let result = match cli.command {
         Command::Run => run_both(&settings),
         Command::Dataplane => run_dataplane(&settings),
         Command::Controlplane => run_controlplane(&settings),
-        Command::Rules(_) | Command::Billing(_) => unreachable!("handled above"),
+        Command::Rules(_) | Command::Billing(_) | Command::Tune(_) | Command::Replay(_) => {
+            unreachable!("handled above")
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -114,9 +141,11 @@ fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
 }
 
 fn run_dataplane(settings: &Settings) -> anyhow::Result<()> {
-    let dp = start_dataplane(settings)?;
+    let (dp, fwd) = start_dataplane(settings)?;
     on_signal(dp.shutdown_handle())?;
-    dp.join()?;
+    let dp_result = dp.join();
+    kafka::stop(fwd, settings.dataplane()?.drain_timeout_ms);
+    dp_result?;
     tracing::info!("stopped cleanly");
     Ok(())
 }
@@ -138,8 +167,8 @@ fn run_controlplane(settings: &Settings) -> anyhow::Result<()> {
 fn run_both(settings: &Settings) -> anyhow::Result<()> {
     let rt = control_runtime()?;
     let cp = start_controlplane(&rt, settings)?;
-    let dp = match start_dataplane(settings) {
-        Ok(dp) => dp,
+    let (dp, fwd) = match start_dataplane(settings) {
+        Ok(started) => started,
         Err(e) => {
             let _ = rt.block_on(cp.shutdown());
             return Err(e);
@@ -147,6 +176,7 @@ fn run_both(settings: &Settings) -> anyhow::Result<()> {
     };
     on_signal(dp.shutdown_handle())?;
     let dp_result = dp.join();
+    kafka::stop(fwd, settings.dataplane()?.drain_timeout_ms);
     let cp_result = rt.block_on(cp.shutdown());
     dp_result?;
     cp_result?;
@@ -154,13 +184,31 @@ fn run_both(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn start_dataplane(settings: &Settings) -> anyhow::Result<Dataplane> {
-    let cfg = settings.dataplane()?;
+/// The dataplane, and the Kafka forwarder of its logs when `kafka_brokers` is set.
+fn start_dataplane(
+    settings: &Settings,
+) -> anyhow::Result<(Dataplane, Option<clickgate_kafka::forwarder::Forwarder>)> {
+    let mut cfg = settings.dataplane()?;
+    let kafka_cfg = settings.kafka()?;
+    let status = match &kafka_cfg {
+        Some(k) => Some(kafka::prepare(&mut cfg, k)?),
+        None => None,
+    };
     let data_dir = cfg.data_dir.clone();
-    let dp = Dataplane::start(cfg)?;
+    let dp = Dataplane::start(cfg.clone())?;
+    let fwd = match (kafka_cfg, status) {
+        (Some(k), Some(status)) => match kafka::start(&dp, k, &cfg, status) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                let _ = dp.join();
+                return Err(e);
+            }
+        },
+        _ => None,
+    };
     write_addr_file(&data_dir, "ingest.addr", &dp.local_addr().to_string())?;
     tracing::info!(addr = %dp.local_addr(), "ingest listening");
-    Ok(dp)
+    Ok((dp, fwd))
 }
 
 fn control_runtime() -> anyhow::Result<tokio::runtime::Runtime> {

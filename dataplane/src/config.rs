@@ -96,6 +96,9 @@ pub struct DataplaneConfig {
     // --- aggregation and shipping to the controlplane ---
     /// The controlplane's Unix socket; `None`: `<data_dir>/control.sock`.
     pub control_socket: Option<PathBuf>,
+    /// Stable id of this box, carried in every delta frame (`clickgate_proto::box_id`):
+    /// two boxes flushing to one Redis must not share it. 0 only in tests.
+    pub box_id: u64,
     /// Each core ships its aggregate delta this often (at most 1000 ms).
     pub agg_flush_interval_ms: u64,
     /// Aggregate keys a core holds between two flushes; past it new keys are counted as
@@ -103,6 +106,17 @@ pub struct DataplaneConfig {
     pub agg_keys_max: usize,
     /// Deltas a core keeps unacknowledged by the controlplane; past it deltas merge.
     pub ship_unacked_frames_max: usize,
+
+    // --- external sink (Kafka) ---
+    /// Set when a forwarder ships the log to Kafka: its per-core acknowledged LSNs
+    /// (`ack = kafka` waits on them) and its state (`/readyz`). `None`: no Kafka.
+    pub sink: Option<std::sync::Arc<crate::sink::SinkStatus>>,
+    /// With `ack = kafka`, how long a request waits for the broker's ack before its 202s
+    /// become 503s (the events stay in the log and are delivered later), in ms.
+    pub kafka_ack_timeout_ms: u64,
+    /// With `ack = kafka`, how often a waiting connection checks the acknowledged LSN, in
+    /// microseconds (a glommio timer; the latency it adds is at most this).
+    pub kafka_ack_poll_us: u64,
 }
 
 impl Default for DataplaneConfig {
@@ -137,9 +151,13 @@ impl Default for DataplaneConfig {
             io_memory_bytes: 1 << 20,
             ring_depth: 128,
             control_socket: None,
+            box_id: 0,
             agg_flush_interval_ms: 500,
             agg_keys_max: 100_000,
             ship_unacked_frames_max: 64,
+            sink: None,
+            kafka_ack_timeout_ms: 5_000,
+            kafka_ack_poll_us: 250,
         }
     }
 }

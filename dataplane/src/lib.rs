@@ -11,6 +11,7 @@ mod rules;
 mod server;
 mod shard;
 pub mod ship;
+pub mod sink;
 #[cfg(test)]
 mod tests_e2e;
 

@@ -188,6 +188,9 @@ struct Inner {
     stopped: bool,
     close_waiters: Vec<Waker>,
     stats: LogStats,
+    /// The log is over `retention_bytes` and the oldest segment is still needed by a
+    /// consumer (`proto::cursor::min_cursor`): appends are refused until it moves on.
+    held_by_consumers: bool,
 }
 
 impl Inner {
@@ -318,6 +321,7 @@ impl CoreLog {
             stopped: false,
             close_waiters: Vec::new(),
             stats,
+            held_by_consumers: false,
         }));
         let committer = Committer {
             inner: inner.clone(),
@@ -350,6 +354,7 @@ impl CoreLog {
         let frame = FRAME_HEADER_BYTES + len;
         if i.failed.is_some()
             || i.closing
+            || i.held_by_consumers
             || i.append_lsn + frame as u64 - i.written_lsn > i.cfg.buffer_bytes_max as u64
         {
             return Err(LogFull);
@@ -535,7 +540,7 @@ impl Committer {
             i.committer = Some(cx.waker().clone());
             Poll::Pending
         });
-        if self.cfg.retention_secs > 0 {
+        if self.cfg.retention_secs > 0 || self.inner.borrow().held_by_consumers {
             futures_lite::future::or(work, glommio::timer::sleep(RETENTION_CHECK_INTERVAL)).await;
         } else {
             work.await;
@@ -671,7 +676,8 @@ impl Committer {
     /// Deletes the oldest sealed segments past the size or age bound. A failed delete is
     /// logged, not fatal: the data is safe, only space is not reclaimed.
     async fn enforce_retention(&mut self, committed: bool) {
-        let by_age = self.cfg.retention_secs > 0
+        let held = self.inner.borrow().held_by_consumers;
+        let by_age = (self.cfg.retention_secs > 0 || held)
             && self.last_retention_check.elapsed() >= RETENTION_CHECK_INTERVAL;
         let by_size = committed && self.cfg.retention_bytes > 0;
         if !by_age && !by_size {
@@ -682,12 +688,23 @@ impl Committer {
         }
         let max_age = Duration::from_secs(self.cfg.retention_secs);
         let now = SystemTime::now();
+        // Read lazily (a few small files), only when a segment is due for deletion.
+        let mut kept_for: Option<Option<u64>> = None;
+        let mut held_now = false;
         while let Some(oldest) = self.sealed.front() {
             let total = self.disk_bytes();
             let over_size = self.cfg.retention_bytes > 0 && total > self.cfg.retention_bytes;
             let age = now.duration_since(oldest.sealed_at).unwrap_or_default();
             let too_old = self.cfg.retention_secs > 0 && age > max_age;
             if !over_size && !too_old {
+                break;
+            }
+            // A consumer (Kafka forwarder, archiver) that has not passed the end of this
+            // segment still needs it: keep it, and refuse new data while over the size bound.
+            let end = self.sealed.get(1).map_or(self.active_base, |s| s.base);
+            let min = *kept_for.get_or_insert_with(|| self.min_cursor());
+            if min.is_some_and(|c| c < end) {
+                held_now = over_size;
                 break;
             }
             if let Err(e) = glommio::io::remove(&oldest.path).await {
@@ -704,7 +721,34 @@ impl Committer {
             i.stats.segments -= 1;
             i.stats.segments_deleted += 1;
         }
+        let mut i = self.inner.borrow_mut();
+        if held_now != i.held_by_consumers {
+            if held_now {
+                tracing::warn!(core = self.core, retention_bytes = self.cfg.retention_bytes, "local log full: a consumer (see <data_dir>/cursors/) has not passed its oldest segment; refusing new records (503)");
+            } else {
+                tracing::info!(
+                    core = self.core,
+                    "local log: consumers caught up; taking records again"
+                );
+            }
+            i.held_by_consumers = held_now;
+        }
+        drop(i);
         self.refresh_disk_stats();
+    }
+
+    /// The lowest consumer cursor on this core (`<data_dir>/cursors/*/core-<k>`); the
+    /// data dir is two levels above the core's log directory. An unreadable cursor holds
+    /// everything (logged): deleting data a consumer may need is the worse failure.
+    fn min_cursor(&self) -> Option<u64> {
+        let data_dir = self.dir.parent().and_then(Path::parent)?;
+        match clickgate_proto::cursor::min_cursor(data_dir, self.core as u32) {
+            Ok(min) => min,
+            Err(e) => {
+                tracing::warn!(core = self.core, error = %e, "local log: cannot read consumer cursors; keeping every segment");
+                Some(0)
+            }
+        }
     }
 
     fn disk_bytes(&self) -> u64 {

@@ -76,8 +76,8 @@ impl Dataplane {
     /// Checks io_uring and memlock, opens logs, binds listeners on every core, and
     /// returns once all cores accept. Err with a clear message otherwise.
     pub fn start(mut cfg: DataplaneConfig) -> anyhow::Result<Dataplane> {
-        if cfg.ack == AckMode::Kafka {
-            bail!("ack mode `kafka` is not available yet in this build: use `disk` or `memory` (--ack)");
+        if cfg.ack == AckMode::Kafka && cfg.sink.is_none() {
+            bail!("ack mode `kafka` needs Kafka brokers (--kafka-brokers): use `disk` or `memory` (--ack)");
         }
         preflight()?;
         CidrSet::parse_list(&cfg.trusted_cidrs).map_err(|e| anyhow!("trusted CIDRs: {e}"))?;
@@ -88,6 +88,12 @@ impl Dataplane {
             cfg.cores.clone()
         };
         let n = cpus.len();
+        if cfg.sink.is_some() && n > crate::sink::SINK_CORES_MAX {
+            bail!(
+                "{n} cores, but the Kafka sink tracks at most {}: set --cores",
+                crate::sink::SINK_CORES_MAX
+            );
+        }
         let cfg = Arc::new(cfg);
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
@@ -519,6 +525,7 @@ fn ship_config(cfg: &DataplaneConfig) -> ShipConfig {
     ShipConfig {
         flush_interval_ms: cfg.agg_flush_interval_ms.min(FLUSH_INTERVAL_MS_MAX),
         unacked_frames_max: cfg.ship_unacked_frames_max,
+        box_id: cfg.box_id,
         ..ShipConfig::new(cfg.control_socket_path())
     }
 }

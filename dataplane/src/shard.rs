@@ -461,6 +461,18 @@ async fn connection_loop(
                 close = true;
             }
         }
+        if batch.max_lsn > 0
+            && shard.cfg.ack == AckMode::Kafka
+            && !kafka_acked(shard, batch.max_lsn).await
+        {
+            tracing::warn!(
+                core = shard.k,
+                lsn = batch.max_lsn,
+                "kafka did not acknowledge in time; answering 503"
+            );
+            rewrite_as_unavailable(shard, out, body, batch);
+            close = true;
+        }
         if batch.accepted_202 > 0 {
             let us = received.elapsed().as_micros() as u64;
             shard.m().latency_202(us, batch.accepted_202);
@@ -474,6 +486,25 @@ async fn connection_loop(
             return Ok(());
         }
     }
+}
+
+/// `ack = kafka`: waits until the forwarder reports every record before `lsn` acknowledged
+/// by the broker (acks=all), polling its per-core atomic on a glommio timer. False after
+/// `kafka_ack_timeout_ms` (the records stay in the log and are delivered later).
+async fn kafka_acked(shard: &Shard, lsn: u64) -> bool {
+    let Some(sink) = shard.cfg.sink.as_deref() else {
+        return false;
+    };
+    let poll = std::time::Duration::from_micros(shard.cfg.kafka_ack_poll_us.max(1));
+    let deadline =
+        Instant::now() + std::time::Duration::from_millis(shard.cfg.kafka_ack_timeout_ms);
+    while sink.acked_lsn(shard.k) < lsn {
+        if Instant::now() >= deadline || shard.log.failed() {
+            return false;
+        }
+        glommio::timer::sleep(poll).await;
+    }
+    true
 }
 
 impl Batch {
@@ -587,6 +618,9 @@ async fn handle(
             shard.refresh_gauges();
             let mut text = String::with_capacity(8192);
             crate::metrics::render(&shard.metrics, &mut text);
+            if let Some(sink) = shard.cfg.sink.as_deref() {
+                sink.render(shard.metrics.len(), &mut text);
+            }
             body.extend_from_slice(text.as_bytes());
             ct = ContentType::PromText;
             Status::Ok
@@ -613,7 +647,9 @@ async fn handle(
             }
         }
     };
-    if status == Status::Accepted && shard.cfg.ack == AckMode::Disk && batch.first_202_at.is_none()
+    if status == Status::Accepted
+        && matches!(shard.cfg.ack, AckMode::Disk | AckMode::Kafka)
+        && batch.first_202_at.is_none()
     {
         batch.first_202_at = Some(out.len());
     }
@@ -632,6 +668,9 @@ fn not_ready(shard: &Shard) -> Option<&'static str> {
     }
     if shard.log.failed() {
         return Some("log not writable");
+    }
+    if let Some(sink) = shard.cfg.sink.as_deref() {
+        return sink.state().reason();
     }
     None
 }

@@ -1,0 +1,120 @@
+//! clickgate-kafka: the Kafka backbone of contract §5.
+//!
+//! The dataplane never talks to Kafka. Every core appends to its local log as always;
+//! one forwarder thread per core ([`forwarder`]) tails that log with `LogReader` from its
+//! cursor (consumer `kafka`, `proto::cursor`), produces each record to `raw_clicks` with
+//! rdkafka (whose own threads do the network I/O), and moves the cursor over the prefix
+//! the broker acknowledged (acks=all). A broker that is down or slow leaves the records
+//! in the log — the log is the spill — and the log's retention keeps every segment the
+//! cursor has not passed (past its size bound the log refuses new records: 503).
+//! [`topic`] creates and checks the topic at start; [`replay`] consumes it back through
+//! the same aggregation code.
+
+pub mod forwarder;
+pub mod murmur2;
+pub mod replay;
+pub mod topic;
+
+use std::time::Duration;
+
+/// The consumer name of the forwarder's cursors (`<data_dir>/cursors/kafka/core-<k>`).
+pub const CURSOR_CONSUMER: &str = "kafka";
+
+/// Record headers the forwarder writes, so a record can be traced to its origin and a
+/// restarted forwarder can tell which of its records the broker already has.
+pub const HEADER_BOX: &str = "cg-box";
+pub const HEADER_CORE: &str = "cg-core";
+pub const HEADER_LSN: &str = "cg-lsn";
+
+/// Kafka settings; every bound with its unit last. Filled from `Settings` by the binary.
+#[derive(Clone, Debug)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port,...`.
+    pub brokers: String,
+    pub topic: String,
+    /// Partitions and replication factor used when the topic has to be created.
+    pub partitions: u32,
+    pub replication: u16,
+    /// librdkafka `linger.ms`: how long a batch waits to fill.
+    pub linger_ms: u32,
+    /// librdkafka `batch.size`: bytes of one partition's batch, at most.
+    pub batch_bytes: u32,
+    /// Records a core's forwarder has produced and the broker not yet acknowledged, at
+    /// most (also librdkafka's `queue.buffering.max.messages`). Past it the forwarder
+    /// waits; the records wait in the local log.
+    pub inflight_records_max: u32,
+    /// Start-up (topic check, recovery scan) gives up after this long, in ms.
+    pub start_timeout_ms: u64,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            topic: "raw_clicks".into(),
+            partitions: 6,
+            replication: 1,
+            linger_ms: 5,
+            batch_bytes: 1 << 20,
+            inflight_records_max: 100_000,
+            start_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Checks every bound; the message names the setting.
+    pub fn validate(&self) -> Result<(), String> {
+        let t = &self.topic;
+        if t.is_empty()
+            || t.len() > 249
+            || !t
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(format!("kafka_topic {t:?} must be 1-249 of [a-zA-Z0-9._-]"));
+        }
+        let bound = |name: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(format!("{name} must be {lo}..={hi}, got {v}"))
+            }
+        };
+        bound("kafka_partitions", self.partitions.into(), 1, 10_000)?;
+        bound("kafka_replication", self.replication.into(), 1, 16)?;
+        bound("kafka_linger_ms", self.linger_ms.into(), 0, 1_000)?;
+        bound("kafka_batch_bytes", self.batch_bytes.into(), 1024, 16 << 20)?;
+        bound(
+            "kafka_inflight_records_max",
+            self.inflight_records_max.into(),
+            1,
+            1_000_000,
+        )?;
+        bound(
+            "kafka_start_timeout_ms",
+            self.start_timeout_ms,
+            100,
+            600_000,
+        )
+    }
+
+    pub fn start_timeout(&self) -> Duration {
+        Duration::from_millis(self.start_timeout_ms)
+    }
+
+    /// librdkafka settings shared by every client clickgate makes.
+    pub fn client_config(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set(
+                "socket.timeout.ms",
+                self.start_timeout_ms.clamp(10, 300_000).to_string(),
+            )
+            .set("log_level", "4");
+        c
+    }
+}
+
+/// The rdkafka the forwarder is built with, for tests and tools that read the topic.
+pub use rdkafka;

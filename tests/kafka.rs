@@ -1,0 +1,513 @@
+//! The Kafka backbone against a REAL broker (tansu, a Kafka-protocol broker):
+//! `CLICKGATE_TEST_KAFKA` = host:port of a running one, `CLICKGATE_TEST_TANSU` = its
+//! binary for tests that stop and restart a private broker. `scripts/test.sh` sets both.
+//! Each test uses its own topic (and group id), so they run in parallel.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use clickgate_kafka::murmur2::partition_for;
+use clickgate_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
+use clickgate_kafka::rdkafka::message::Headers;
+use clickgate_kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use common::{event, now_ms, uuid, Clickgate};
+
+/// Generous bound for the topic to catch up; a test fails loudly past it.
+const CATCH_UP: Duration = Duration::from_secs(60);
+
+fn broker() -> String {
+    std::env::var("CLICKGATE_TEST_KAFKA").unwrap_or_else(|_| {
+        panic!("CLICKGATE_TEST_KAFKA is not set: run the tests with scripts/test.sh (it starts a tansu broker)")
+    })
+}
+
+fn tansu_bin() -> String {
+    std::env::var("CLICKGATE_TEST_TANSU").unwrap_or_else(|_| {
+        panic!(
+            "CLICKGATE_TEST_TANSU is not set: run the tests with scripts/test.sh (it builds tansu)"
+        )
+    })
+}
+
+fn unique_topic(name: &str) -> String {
+    format!("t_{name}_{}_{}", std::process::id(), now_ms())
+}
+
+fn kafka_args<'a>(brokers: &'a str, topic: &'a str, ack: &'a str) -> Vec<&'a str> {
+    vec![
+        "--kafka-brokers",
+        brokers,
+        "--kafka-topic",
+        topic,
+        "--kafka-partitions",
+        "4",
+        "--ack",
+        ack,
+    ]
+}
+
+/// One record of the topic, decoded.
+#[derive(Debug, Clone)]
+struct Rec {
+    partition: i32,
+    offset: i64,
+    key: Vec<u8>,
+    event_id: String,
+    campaign: u64,
+    duplicate: bool,
+    core: u64,
+    lsn: u64,
+}
+
+/// Every record of `topic` (all partitions, from the beginning to the current end).
+fn read_topic(brokers: &str, topic: &str) -> Vec<Rec> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("{topic}-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let parts = md.topics()[0].partitions().len() as i32;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    for p in 0..parts {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .expect("watermarks");
+        if high > 0 {
+            ends.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)
+                .unwrap();
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + CATCH_UP;
+    let mut open: HashSet<i32> = ends.keys().copied().collect();
+    while !open.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic} back did not finish"
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.expect("fetch");
+        if m.offset() + 1 >= ends[&m.partition()] {
+            open.remove(&m.partition());
+        }
+        let rec = clickgate_proto::record::decode(m.payload().expect("value")).expect("record");
+        let mut core = None;
+        let mut lsn = None;
+        for h in m.headers().expect("headers").iter() {
+            let v = std::str::from_utf8(h.value.unwrap()).unwrap();
+            match h.key {
+                "cg-core" => core = v.parse().ok(),
+                "cg-lsn" => lsn = v.parse().ok(),
+                _ => {}
+            }
+        }
+        out.push(Rec {
+            partition: m.partition(),
+            offset: m.offset(),
+            key: m.key().expect("key").to_vec(),
+            event_id: rec.click.event_id.to_string(),
+            campaign: rec.click.campaign_id,
+            duplicate: rec.flags.duplicate(),
+            core: core.expect("cg-core header"),
+            lsn: lsn.expect("cg-lsn header"),
+        });
+    }
+    out
+}
+
+/// Waits until every id in `want` is in the topic, then returns the records.
+fn wait_for_all(brokers: &str, topic: &str, want: &HashSet<String>) -> Vec<Rec> {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let recs = read_topic(brokers, topic);
+        let have: HashSet<&str> = recs.iter().map(|r| r.event_id.as_str()).collect();
+        let missing = want.iter().filter(|id| !have.contains(id.as_str())).count();
+        if missing == 0 {
+            return recs;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{missing} of {} accepted events never reached {topic}",
+            want.len()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sends `n` new events (campaigns 1..=13) as NDJSON batches of 50; returns the ids
+/// answered 202 (and stops at the first non-202, e.g. a killed process).
+fn send_events(cg: &Clickgate, first: u64, n: u64) -> Vec<String> {
+    let mut ok = Vec::new();
+    let mut i = first;
+    while i < first + n {
+        let ids: Vec<String> = (i..(i + 50).min(first + n)).map(uuid).collect();
+        let body: String = ids
+            .iter()
+            .enumerate()
+            .map(|(j, id)| event(id, 1 + (i + j as u64) % 13, |_| {}) + "\n")
+            .collect();
+        let mut conn = cg.connect();
+        let r = conn.request("POST", "/v1/clicks", &body);
+        if r.status != 202 {
+            break;
+        }
+        assert_eq!(r.json()["accepted"], ids.len(), "{}", r.body);
+        ok.extend(ids);
+        i += 50;
+    }
+    ok
+}
+
+/// Each (core, lsn) once, each event once, key = campaign id text, partition = murmur2.
+fn check_exactly_once(recs: &[Rec], partitions: u32) {
+    let mut seen = HashSet::new();
+    let mut ids = HashSet::new();
+    for r in recs {
+        assert!(
+            seen.insert((r.core, r.lsn)),
+            "record core {} lsn {} twice in the topic",
+            r.core,
+            r.lsn
+        );
+        if !r.duplicate {
+            assert!(
+                ids.insert(r.event_id.clone()),
+                "event {} twice in the topic",
+                r.event_id
+            );
+        }
+        assert_eq!(
+            r.key,
+            r.campaign.to_string().into_bytes(),
+            "key of {}",
+            r.event_id
+        );
+        assert_eq!(
+            r.partition as u32,
+            partition_for(&r.key, partitions),
+            "partition of key {}",
+            r.campaign
+        );
+    }
+}
+
+/// Per partition, each core's records in LSN order (the log's order).
+fn check_order(recs: &[Rec]) {
+    let mut by: BTreeMap<(i32, u64), Vec<(i64, u64)>> = BTreeMap::new();
+    for r in recs {
+        by.entry((r.partition, r.core))
+            .or_default()
+            .push((r.offset, r.lsn));
+    }
+    for ((p, core), mut v) in by {
+        v.sort();
+        assert!(
+            v.windows(2).all(|w| w[0].1 < w[1].1),
+            "partition {p}: core {core}'s records out of log order"
+        );
+    }
+}
+
+#[test]
+fn every_accepted_event_is_in_the_topic_once_with_its_key_and_partition() {
+    let brokers = broker();
+    let topic = unique_topic("once");
+    let cg = Clickgate::dataplane(&kafka_args(&brokers, &topic, "kafka"));
+    let mut ids = send_events(&cg, 0, 500);
+    assert_eq!(ids.len(), 500);
+    // A retry of accepted events: 202 again, logged with the duplicate flag.
+    let retry: String = ids[..10]
+        .iter()
+        .map(|id| event(id, 5, |_| {}) + "\n")
+        .collect();
+    let r = cg.request("POST", "/v1/clicks", &retry);
+    assert_eq!(
+        (r.status, r.json()["duplicates"].as_u64()),
+        (202, Some(10)),
+        "{}",
+        r.body
+    );
+    // ack=kafka: a 202 means the broker has it, so the topic holds all of them now.
+    let recs = read_topic(&brokers, &topic);
+    let have: HashSet<&str> = recs
+        .iter()
+        .filter(|r| !r.duplicate)
+        .map(|r| r.event_id.as_str())
+        .collect();
+    ids.retain(|id| !have.contains(id.as_str()));
+    assert!(
+        ids.is_empty(),
+        "{} events answered 202 (ack=kafka) are not in the topic",
+        ids.len()
+    );
+    assert_eq!(
+        recs.len(),
+        510,
+        "every log record once, duplicates included"
+    );
+    check_exactly_once(&recs, 4);
+    check_order(&recs);
+    let ready = cg.request("GET", "/readyz", "");
+    assert_eq!(ready.status, 200, "{}", ready.body);
+}
+
+#[test]
+fn producer_uses_lz4_acks_all_idempotence_and_the_java_partitioner() {
+    let cfg = clickgate_kafka::topic::producer_config(&clickgate_kafka::KafkaConfig {
+        brokers: "127.0.0.1:1".into(),
+        ..Default::default()
+    });
+    for (k, v) in [
+        ("compression.type", "lz4"),
+        ("acks", "all"),
+        ("enable.idempotence", "true"),
+        ("partitioner", "murmur2_random"),
+    ] {
+        assert_eq!(cfg.get(k), Some(v), "{k}");
+    }
+}
+
+#[test]
+fn unreachable_broker_is_a_clear_start_error() {
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = dead.local_addr().unwrap().to_string();
+    drop(dead);
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(common::BIN)
+        .args(["dataplane", "--data-dir"])
+        .arg(dir.path())
+        .args([
+            "--ingest-addr",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+            "--kafka-brokers",
+            &addr,
+        ])
+        .args(["--kafka-start-timeout-ms", "1500"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&addr) && err.contains("answered"), "{err}");
+}
+
+/// A private tansu on its own port with sqlite storage, so data survives its restart.
+struct Tansu {
+    child: Option<Child>,
+    port: u16,
+    db: String,
+}
+
+impl Tansu {
+    fn start(dir: &Path) -> Tansu {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut t = Tansu {
+            child: None,
+            port,
+            db: format!("sqlite://{}/tansu.db", dir.display()),
+        };
+        t.restart();
+        t
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn restart(&mut self) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let child = Command::new(tansu_bin())
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", &self.db])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        self.child = Some(child);
+        let deadline = Instant::now() + CATCH_UP;
+        while std::net::TcpStream::connect(self.addr()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "tansu did not listen on {}",
+                self.addr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn wait_status(cg: &Clickgate, path: &str, want: u16) {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let r = cg.request("GET", path, "");
+        if r.status == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{path} stayed {} ({})",
+            r.status,
+            r.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn broker_down_mid_traffic_then_back_loses_nothing_and_keeps_order() {
+    let tdir = tempfile::tempdir().unwrap();
+    let mut tansu = Tansu::start(tdir.path());
+    let brokers = tansu.addr();
+    let topic = unique_topic("outage");
+    let cg = Clickgate::dataplane(&kafka_args(&brokers, &topic, "disk"));
+    let mut ids = send_events(&cg, 0, 300);
+    tansu.stop();
+    // ack=disk keeps taking traffic: the records wait in the local log.
+    ids.extend(send_events(&cg, 300, 300));
+    assert_eq!(ids.len(), 600);
+    wait_status(&cg, "/readyz", 503);
+    tansu.restart();
+    let want: HashSet<String> = ids.into_iter().collect();
+    let recs = wait_for_all(&brokers, &topic, &want);
+    check_exactly_once(&recs, 4);
+    check_order(&recs);
+    wait_status(&cg, "/readyz", 200);
+}
+
+fn kill9_keeps_every_202(ack: &str) {
+    let brokers = broker();
+    let topic = unique_topic(&format!("kill9_{ack}"));
+    let mut cg = Clickgate::dataplane(&kafka_args(&brokers, &topic, ack));
+    let mut ids = send_events(&cg, 0, 400);
+    // Kill while the forwarder is likely mid-flight, with no clean stop.
+    ids.extend(send_events(&cg, 400, 200));
+    cg.kill9();
+    cg.restart();
+    ids.extend(send_events(&cg, 600, 100));
+    let want: HashSet<String> = ids.into_iter().collect();
+    assert_eq!(want.len(), 700);
+    let recs = wait_for_all(&brokers, &topic, &want);
+    check_exactly_once(&recs, 4);
+    check_order(&recs);
+}
+
+#[test]
+fn kill9_with_ack_disk_keeps_every_202_once() {
+    kill9_keeps_every_202("disk");
+}
+
+#[test]
+fn kill9_with_ack_kafka_keeps_every_202_once() {
+    kill9_keeps_every_202("kafka");
+}
+
+/// The 5m buckets of campaigns 1..=13 over the last hour, as the query API answers them.
+fn campaign_buckets(cg: &Clickgate) -> Vec<serde_json::Value> {
+    let to = now_ms() + 600_000;
+    let from = to - 7_200_000;
+    (1..=13)
+        .map(|c| {
+            let r = cg.query(&format!(
+                "/v1/campaigns/{c}/metrics?window=5m&from={from}&to={to}"
+            ));
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["buckets"].clone()
+        })
+        .collect()
+}
+
+fn total_clicks(buckets: &[serde_json::Value]) -> u64 {
+    buckets
+        .iter()
+        .flat_map(|b| b.as_array().unwrap().iter())
+        .map(|b| b["clicks"].as_u64().unwrap())
+        .sum()
+}
+
+#[test]
+fn replay_of_the_topic_gives_the_same_aggregates_as_live() {
+    let brokers = broker();
+    let topic = unique_topic("replay");
+    let live = Clickgate::run(&kafka_args(&brokers, &topic, "kafka"));
+    let ids = send_events(&live, 0, 650);
+    assert_eq!(ids.len(), 650);
+    // Retries: duplicates live (bloom) and in the replay (exact), counted by neither.
+    let retry: String = ids[..20]
+        .iter()
+        .map(|id| event(id, 3, |_| {}) + "\n")
+        .collect();
+    assert_eq!(live.request("POST", "/v1/clicks", &retry).status, 202);
+    let deadline = Instant::now() + CATCH_UP;
+    let live_buckets = loop {
+        let b = campaign_buckets(&live);
+        if total_clicks(&b) == 650 {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "live counts never reached 650");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // A fresh store, filled only by the replay of the topic.
+    let fresh = Clickgate::run(&[]);
+    let out = Command::new(common::BIN)
+        .arg("replay")
+        .arg("--data-dir")
+        .arg(&fresh.data_dir)
+        .args(["--kafka-brokers", &brokers, "--kafka-topic", &topic])
+        .args(["--from", "0", "--group", &format!("{topic}-replay")])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (summary["records"].as_u64(), summary["duplicates"].as_u64()),
+        (Some(670), Some(20))
+    );
+    assert_eq!(campaign_buckets(&fresh), live_buckets);
+}
