@@ -169,6 +169,23 @@ impl Metrics {
             "Buckets evicted past retention.",
             s.evicted_buckets,
         );
+        let last_apply_ms = store.last_apply_ms();
+        one(
+            "clickgate_store_last_apply_timestamp_seconds",
+            "gauge",
+            "Unix time (s) at which the store last applied a delta frame from any dataplane core (0: never).",
+            last_apply_ms / 1000,
+        );
+        one(
+            "clickgate_freshness_seconds",
+            "gauge",
+            "Seconds since the store last applied a delta frame (0 before the first). While clicks are accepted, answers lag the ingest by at most this plus one flush interval; idle cores send nothing, so alert on it only together with an ingest rate.",
+            if last_apply_ms == 0 {
+                0
+            } else {
+                crate::now_ms().saturating_sub(last_apply_ms) / 1000
+            },
+        );
         one(
             "clickgate_store_writer_failed",
             "gauge",

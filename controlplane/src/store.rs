@@ -266,6 +266,13 @@ impl Store {
         Ok(())
     }
 
+    /// Wall-clock ms at which the store last applied (or was re-sent) a delta frame from
+    /// any dataplane core; 0 before the first. With traffic flowing, `now` minus this
+    /// bounds how stale the answers are (the freshness metric).
+    pub fn last_apply_ms(&self) -> u64 {
+        self.applied.values().map(|m| m.seen_ms).max().unwrap_or(0)
+    }
+
     /// The advertiser a campaign's events named (`None`: no data about it is retained).
     pub fn owner(&self, campaign_id: u64) -> Option<u64> {
         self.owners.get(&campaign_id).copied()
