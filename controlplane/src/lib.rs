@@ -20,8 +20,10 @@
 //! fdatasync after its 202.
 
 pub mod archive;
+pub mod auth;
 pub mod billing;
 pub mod control;
+pub mod dashboard;
 pub mod durable;
 pub mod ingest;
 pub mod metrics;
@@ -76,6 +78,8 @@ pub struct ControlplaneConfig {
     pub query_buckets_max: u64,
     /// Largest `n` of `/v1/top`.
     pub top_n_max: usize,
+    /// API keys and tenant isolation of the query API and dashboard ([`auth`]).
+    pub auth: auth::AuthConfig,
     /// The Parquet archiver of the local log (issue #7).
     pub archive: archive::ArchiveConfig,
 }
@@ -100,6 +104,7 @@ impl Default for ControlplaneConfig {
             control_connections_max: 1024,
             query_buckets_max: 10_000,
             top_n_max: 1_000,
+            auth: auth::AuthConfig::default(),
             archive: archive::ArchiveConfig::default(),
         }
     }
@@ -171,6 +176,7 @@ impl Controlplane {
 
         let listener = tokio::net::UnixListener::bind(&socket)
             .with_context(|| format!("binding control socket {}", socket.display()))?;
+        auth::check_bind(cfg.query_addr, &cfg.auth).map_err(anyhow::Error::msg)?;
         let tcp = tokio::net::TcpListener::bind(cfg.query_addr)
             .await
             .with_context(|| format!("binding query address {}", cfg.query_addr))?;
@@ -237,11 +243,30 @@ impl Controlplane {
                 tracing::error!(error = %e, "control API server failed");
             }
         }));
+        let dashboard = dashboard::router(dashboard::DashState {
+            store: store.clone(),
+            metrics: metrics.clone(),
+            limits,
+            keys_required: !cfg.auth.keys.is_empty(),
+        });
+        let tenants = Arc::new(auth::Auth::new(
+            cfg.auth.clone(),
+            store.clone(),
+            metrics.clone(),
+            limits,
+        ));
         let app = query::router(ApiState {
             store: store.clone(),
             metrics,
             limits,
         });
+        let app = app
+            .merge(dashboard)
+            .layer(axum::middleware::from_fn_with_state(
+                tenants,
+                auth::require_key,
+            ))
+            .into_make_service_with_connect_info::<SocketAddr>();
         let mut http_stop = stop_rx;
         tasks.push(tokio::spawn(async move {
             let serve = axum::serve(tcp, app).with_graceful_shutdown(async move {

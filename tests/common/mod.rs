@@ -127,6 +127,13 @@ impl Clickgate {
             "2000".into(),
         ];
         let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        // A flag given in `extra` replaces the default above (clap refuses a flag twice).
+        for flag in ["--ingest-addr", "--query-addr", "--control-addr", "--cores"] {
+            if extra.iter().any(|e| e == flag) {
+                let at = args.iter().position(|a| a == flag).expect("default flag");
+                args.drain(at..at + 2);
+            }
+        }
         args.extend(extra.iter().cloned());
         let child = Command::new(BIN)
             .args(&args)
@@ -241,6 +248,15 @@ impl Clickgate {
         )
     }
 
+    /// `GET` on the query API with `Authorization: Bearer <key>` (none: no header).
+    pub fn query_as(&self, path_and_query: &str, key: Option<&str>) -> Response {
+        get_as(
+            self.query.expect("this process serves no query API"),
+            path_and_query,
+            key,
+        )
+    }
+
     pub fn metrics(&self) -> String {
         let r = self.request("GET", "/metrics", "");
         assert_eq!(r.status, 200, "{}", r.body);
@@ -255,6 +271,14 @@ impl Drop for Clickgate {
             let _ = c.wait();
         }
     }
+}
+
+/// `GET path` on `addr` with `Authorization: Bearer <key>` (none: no header).
+pub fn get_as(addr: SocketAddr, path_and_query: &str, key: Option<&str>) -> Response {
+    let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
+    let mut c = Conn::new(addr);
+    c.send_raw(format!("GET {path_and_query} HTTP/1.1\r\nHost: t\r\n{auth}\r\n").as_bytes());
+    c.read_response()
 }
 
 /// Sum of every sample of a metric family (all label sets) in Prometheus text.
