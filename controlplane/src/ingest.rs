@@ -48,6 +48,9 @@ pub(crate) struct WriterConfig {
     pub snapshot_wal_bytes: u64,
     /// The dataplane's local log (`<data_dir>/log`), read to refill crashed runs' counts.
     pub log_root: PathBuf,
+    /// With Redis configured: applied frames go here too, committed before the WAL
+    /// (see `redis_outbox` for why that order).
+    pub redis_outbox: Option<crate::redis_outbox::OutboxWriter>,
 }
 
 /// Applies the refill of `f`'s gap, if any; failures are logged and counted, never fatal
@@ -57,6 +60,7 @@ fn refill_before(
     f: &clickgate_proto::frames::ArchivedDeltaFrame,
     log_root: &std::path::Path,
     durable: &mut Durable,
+    mut outbox: Option<&mut crate::redis_outbox::OutboxWriter>,
     now: u64,
     metrics: &Metrics,
 ) {
@@ -68,7 +72,12 @@ fn refill_before(
                     .map_err(|e| e.to_string())
                     .and_then(|r| s.apply_frame(r, now).map_err(|e| e.to_string()));
                 match applied {
-                    Ok(crate::store::Applied::Applied) => durable.append(&body),
+                    Ok(crate::store::Applied::Applied) => {
+                        durable.append(&body);
+                        if let Some(o) = outbox.as_deref_mut() {
+                            o.append(&body);
+                        }
+                    }
                     Ok(crate::store::Applied::Duplicate) => {}
                     Err(e) => tracing::error!(error = %e, "refill frame refused"),
                 }
@@ -86,7 +95,7 @@ pub(crate) fn writer_loop(
     mut rx: mpsc::Receiver<Job>,
     store: Arc<RwLock<Store>>,
     mut durable: Durable,
-    cfg: WriterConfig,
+    mut cfg: WriterConfig,
     metrics: Arc<Metrics>,
 ) {
     let mut last_snapshot = Instant::now();
@@ -115,7 +124,15 @@ pub(crate) fn writer_loop(
                         // The first frame of a dataplane run may reveal counts its
                         // crashed predecessor never shipped: refill them first.
                         if let Ok(f) = access_delta(&body) {
-                            refill_before(&mut s, f, &cfg.log_root, &mut durable, now, &metrics);
+                            refill_before(
+                                &mut s,
+                                f,
+                                &cfg.log_root,
+                                &mut durable,
+                                cfg.redis_outbox.as_mut(),
+                                now,
+                                &metrics,
+                            );
                         }
                         let applied =
                             access_delta(&body)
@@ -132,6 +149,9 @@ pub(crate) fn writer_loop(
                         match applied {
                             Ok((crate::store::Applied::Applied, ack)) => {
                                 durable.append(&body);
+                                if let Some(o) = cfg.redis_outbox.as_mut() {
+                                    o.append(&body);
+                                }
                                 replies.push((reply, ack));
                             }
                             Ok((crate::store::Applied::Duplicate, ack)) => {
@@ -149,6 +169,9 @@ pub(crate) fn writer_loop(
             if tick || shutdown.is_some() {
                 s.evict(now);
             }
+        }
+        if let Some(o) = cfg.redis_outbox.as_mut() {
+            o.commit(); // before the WAL: see redis_outbox
         }
         if !failed && durable.has_pending() {
             match durable.commit() {

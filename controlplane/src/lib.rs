@@ -28,6 +28,9 @@ pub mod durable;
 pub mod ingest;
 pub mod metrics;
 pub mod query;
+pub mod redis_hll;
+pub mod redis_outbox;
+pub mod redis_store;
 pub mod refill;
 pub mod store;
 
@@ -82,6 +85,8 @@ pub struct ControlplaneConfig {
     pub auth: auth::AuthConfig,
     /// The Parquet archiver of the local log (issue #7).
     pub archive: archive::ArchiveConfig,
+    /// The Redis real-time store (issue #5); `None`: the embedded store answers queries.
+    pub redis: Option<redis_store::RedisConfig>,
 }
 
 impl Default for ControlplaneConfig {
@@ -106,6 +111,7 @@ impl Default for ControlplaneConfig {
             top_n_max: 1_000,
             auth: auth::AuthConfig::default(),
             archive: archive::ArchiveConfig::default(),
+            redis: None,
         }
     }
 }
@@ -144,6 +150,8 @@ pub struct Controlplane {
     writer: std::thread::JoinHandle<()>,
     store: Arc<RwLock<Store>>,
     archiver: archive::ArchiverHandle,
+    /// The Redis flusher's stop signal and task: stopped after the writer's last commit.
+    redis_flusher: Option<(watch::Sender<bool>, JoinHandle<()>)>,
 }
 
 impl Controlplane {
@@ -187,7 +195,22 @@ impl Controlplane {
         let control_addr = control_tcp.local_addr()?;
 
         let (jobs, jobs_rx) = mpsc::channel(cfg.writer_queue_frames_max.max(1));
+        let (redis_writer, redis_side) = match &cfg.redis {
+            Some(rc) => {
+                let (outbox, w) =
+                    redis_outbox::Outbox::open(&cfg.data_dir.join("redis"), rc.spill_bytes_max)?;
+                let stats = Arc::new(redis_store::RedisStats::default());
+                let side = Arc::new(redis_store::RedisSide {
+                    query: redis_store::RedisQuery::new(rc, stats.clone()),
+                    outbox,
+                    stats,
+                });
+                (Some(w), Some(side))
+            }
+            None => (None, None),
+        };
         let wcfg = WriterConfig {
+            redis_outbox: redis_writer,
             group_commit_frames_max: cfg.group_commit_frames_max.max(1),
             snapshot_interval: Duration::from_secs(cfg.snapshot_interval_secs),
             snapshot_wal_bytes: cfg.snapshot_wal_bytes,
@@ -243,6 +266,15 @@ impl Controlplane {
                 tracing::error!(error = %e, "control API server failed");
             }
         }));
+        let redis_flusher = match (&cfg.redis, &redis_side) {
+            (Some(rc), Some(side)) => {
+                let applier = Arc::new(redis_store::Applier::new(rc.clone(), side.stats.clone()));
+                let (tx, rx) = watch::channel(false);
+                let task = tokio::spawn(redis_store::flusher(applier, side.outbox.clone(), rx));
+                Some((tx, task))
+            }
+            _ => None,
+        };
         let dashboard = dashboard::router(dashboard::DashState {
             store: store.clone(),
             metrics: metrics.clone(),
@@ -259,6 +291,7 @@ impl Controlplane {
             store: store.clone(),
             metrics,
             limits,
+            redis: redis_side,
         });
         let app = app
             .merge(dashboard)
@@ -296,6 +329,7 @@ impl Controlplane {
             writer,
             store,
             archiver,
+            redis_flusher,
         })
     }
 
@@ -340,6 +374,12 @@ impl Controlplane {
             .await?
             .map_err(|_| anyhow::anyhow!("store writer panicked"))?;
         let _ = std::fs::remove_file(&self.control_socket);
+        // The writer's last frames are in the outbox now: one last flush, bounded (what
+        // Redis does not take stays in the outbox for the next start).
+        if let Some((stop, task)) = self.redis_flusher {
+            let _ = stop.send(true);
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
         // Contract §0: the open Parquet files are written on a clean stop.
         let archived = tokio::task::spawn_blocking(move || self.archiver.shutdown()).await?;
         flushed.and(archived)

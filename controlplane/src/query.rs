@@ -333,6 +333,19 @@ pub(crate) struct ApiState {
     pub store: Arc<RwLock<Store>>,
     pub metrics: Arc<Metrics>,
     pub limits: QueryLimits,
+    /// Set when `redis_url` is: queries read Redis instead of the embedded store.
+    pub redis: Option<Arc<crate::redis_store::RedisSide>>,
+}
+
+fn redis_unavailable(e: anyhow::Error) -> Response {
+    tracing::warn!(error = %format!("{e:#}"), "query: Redis did not answer");
+    error_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        &ApiError {
+            error: format!("redis unavailable: {e}"),
+            field: None,
+        },
+    )
 }
 
 fn json_response<T: serde::Serialize>(status: StatusCode, body: &T) -> Response {
@@ -378,16 +391,37 @@ async fn campaign_metrics(
         Err(r) => return query_rejection(r),
     };
     let now = crate::now_ms();
-    let store = st.store.read().unwrap_or_else(|e| e.into_inner());
-    let q = match parse_metrics_query(&campaign, &params, now, &store.retention(), &st.limits) {
+    let retention = st
+        .store
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .retention();
+    let q = match parse_metrics_query(&campaign, &params, now, &retention, &st.limits) {
         Ok(q) => q,
         Err(e) => {
             st.metrics.inc(&st.metrics.queries_bad);
             return error_response(StatusCode::BAD_REQUEST, &e);
         }
     };
-    let buckets = store.series(q.campaign_id, q.window, q.dim, q.from_ms, q.to_ms);
-    drop(store);
+    let buckets = match &st.redis {
+        None => st.store.read().unwrap_or_else(|e| e.into_inner()).series(
+            q.campaign_id,
+            q.window,
+            q.dim,
+            q.from_ms,
+            q.to_ms,
+        ),
+        Some(r) => {
+            match r
+                .query
+                .series(q.campaign_id, q.window, q.dim, q.from_ms, q.to_ms)
+                .await
+            {
+                Ok(b) => b,
+                Err(e) => return redis_unavailable(e),
+            }
+        }
+    };
     json_response(
         StatusCode::OK,
         &MetricsBody {
@@ -414,11 +448,17 @@ async fn top(
             return error_response(StatusCode::BAD_REQUEST, &e);
         }
     };
-    let ads = st
-        .store
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
-        .top_ads(q.window, q.start, q.n);
+    let ads = match &st.redis {
+        None => st
+            .store
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .top_ads(q.window, q.start, q.n),
+        Some(r) => match r.query.top(q.window, q.start, q.n).await {
+            Ok(a) => a,
+            Err(e) => return redis_unavailable(e),
+        },
+    };
     json_response(
         StatusCode::OK,
         &TopBody {
@@ -431,8 +471,11 @@ async fn top(
 
 async fn metrics(State(st): State<ApiState>) -> Response {
     let store = st.store.read().unwrap_or_else(|e| e.into_inner());
-    let text = st.metrics.render(&store);
+    let mut text = st.metrics.render(&store);
     drop(store);
+    if let Some(r) = &st.redis {
+        crate::redis_store::render_metrics(&r.stats, &r.outbox, &mut text);
+    }
     (
         [(
             header::CONTENT_TYPE,
@@ -451,6 +494,27 @@ async fn healthz(State(st): State<ApiState>) -> Response {
     json_response(StatusCode::OK, &HashMap::from([("status", "ok")]))
 }
 
+/// 200 when the store writer works and Redis (if configured) answers or what it has not
+/// taken yet fits the outbox; the body says which (contract §2's `/readyz`).
+async fn readyz(State(st): State<ApiState>) -> Response {
+    let mut body = serde_json::json!({"status": "ready"});
+    let mut ready = !st.metrics.writer_failed();
+    if !ready {
+        body["error"] = "store writer failed; see logs".into();
+    }
+    if let Some(r) = &st.redis {
+        ready &= r.ready();
+        if let (Some(b), serde_json::Value::Object(m)) = (body.as_object_mut(), r.status()) {
+            b.extend(m);
+        }
+    }
+    if !ready {
+        body["status"] = "not ready".into();
+        return json_response(StatusCode::SERVICE_UNAVAILABLE, &body);
+    }
+    json_response(StatusCode::OK, &body)
+}
+
 async fn not_found() -> Response {
     json_response(
         StatusCode::NOT_FOUND,
@@ -464,6 +528,7 @@ pub(crate) fn router(st: ApiState) -> Router {
         .route("/v1/top", get(top))
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .fallback(not_found)
         .with_state(st)
 }

@@ -8,10 +8,12 @@
 //! - [`frames`]: aggregate delta frames from dataplane cores to the controlplane.
 //! - [`control_files`]: the rules and runtime-settings files the controlplane hands the
 //!   dataplane through the data directory.
+//! - [`box_id`]: the box's stable id, persisted in the data directory.
 //! - `control` (feature `grpc`): the control API's generated gRPC client and server.
 
 #[cfg(feature = "grpc")]
 pub mod control;
+pub mod box_id;
 pub mod control_files;
 pub mod cursor;
 pub mod frames;

@@ -1,0 +1,509 @@
+//! The Redis real-time store (issue #5) against real Redis: a single node
+//! (`CLICKGATE_TEST_REDIS`), a 3-node Redis Cluster (`CLICKGATE_TEST_REDIS_CLUSTER`) and
+//! private `redis-server`s started here for outages (`CLICKGATE_TEST_REDIS_SERVER`).
+//! `scripts/test.sh` (scripts/services.sh) provides all three. Every test writes under its
+//! own key prefix, so tests share the servers without FLUSHALL.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{event, now_ms, uuid, Clickgate};
+
+fn env_or_panic(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests through scripts/test.sh (it starts Redis and sets it)")
+    })
+}
+
+fn redis_url() -> String {
+    env_or_panic("CLICKGATE_TEST_REDIS")
+}
+
+fn prefix(name: &str) -> String {
+    format!("t{}-{}-{name}:", std::process::id(), now_ms())
+}
+
+/// `clickgate run` flushing to `urls` under `prefix`, without the per-address rate limit.
+fn boxed(urls: &str, prefix: &str, extra: &[&str]) -> Clickgate {
+    let mut args = vec![
+        "--redis-url",
+        urls,
+        "--redis-key-prefix",
+        prefix,
+        "--trusted-cidrs",
+        "127.0.0.0/8",
+        "--redis-flush-interval-ms",
+        "100",
+    ];
+    args.extend_from_slice(extra);
+    Clickgate::run(&args)
+}
+
+/// Posts events `users` (one click each, user `u{n}`, ad `10 + n % ads`) to `campaign`.
+fn send(cg: &Clickgate, campaign: u64, users: std::ops::Range<u64>, ads: u64, id_base: u64) {
+    let all: Vec<u64> = users.collect();
+    for chunk in all.chunks(500) {
+        let body: String = chunk
+            .iter()
+            .map(|&n| {
+                event(&uuid(id_base + n), campaign, |v| {
+                    v["user_id"] = format!("u{n}").into();
+                    v["ad_id"] = (10 + n % ads).into();
+                    v["cost_micros"] = (1000 + n).into();
+                }) + "\n"
+            })
+            .collect();
+        let r = cg.connect().request("POST", "/v1/clicks", &body);
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.json()["accepted"], chunk.len(), "{}", r.body);
+    }
+}
+
+fn metrics_query(cg: &Clickgate, campaign: u64, window: &str, filter: &str) -> common::Response {
+    let to = now_ms() + 3_600_000;
+    cg.query(&format!(
+        "/v1/campaigns/{campaign}/metrics?window={window}&from={}&to={to}{filter}",
+        to - 3 * 24 * 3_600_000
+    ))
+}
+
+/// (clicks, cost, fraud, unique) summed over the buckets of a 1d query.
+fn totals(cg: &Clickgate, campaign: u64) -> Option<(u64, u64, u64, u64)> {
+    let r = metrics_query(cg, campaign, "1d", "");
+    if r.status != 200 {
+        return None;
+    }
+    let j = r.json();
+    let b = j["buckets"].as_array().unwrap();
+    let sum = |f: &str| b.iter().map(|x| x[f].as_u64().unwrap()).sum::<u64>();
+    Some((
+        sum("clicks"),
+        sum("cost_micros"),
+        sum("fraud_clicks"),
+        sum("unique_users"),
+    ))
+}
+
+/// Polls until `totals` has `clicks`; fails loudly after a generous deadline.
+fn wait_clicks(cg: &Clickgate, campaign: u64, clicks: u64) -> (u64, u64, u64, u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let t = totals(cg, campaign);
+        if let Some(t) = t {
+            if t.0 >= clicks {
+                return t;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Redis never showed {clicks} clicks (last {t:?})"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn cost_of(users: std::ops::Range<u64>) -> u64 {
+    users.map(|n| 1000 + n).sum()
+}
+
+fn within_2pct(est: u64, truth: u64) -> bool {
+    (est as f64 - truth as f64).abs() <= 0.02 * truth as f64
+}
+
+#[test]
+fn two_boxes_add_up_and_merge_unique_users() {
+    let url = redis_url();
+    let p = prefix("two-boxes");
+    let a = boxed(&url, &p, &[]);
+    let b = boxed(&url, &p, &[]);
+    let id = |cg: &Clickgate| std::fs::read_to_string(cg.data_dir.join("box_id")).unwrap();
+    assert_ne!(id(&a), id(&b), "two boxes got the same box id");
+    // Users 0..6000 on box a, 4000..10000 on box b: 12000 clicks, 10000 distinct users.
+    send(&a, 1, 0..6000, 7, 0);
+    send(&b, 1, 4000..10_000, 7, 1_000_000);
+    let t = wait_clicks(&a, 1, 12_000);
+    assert_eq!(t.0, 12_000, "clicks");
+    assert_eq!(t.1, cost_of(0..6000) + cost_of(4000..10_000), "cost_micros");
+    assert!(within_2pct(t.3, 10_000), "unique users {} for 10000", t.3);
+    // Both boxes answer the same from Redis.
+    assert_eq!(totals(&b, 1), Some(t));
+}
+
+/// A private redis-server on a free port, its data kept in `dir` across restarts.
+struct PrivateRedis {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateRedis {
+    fn start() -> PrivateRedis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut r = PrivateRedis {
+            child: None,
+            port,
+            dir: tempfile::tempdir().unwrap(),
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let bin = env_or_panic("CLICKGATE_TEST_REDIS_SERVER");
+        let child = Command::new(bin)
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.client().and_then(|c| c.get_connection()).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "private redis-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn client(&self) -> redis::RedisResult<redis::Client> {
+        redis::Client::open(self.url())
+    }
+
+    fn stop(&mut self) {
+        let mut c = self.child.take().expect("running");
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap();
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+#[test]
+fn redis_down_mid_traffic_then_exact_counts_after_recovery() {
+    let mut r = PrivateRedis::start();
+    let p = prefix("outage");
+    let cg = boxed(
+        &r.url(),
+        &p,
+        &[
+            "--redis-timeout-ms",
+            "500",
+            "--redis-retry-backoff-max-ms",
+            "500",
+        ],
+    );
+    send(&cg, 5, 0..1000, 3, 0);
+    wait_clicks(&cg, 5, 1000);
+    r.stop();
+    send(&cg, 5, 1000..3000, 3, 0);
+    // Ingest never stopped; readyz and the metric say Redis is down, queries say 503.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = cg.query("/readyz");
+        if ready.body.contains("unreachable") {
+            assert_eq!(
+                ready.status, 200,
+                "buffering within bounds is ready: {}",
+                ready.body
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "readyz never said Redis is down: {}",
+            ready.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        common::metric_sum(&cg.query("/metrics").body, "clickgate_redis_up"),
+        0.0
+    );
+    assert_eq!(metrics_query(&cg, 5, "5m", "").status, 503);
+    send(&cg, 5, 3000..4000, 3, 0);
+    r.spawn();
+    let t = wait_clicks(&cg, 5, 4000);
+    assert_eq!((t.0, t.1), (4000, cost_of(0..4000)), "exact after recovery");
+    assert!(within_2pct(t.3, 4000), "unique users {}", t.3);
+    let m = cg.query("/metrics").body;
+    assert!(common::metric_sum(&m, "clickgate_redis_flush_errors_total") > 0.0);
+    assert_eq!(
+        common::metric_sum(&m, "clickgate_redis_outbox_dropped_deltas_total"),
+        0.0
+    );
+    // Still exact a while later (nothing applied twice by the retries).
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(totals(&cg, 5).unwrap().0, 4000);
+}
+
+/// One frame of `n` clicks for campaign 9 as `(box 1, instance 1, core 0, delta_id)`.
+fn frame(delta_id: u64, n: u64) -> impl std::ops::Deref<Target = [u8]> {
+    use clickgate_core::agg::{AggConfig, Aggregator};
+    let mut a = Aggregator::new(AggConfig::default());
+    let ts = now_ms();
+    for i in 0..n {
+        let line = event(&uuid(i), 9, |v| {
+            v["ts"] = ts.into();
+            v["user_id"] = format!("u{i}").into();
+        });
+        let c = clickgate_core::parse::parse_click(line.as_bytes(), ts, 300_000).unwrap();
+        a.add(&c, true, false);
+    }
+    let mut buf = Vec::new();
+    let f = &clickgate_proto::frames::frames_from_delta(1, 1, 0, delta_id, &a.drain_delta())[0];
+    clickgate_proto::frames::encode_delta(f, &mut buf).unwrap();
+    clickgate_proto::frames::aligned(&buf[4..])
+}
+
+#[test]
+fn a_flush_retried_after_a_timeout_is_applied_once() {
+    use clickgate_controlplane::redis_store::*;
+    let r = PrivateRedis::start();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let cfg = RedisConfig {
+            urls: vec![r.url()],
+            key_prefix: prefix("once"),
+            timeout_ms: 300,
+            ..RedisConfig::default()
+        };
+        let stats = std::sync::Arc::new(RedisStats::default());
+        let applier = Applier::new(cfg.clone(), stats.clone());
+        let mut conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let (calls, _) = calls_for_frame(&frame(7, 50), &cfg, &applier.keys, now_ms()).unwrap();
+        // Redis takes the pipeline but answers after our timeout (the script is loaded, so
+        // the paused EVALSHA really applies once the pause ends).
+        let mut admin = r.client().unwrap().get_connection().unwrap();
+        redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(APPLY_LUA)
+            .exec(&mut admin)
+            .unwrap();
+        redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(1000)
+            .arg("ALL")
+            .exec(&mut admin)
+            .unwrap();
+        assert!(
+            applier.apply(&mut conn, &calls).await.is_err(),
+            "should time out"
+        );
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        let mut conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let q = RedisQuery::new(&cfg, stats.clone());
+        let now = now_ms();
+        let w = clickgate_core::window::Window::M5;
+        let b = q
+            .series(
+                9,
+                w,
+                clickgate_core::agg::Dim::All,
+                w.bucket_start(now),
+                now + 1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(b[0].clicks, 50, "the timed-out flush did apply");
+        // The retry finds it applied; so does a replay of the same frame, and an older one.
+        assert_eq!(applier.apply(&mut conn, &calls).await.unwrap(), 0);
+        let (older, _) = calls_for_frame(&frame(6, 50), &cfg, &applier.keys, now_ms()).unwrap();
+        assert_eq!(applier.apply(&mut conn, &older).await.unwrap(), 0);
+        let b = q
+            .series(
+                9,
+                w,
+                clickgate_core::agg::Dim::All,
+                w.bucket_start(now),
+                now + 1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(
+            (b[0].clicks, b[0].cost_micros, b[0].unique_users),
+            (50, 50 * 500_000, 50)
+        );
+        // A newer frame still applies.
+        let (newer, _) = calls_for_frame(&frame(8, 5), &cfg, &applier.keys, now_ms()).unwrap();
+        assert!(applier.apply(&mut conn, &newer).await.unwrap() > 0);
+        let b = q
+            .series(
+                9,
+                w,
+                clickgate_core::agg::Dim::All,
+                w.bucket_start(now),
+                now + 1,
+            )
+            .await
+            .unwrap();
+        assert_eq!(b[0].clicks, 55);
+    });
+}
+
+#[test]
+fn cluster_answers_like_single_node_and_the_embedded_store_and_keys_carry_ttls() {
+    let (single, cluster) = (redis_url(), env_or_panic("CLICKGATE_TEST_REDIS_CLUSTER"));
+    let p = prefix("same");
+    let s = boxed(&single, &p, &[]);
+    let c = boxed(&cluster, &p, &[]);
+    let e = Clickgate::run(&["--trusted-cidrs", "127.0.0.0/8"]);
+    let campaigns = [21u64, 22, 23];
+    for (i, cg) in [&s, &c, &e].into_iter().enumerate() {
+        for (k, &campaign) in campaigns.iter().enumerate() {
+            let k = k as u64;
+            send(
+                cg,
+                campaign,
+                k * 100..k * 100 + 300 + k * 50,
+                5 + k,
+                i as u64 * 10_000_000 + k * 100_000,
+            );
+        }
+    }
+    for &campaign in &campaigns {
+        let n = 300 + (campaign - 21) * 50;
+        for cg in [&s, &c, &e] {
+            wait_clicks(cg, campaign, n);
+        }
+    }
+    let queries: Vec<(u64, &str, &str)> = campaigns
+        .iter()
+        .flat_map(|&k| {
+            [
+                ("5m", ""),
+                ("1h", ""),
+                ("1d", ""),
+                ("5m", "&country=US"),
+                ("1h", "&device=mobile"),
+                ("5m", "&ad_id=11"),
+                ("1d", "&publisher_id=42"),
+            ]
+            .into_iter()
+            .map(move |(w, f)| (k, w, f))
+        })
+        .collect();
+    for (campaign, w, f) in queries {
+        let [js, jc, je] = [&s, &c, &e].map(|cg| {
+            let r = metrics_query(cg, campaign, w, f);
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()
+        });
+        assert_eq!(js, jc, "single vs cluster: campaign {campaign} {w}{f}");
+        let strip = |j: &serde_json::Value| {
+            j["buckets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| {
+                    (
+                        b["start"].clone(),
+                        b["clicks"].clone(),
+                        b["cost_micros"].clone(),
+                        b["fraud_clicks"].clone(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            strip(&js),
+            strip(&je),
+            "redis vs embedded: campaign {campaign} {w}{f}"
+        );
+        for (a, b) in js["buckets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(je["buckets"].as_array().unwrap())
+        {
+            let (a, b) = (
+                a["unique_users"].as_u64().unwrap(),
+                b["unique_users"].as_u64().unwrap(),
+            );
+            assert!(within_2pct(a, b), "unique users {a} vs {b}");
+        }
+    }
+    for w in ["5m", "1h", "1d"] {
+        let top = |cg: &Clickgate| {
+            let r = cg.query(&format!("/v1/top?window={w}&n=4"));
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()
+        };
+        let (ts, tc, te) = (top(&s), top(&c), top(&e));
+        assert_eq!(ts, tc, "top {w}: single vs cluster");
+        assert_eq!(ts["ads"], te["ads"], "top {w}: redis vs embedded");
+        assert_eq!(ts["ads"].as_array().unwrap().len(), 4);
+    }
+    // TTLs: bucket end + 24 h (5m), + 7 d (1h), + 90 d (1d).
+    let mut con = redis::Client::open(single.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let keys: BTreeSet<String> = redis::cmd("KEYS")
+        .arg(format!("{p}*"))
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        keys.iter()
+            .any(|k| k.starts_with(&format!("{p}counter:{{21}}:5m:"))),
+        "{keys:?}"
+    );
+    let now = now_ms() as i64;
+    for k in &keys {
+        let pttl: i64 = redis::cmd("PTTL").arg(k).query(&mut con).unwrap();
+        assert!(pttl > 0, "{k} has no TTL");
+        let ttl_of = |w: &str| match w {
+            "5m" => (300_000i64, 24 * 3_600_000i64),
+            "1h" => (3_600_000, 7 * 24 * 3_600_000),
+            _ => (86_400_000, 90 * 24 * 3_600_000),
+        };
+        let parts: Vec<&str> = k[p.len()..].split(':').collect();
+        if matches!(parts[0], "counter" | "users") {
+            let (len, ttl) = ttl_of(parts[2]);
+            let start: i64 = parts[3].parse().unwrap();
+            let expected = start + len + ttl - now;
+            assert!(
+                (pttl - expected).abs() < 120_000,
+                "{k}: PTTL {pttl}, expected about {expected}"
+            );
+        }
+    }
+}
