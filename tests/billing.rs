@@ -330,6 +330,7 @@ fn a_day_is_billed_exactly_as_the_ground_truth_and_twice_the_same() {
         r.stdout
     );
     let t = truth(&day, false);
+    assert_eq!(t.invoice.len(), 4, "the generated day bills four campaigns");
     let invoices = std::fs::read_to_string(out1.path().join("invoices.csv")).unwrap();
     assert_eq!(invoices, invoice_text(&t));
     assert!(

@@ -144,10 +144,7 @@ impl<S: RecordSource> Archiver<S> {
 
     fn poll_stream(&mut self, s: &str, flush: bool) -> anyhow::Result<()> {
         self.init_stream(s)?;
-        loop {
-            let Some((pos, after, bytes)) = self.src.next(s)? else {
-                break;
-            };
+        while let Some((pos, after, bytes)) = self.src.next(s)? {
             let st = self.streams.get_mut(s).expect("initialised");
             let ts = record::decode(bytes)
                 .with_context(|| format!("{s}: record at {pos}"))?
@@ -271,10 +268,8 @@ impl ArchiverHandle {
         let thread = std::thread::Builder::new()
             .name("cg-archiver".into())
             .spawn(move || loop {
-                let stopping = match stop_rx.recv_timeout(poll) {
-                    Err(RecvTimeoutError::Timeout) => false,
-                    _ => true,
-                };
+                let stopping =
+                    !matches!(stop_rx.recv_timeout(poll), Err(RecvTimeoutError::Timeout));
                 let r = a.poll(stopping);
                 if stopping {
                     // One retry on a clean stop, then give up: the cursor still marks

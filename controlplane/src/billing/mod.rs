@@ -528,7 +528,7 @@ impl Progress {
             return;
         }
         self.last = Some(Instant::now());
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         let bar = "#".repeat((pct / 5) as usize);
         eprint!(
             "\rbilling {} {stage:>5} [{bar:<20}] {pct:>3}% {done}/{total}   ",

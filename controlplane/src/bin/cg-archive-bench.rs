@@ -31,7 +31,7 @@ struct GenSource {
 impl GenSource {
     fn record(&mut self, i: u64) {
         let h = mix64(i);
-        let (id_src, cost) = if h % 50 == 0 && i > 1000 {
+        let (id_src, cost) = if h.is_multiple_of(50) && i > 1000 {
             (i - 1 - (h >> 20) % 1000, 777)
         } else {
             (i, 100_000 + (h >> 8) % 900_000)
