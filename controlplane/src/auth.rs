@@ -364,9 +364,7 @@ pub async fn require_key(
     next: Next,
 ) -> Response {
     let need = need(req.uri().path());
-    let principal = if auth.cfg.keys.is_empty() {
-        Principal::Open
-    } else if matches!(need, Need::Nothing) {
+    let principal = if auth.cfg.keys.is_empty() || matches!(need, Need::Nothing) {
         Principal::Open
     } else {
         let ip = peer.ip();
