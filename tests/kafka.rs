@@ -95,12 +95,16 @@ fn read_topic(brokers: &str, topic: &str) -> Vec<Rec> {
     consumer.assign(&tpl).unwrap();
     let deadline = Instant::now() + CATCH_UP;
     let mut open: HashSet<i32> = ends.keys().copied().collect();
-    while !open.is_empty() {
+    // Past the watermarks read at the start, until a poll comes back empty.
+    loop {
         assert!(
             Instant::now() < deadline,
             "reading {topic} back did not finish"
         );
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            if open.is_empty() {
+                break;
+            }
             continue;
         };
         let m = m.expect("fetch");
@@ -314,6 +318,7 @@ struct Tansu {
     child: Option<Child>,
     port: u16,
     db: String,
+    dir: std::path::PathBuf,
 }
 
 impl Tansu {
@@ -326,7 +331,9 @@ impl Tansu {
         let mut t = Tansu {
             child: None,
             port,
-            db: format!("sqlite://{}/tansu.db", dir.display()),
+            // tansu resolves the sqlite path against its working directory.
+            db: "sqlite://tansu.db".into(),
+            dir: dir.to_path_buf(),
         };
         t.restart();
         t
@@ -347,6 +354,7 @@ impl Tansu {
                 &url,
             ])
             .args(["--storage-engine", &self.db])
+            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())

@@ -297,11 +297,16 @@ impl CoreForwarder {
         if tpl.count() > 0 {
             consumer.assign(&tpl)?;
             let mut open: HashSet<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-            while !open.is_empty() {
+            // tansu's high watermark can lag what a fetch returns: read on past it until
+            // a poll comes back empty.
+            loop {
                 if Instant::now() >= deadline {
                     bail!("kafka forwarder of core {}: reading back {} on {} did not finish within {} ms", self.core, self.cfg.topic, self.cfg.brokers, self.cfg.start_timeout_ms);
                 }
-                let Some(m) = consumer.poll(Duration::from_millis(100)) else {
+                let Some(m) = consumer.poll(Duration::from_millis(300)) else {
+                    if open.is_empty() {
+                        break;
+                    }
                     // Gaps (no record at end-1): done when the position reached the end.
                     if let Ok(pos) = consumer.position() {
                         for e in pos.elements() {
@@ -315,7 +320,7 @@ impl CoreForwarder {
                     continue;
                 };
                 let m = m.map_err(|e| anyhow!("reading back {}: {e}", self.cfg.topic))?;
-                if m.offset() + 1 >= ends[&m.partition()] {
+                if m.offset() + 1 >= ends.get(&m.partition()).copied().unwrap_or(0) {
                     open.remove(&m.partition());
                 }
                 if let Some(lsn) = own_lsn(&m, self.box_id, self.core) {

@@ -345,8 +345,14 @@ fn from_kafka(
     let mut open: HashSet<i32> = ends.keys().copied().collect();
     let mut idle_since = Instant::now();
     let mut done = std::collections::HashMap::new();
-    while !open.is_empty() {
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else {
+    // Without `--to` the end is soft: tansu's high watermark can lag what a fetch
+    // returns, so read on until a poll comes back empty.
+    let hard_end = matches!(cfg.to, Some(Position::Offset(_)));
+    loop {
+        let Some(m) = consumer.poll(Duration::from_millis(300)) else {
+            if open.is_empty() {
+                break;
+            }
             if idle_since.elapsed() > timeout {
                 bail!(
                     "no records from {:?} on {} for {} ms before the end of the range",
@@ -361,7 +367,7 @@ fn from_kafka(
         let m = m.map_err(|e| anyhow!("reading {:?}: {e}", k.topic))?;
         let (p, o) = (m.partition(), m.offset());
         let Some(&end) = ends.get(&p) else { continue };
-        if o >= end {
+        if o >= end && hard_end {
             open.remove(&p);
             continue;
         }
