@@ -1035,6 +1035,66 @@ mod tests {
         });
     }
 
+    /// Retention keeps what a consumer (the Kafka forwarder) has not passed; over the size
+    /// bound the log refuses records until the consumer's cursor moves on.
+    #[test]
+    fn retention_waits_for_consumer_cursors_then_refuses_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_owned();
+        run(move || async move {
+            let path = data_dir.join("log").join("core-3");
+            let c = LogConfig {
+                segment_bytes: 16 << 10,
+                retention_bytes: 64 << 10,
+                ..cfg()
+            };
+            clickgate_proto::cursor::write_cursor(&data_dir, "kafka", 3, 0).unwrap();
+            let log = CoreLog::open(path.clone(), 3, c).await.unwrap();
+            let mut refused = None;
+            for i in 0..1000 {
+                match append(&log, i) {
+                    Ok(lsn) => log.durable(lsn).await.unwrap(),
+                    Err(LogFull) => {
+                        refused = Some(i);
+                        break;
+                    }
+                }
+            }
+            let s = log.stats();
+            assert!(
+                refused.is_some(),
+                "a lagging consumer must stop the log: {s:?}"
+            );
+            assert_eq!(s.segments_deleted, 0, "{s:?}");
+            assert_eq!(
+                LogReader::open(&path, 0)
+                    .unwrap()
+                    .next()
+                    .unwrap()
+                    .unwrap()
+                    .0,
+                0
+            );
+            // The consumer catches up: old segments go, records are taken again.
+            clickgate_proto::cursor::write_cursor(&data_dir, "kafka", 3, s.durable_lsn).unwrap();
+            let mut taken = false;
+            for _ in 0..100 {
+                if append(&log, 5000).is_ok() {
+                    taken = true;
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(
+                taken,
+                "the log still refuses after the cursor moved: {:?}",
+                log.stats()
+            );
+            assert!(log.stats().segments_deleted > 0);
+            log.close().await.unwrap();
+        });
+    }
+
     #[test]
     fn reopen_cuts_a_torn_tail_and_appends_continue() {
         let dir = tempfile::tempdir().unwrap();
