@@ -311,7 +311,11 @@ pub struct Settings {
     pub query_insecure: Option<bool>,
 
     /// Failed query API key attempts per client address per minute before it gets 429 for the rest of the minute (1..=1000000) [default: 10]
-    #[arg(long, env = "CLICKGATE_QUERY_AUTH_FAILURES_PER_MINUTE_MAX", global = true)]
+    #[arg(
+        long,
+        env = "CLICKGATE_QUERY_AUTH_FAILURES_PER_MINUTE_MAX",
+        global = true
+    )]
     pub query_auth_failures_per_minute_max: Option<u32>,
 
     /// Client addresses whose failed key attempts are tracked, at most (1..=10000000) [default: 4096]
@@ -821,8 +825,8 @@ impl Settings {
             None => ApiKeys::default(),
         };
         if let Some(list) = self.api_keys.as_deref() {
-            let inline =
-                ApiKeys::parse_list(list, "api_keys (CLICKGATE_API_KEYS)").map_err(anyhow::Error::msg)?;
+            let inline = ApiKeys::parse_list(list, "api_keys (CLICKGATE_API_KEYS)")
+                .map_err(anyhow::Error::msg)?;
             keys = keys.merge(inline).map_err(anyhow::Error::msg)?;
         }
         let cfg = AuthConfig {
