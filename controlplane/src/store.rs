@@ -753,6 +753,45 @@ mod tests {
     }
 
     #[test]
+    fn breakdown_sums_a_campaigns_values_over_the_range() {
+        let mut s = Store::new(Retention::default(), 10_000);
+        let mut clicks = Vec::new();
+        for (i, (country, campaign, ts)) in [
+            (*b"US", 1, T0),
+            (*b"US", 1, T0 + 300_000),
+            (*b"FR", 1, T0),
+            (*b"FR", 2, T0),
+            (*b"DE", 1, T0 + 3_600_000),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut c = click(campaign, ts, 10, &format!("u{i}"), 1 + i as u64);
+            c.country = country;
+            clicks.push(c);
+        }
+        apply(&mut s, &frame_bytes(&clicks, 1, 0, 1), NOW);
+        let got = |from: u64, to: u64| -> Vec<(Dim, u64, u64)> {
+            s.breakdown(1, Window::M5, Dim::KIND_COUNTRY, from, to)
+                .into_iter()
+                .map(|(d, c)| (d, c.clicks, c.cost_micros))
+                .collect()
+        };
+        assert_eq!(
+            got(T0, T0 + 600_000),
+            vec![
+                (Dim::Country(*b"US"), 2, 1 + 2),
+                (Dim::Country(*b"FR"), 1, 3)
+            ]
+        );
+        assert_eq!(got(T0 + 300_000, u64::MAX).len(), 2); // US (2nd bucket) and DE
+        assert!(got(T0, T0).is_empty());
+        let devices = s.breakdown(1, Window::D1, Dim::KIND_DEVICE, 0, u64::MAX);
+        assert_eq!(devices.len(), 1);
+        assert_eq!(devices[0].1.clicks, 4);
+    }
+
+    #[test]
     fn owners_come_from_frames_survive_snapshots_and_go_with_their_cells() {
         let r = Retention {
             m5_ms: 600_000,
