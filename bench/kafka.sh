@@ -22,8 +22,8 @@ PIDS=()
 # shellcheck source=bench/proc.sh
 source bench/proc.sh
 trap 'for p in "${PIDS[@]}"; do stop_pid "$p"; done' EXIT
-CG=target/release/clickgate
-BENCH=target/release/clickgate-bench
+CG=${CG:-target/release/clickgate}
+BENCH=${BENCH:-target/release/clickgate-bench}
 
 run_mode() { # label ack kafka(yes|no) load-args...
     local label=$1 ack=$2 kafka=$3
@@ -43,7 +43,7 @@ run_mode() { # label ack kafka(yes|no) load-args...
     local out
     out=$("$BENCH" --url "http://127.0.0.1:$port" --duration "$DURATION" --warmup 2s "$@" 2>&1)
     local eps p99
-    eps=$(grep -m1 -oP 'events\s+\d+\s+\K[0-9.]+(?= events/s)' <<<"$out" || echo "?")
+    eps=$(grep -m1 '^events ' <<<"$out" | awk '{print $(NF-1)}')
     p99=$(grep -m1 -oP 'p99 \K[0-9.]+' <<<"$out" || echo "?")
     local lag=""
     if [ "$kafka" = yes ]; then
@@ -57,7 +57,9 @@ run_mode() { # label ack kafka(yes|no) load-args...
 
 echo "# $(date -u +%FT%TZ) $(nproc) vCPU $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2) load $(cut -d' ' -f1 /proc/loadavg)"
 echo "# duration $DURATION, broker $BROKERS on this box, 1 dataplane core"
-for load in "--mode batch --batch-size 100 --connections 16" "--mode single --connections 32"; do
+# Saturation (closed loop), then latency below saturation (open loop, 1000 requests/s).
+for load in "--mode batch --batch-size 100 --connections 16" "--mode single --connections 32" \
+    "--mode single --connections 16 --rate 1000"; do
     echo "## load: $load"
     # shellcheck disable=SC2086
     run_mode "local log" memory no $load
