@@ -35,7 +35,7 @@ pub struct BillingArgs {
     #[arg(long, default_value_t = 1)]
     pub margin_hours: u32,
 
-    /// Rows per spill partition, at most: the memory bound (about 200 B per row)
+    /// Rows per spill partition, at most: the memory bound (about 360 B per row)
     #[arg(long, default_value_t = 2_000_000)]
     pub partition_rows_max: u64,
 

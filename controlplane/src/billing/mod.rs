@@ -11,10 +11,11 @@
 //!   ─▶ invoices.csv, adjustments.csv (batch checks on), reconciliation.csv
 //! ```
 //!
-//! Memory holds one spill partition at a time: about `partition_rows_max` × (record ≈
-//! 150 B + 48 B of index), plus `P` × 16 KiB of write buffers. For a day of 43 B events
-//! with `partition_rows_max` = 8 M: P ≈ 5 400 files, ≈ 1.6 GiB per partition and ≈ 85 MiB
-//! of buffers (and `ulimit -n` above P); disk holds two copies of the day's records.
+//! Memory holds one spill partition at a time: about `partition_rows_max` × 360 B
+//! (measured: the spilled record, its decoded form and the sort key), plus `P` × 16 KiB
+//! of write buffers. For a day of 43 B events with `partition_rows_max` = 4 M: P ≈ 10 750
+//! files, ≈ 1.4 GiB per partition and ≈ 170 MiB of buffers (and `ulimit -n` above P);
+//! disk holds two copies of the day's records (docs/ARCHIVE.md).
 //!
 //! Exactness and determinism: dedup keeps the earliest received copy, ties broken by
 //! (source, lsn), which are unique; the neighbouring `margin_hours` are read so a copy
