@@ -137,6 +137,7 @@ fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {
     // Validate everything up front, so a bad value is a settings error (exit 2).
     settings.dataplane()?;
     settings.controlplane()?;
+    settings.kafka()?;
     Ok(settings)
 }
 
