@@ -246,10 +246,9 @@ fn redis_down_mid_traffic_then_exact_counts_after_recovery() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert_eq!(
-        common::metric_sum(&cg.query("/metrics").body, "clickgate_redis_up"),
-        0.0
-    );
+    let m = cg.query("/metrics").body;
+    assert_eq!(common::metric_sum(&m, "clickgate_redis_up"), 0.0);
+    assert!(m.contains("\nclickgate_redis_flush_lag_seconds "), "{m}");
     assert_eq!(metrics_query(&cg, 5, "5m", "").status, 503);
     send(&cg, 5, 3000..4000, 3, 0);
     r.spawn();
@@ -262,8 +261,17 @@ fn redis_down_mid_traffic_then_exact_counts_after_recovery() {
         common::metric_sum(&m, "clickgate_redis_outbox_dropped_deltas_total"),
         0.0
     );
-    // Still exact a while later (nothing applied twice by the retries).
-    std::thread::sleep(Duration::from_millis(500));
+    // Caught up: the lag gauge goes back to 0, and the counts stay exact (nothing applied
+    // twice by the retries).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while common::metric_sum(
+        &cg.query("/metrics").body,
+        "clickgate_redis_flush_lag_seconds",
+    ) != 0.0
+    {
+        assert!(Instant::now() < deadline, "flush lag never went back to 0");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(totals(&cg, 5).unwrap().0, 4000);
 }
 

@@ -49,6 +49,10 @@ pub struct OutboxStats {
     pub bytes: AtomicU64,
     pub dropped_deltas: AtomicU64,
     pub write_errors: AtomicU64,
+    /// Wall-clock ms since when the outbox holds frames not yet in Redis (0: caught
+    /// up): `clickgate_redis_flush_lag_seconds`. Set by the first commit after the
+    /// flusher caught up, cleared when an advance leaves nothing behind.
+    pub pending_since_ms: AtomicU64,
     /// Set when a commit dropped frames, cleared by the next commit that fits.
     pub dropping: std::sync::atomic::AtomicBool,
 }
@@ -294,6 +298,9 @@ impl Outbox {
         for seq in stale {
             let _ = fs::remove_file(seg_path(&self.dir, seq));
         }
+        if self.backlog_bytes() == 0 {
+            self.stats.pending_since_ms.store(0, Ordering::Relaxed);
+        }
         self.update_bytes();
         Ok(())
     }
@@ -361,6 +368,15 @@ impl OutboxWriter {
         f.sync_data()?;
         let mut s = ob.lock();
         s.segs.back_mut().expect("one segment").1 += self.pending.len() as u64;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_millis() as u64);
+        let _ = ob.stats.pending_since_ms.compare_exchange(
+            0,
+            now,
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
         Ok(())
     }
 }

@@ -846,6 +846,17 @@ pub fn render_metrics(stats: &RedisStats, outbox: &Outbox, out: &mut String) {
             "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
         );
     }
+    let since = outbox.stats.pending_since_ms.load(Ordering::Relaxed);
+    let lag = if since == 0 {
+        0.0
+    } else {
+        crate::now_ms().saturating_sub(since) as f64 / 1000.0
+    };
+    let name = "clickgate_redis_flush_lag_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Age of the oldest delta not yet written to Redis (0 when caught up)\n# TYPE {name} gauge\n{name} {lag}"
+    );
 }
 
 #[cfg(test)]
