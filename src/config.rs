@@ -766,6 +766,46 @@ pub fn parse_cores(spec: &str, online: usize) -> anyhow::Result<Vec<usize>> {
     Ok(ids)
 }
 
+impl Settings {
+    /// API keys and their bounds (issue #9): `api_keys_file` and `api_keys` together.
+    pub fn query_auth(&self) -> anyhow::Result<clickgate_controlplane::auth::AuthConfig> {
+        use clickgate_controlplane::auth::{ApiKeys, AuthConfig};
+        let d = AuthConfig::default();
+        let mut keys = match &self.api_keys_file {
+            Some(path) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
+            None => ApiKeys::default(),
+        };
+        if let Some(list) = self.api_keys.as_deref() {
+            let inline = ApiKeys::parse_list(list, "api_keys (CLICKGATE_API_KEYS)")
+                .map_err(anyhow::Error::msg)?;
+            keys = keys.merge(inline).map_err(anyhow::Error::msg)?;
+        }
+        let cfg = AuthConfig {
+            keys,
+            query_insecure: self.query_insecure.unwrap_or(d.query_insecure),
+            failures_per_minute_max: self
+                .query_auth_failures_per_minute_max
+                .unwrap_or(d.failures_per_minute_max),
+            failures_addresses_max: self
+                .query_auth_addresses_max
+                .unwrap_or(d.failures_addresses_max),
+        };
+        if !(1..=1_000_000).contains(&cfg.failures_per_minute_max) {
+            bail!(
+                "query_auth_failures_per_minute_max must be 1..=1000000, got {}",
+                cfg.failures_per_minute_max
+            );
+        }
+        if !(1..=10_000_000).contains(&cfg.failures_addresses_max) {
+            bail!(
+                "query_auth_addresses_max must be 1..=10000000, got {}",
+                cfg.failures_addresses_max
+            );
+        }
+        Ok(cfg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -812,45 +852,5 @@ mod tests {
         };
         let e = s.dataplane().unwrap_err().to_string();
         assert!(e.contains("batch_events_max"), "{e}");
-    }
-}
-
-impl Settings {
-    /// API keys and their bounds (issue #9): `api_keys_file` and `api_keys` together.
-    pub fn query_auth(&self) -> anyhow::Result<clickgate_controlplane::auth::AuthConfig> {
-        use clickgate_controlplane::auth::{ApiKeys, AuthConfig};
-        let d = AuthConfig::default();
-        let mut keys = match &self.api_keys_file {
-            Some(path) => ApiKeys::from_file(path).map_err(anyhow::Error::msg)?,
-            None => ApiKeys::default(),
-        };
-        if let Some(list) = self.api_keys.as_deref() {
-            let inline = ApiKeys::parse_list(list, "api_keys (CLICKGATE_API_KEYS)")
-                .map_err(anyhow::Error::msg)?;
-            keys = keys.merge(inline).map_err(anyhow::Error::msg)?;
-        }
-        let cfg = AuthConfig {
-            keys,
-            query_insecure: self.query_insecure.unwrap_or(d.query_insecure),
-            failures_per_minute_max: self
-                .query_auth_failures_per_minute_max
-                .unwrap_or(d.failures_per_minute_max),
-            failures_addresses_max: self
-                .query_auth_addresses_max
-                .unwrap_or(d.failures_addresses_max),
-        };
-        if !(1..=1_000_000).contains(&cfg.failures_per_minute_max) {
-            bail!(
-                "query_auth_failures_per_minute_max must be 1..=1000000, got {}",
-                cfg.failures_per_minute_max
-            );
-        }
-        if !(1..=10_000_000).contains(&cfg.failures_addresses_max) {
-            bail!(
-                "query_auth_addresses_max must be 1..=10000000, got {}",
-                cfg.failures_addresses_max
-            );
-        }
-        Ok(cfg)
     }
 }

@@ -26,7 +26,8 @@ pub fn start(
     cfg: &DataplaneConfig,
     status: Arc<SinkStatus>,
 ) -> anyhow::Result<Forwarder> {
-    Forwarder::start(kafka, &cfg.data_dir, status).inspect_err(|_| dp.shutdown_handle().trigger())
+    Forwarder::start(kafka, &cfg.data_dir, cfg.box_id, status)
+        .inspect_err(|_| dp.shutdown_handle().trigger())
 }
 
 /// After the dataplane stopped: deliver the rest, within the drain timeout.

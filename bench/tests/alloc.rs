@@ -21,7 +21,7 @@ fn counted(size: usize) {
     let n = ALLOCS.fetch_add(1, Ordering::Relaxed);
     BYTES.fetch_add(size as u64, Ordering::Relaxed);
     let every = TRACE_EVERY.load(Ordering::Relaxed);
-    if every > 0 && n % every == 0 {
+    if every > 0 && n.is_multiple_of(every) {
         COUNTING.store(false, Ordering::SeqCst);
         eprintln!(
             "allocation of {size} bytes:\n{}",

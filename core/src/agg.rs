@@ -55,7 +55,7 @@ use std::hash::{BuildHasherDefault, Hash, Hasher};
 
 use crate::event::{Click, Device};
 use crate::hash::{bytes_hash, mix64};
-use crate::hll::{Hll, HllPool, HllPoint};
+use crate::hll::{Hll, HllPoint, HllPool};
 use crate::window::Window;
 
 /// A dimension of a key: the whole campaign or one value of one attribute.
@@ -860,8 +860,15 @@ mod tests {
             }
             let d = a.drain_delta();
             check(&d, 1, T0, Dim::All, (100, 100 * (round + 1), 0, 100));
-            let sketches = d.entries.iter().filter(|e| e.users.heap_bytes() > 0).count();
-            assert_eq!(sketches, 5, "100 users: every key's sketch has a heap buffer");
+            let sketches = d
+                .entries
+                .iter()
+                .filter(|e| e.users.heap_bytes() > 0)
+                .count();
+            assert_eq!(
+                sketches, 5,
+                "100 users: every key's sketch has a heap buffer"
+            );
             a.recycle(d);
             assert!(
                 a.pool.buffers() >= 5,

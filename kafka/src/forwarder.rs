@@ -57,13 +57,15 @@ pub struct Forwarder {
 impl Forwarder {
     /// Checks the topic, recovers each core's position, and starts one thread per core
     /// log found under `<data_dir>/log/` (start it after the dataplane opened its logs).
+    /// `box_id`: the box's id (`clickgate_proto::box_id`, shared with the delta frames),
+    /// carried in every record's `cg-box` header.
     pub fn start(
         cfg: KafkaConfig,
         data_dir: &Path,
+        box_id: u64,
         status: Arc<SinkStatus>,
     ) -> anyhow::Result<Forwarder> {
         let partitions = crate::topic::ensure_topic(&cfg)?;
-        let box_id = box_id(data_dir)?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
         for (core, dir) in segment::core_dirs(&data_dir.join("log"))? {
@@ -98,30 +100,6 @@ impl Forwarder {
                 tracing::warn!(core, "kafka forwarder did not finish delivering before the drain timeout; the rest stays in the local log");
             }
         }
-    }
-}
-
-/// This box's id in the record headers: random, made once, kept in `<data_dir>/kafka/box-id`.
-fn box_id(data_dir: &Path) -> anyhow::Result<u64> {
-    let path = data_dir.join("kafka").join("box-id");
-    match fs::read_to_string(&path) {
-        Ok(s) => u64::from_str_radix(s.trim(), 16).map_err(|_| {
-            anyhow!(
-                "{} does not hold a hex box id: {:?}",
-                path.display(),
-                s.trim()
-            )
-        }),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            let mut b = [0u8; 8];
-            fs::File::open("/dev/urandom")
-                .and_then(|mut f| io::Read::read_exact(&mut f, &mut b))
-                .context("reading /dev/urandom")?;
-            let id = u64::from_le_bytes(b);
-            write_durable(&path, format!("{id:016x}\n").as_bytes())?;
-            Ok(id)
-        }
-        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
     }
 }
 

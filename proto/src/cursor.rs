@@ -47,7 +47,11 @@ fn read_cursor_file(path: &Path) -> io::Result<Option<u64>> {
         Ok(s) => s.trim().parse::<u64>().map(Some).map_err(|_| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("cursor {} does not hold an LSN: {:?}", path.display(), s.trim()),
+                format!(
+                    "cursor {} does not hold an LSN: {:?}",
+                    path.display(),
+                    s.trim()
+                ),
             )
         }),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -122,7 +126,11 @@ mod tests {
         assert_eq!(min_cursor(d, 0).unwrap(), Some(100));
         // archive registered for core 1 only: core 0 of kafka is then the bound there…
         write_cursor(d, "archive", 1, 7).unwrap();
-        assert_eq!(min_cursor(d, 1).unwrap(), Some(0), "kafka has nothing of core 1");
+        assert_eq!(
+            min_cursor(d, 1).unwrap(),
+            Some(0),
+            "kafka has nothing of core 1"
+        );
         assert!(write_cursor(d, "Bad/Name", 0, 1).is_err());
     }
 

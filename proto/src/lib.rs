@@ -11,9 +11,9 @@
 //! - [`box_id`]: the box's stable id, persisted in the data directory.
 //! - `control` (feature `grpc`): the control API's generated gRPC client and server.
 
+pub mod box_id;
 #[cfg(feature = "grpc")]
 pub mod control;
-pub mod box_id;
 pub mod control_files;
 pub mod cursor;
 pub mod frames;
