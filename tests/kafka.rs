@@ -288,6 +288,99 @@ fn producer_uses_lz4_acks_all_idempotence_and_the_java_partitioner() {
     }
 }
 
+/// `(magic, attributes)` of every record batch of `partition` from offset 0, read with a
+/// hand-written Fetch v4 request: what is on the wire and in the broker, not what the
+/// producer was told (a consumer library decompresses and hides the codec).
+fn raw_batches(broker: &str, topic: &str, partition: i32) -> Vec<(i8, i16)> {
+    use std::io::{Read, Write};
+    let mut body = Vec::new();
+    body.extend_from_slice(&1i16.to_be_bytes()); // api_key Fetch
+    body.extend_from_slice(&4i16.to_be_bytes()); // api_version 4
+    body.extend_from_slice(&7i32.to_be_bytes()); // correlation id
+    body.extend_from_slice(&4i16.to_be_bytes());
+    body.extend_from_slice(b"test"); // client id
+    body.extend_from_slice(&(-1i32).to_be_bytes()); // replica id
+    body.extend_from_slice(&500i32.to_be_bytes()); // max wait ms
+    body.extend_from_slice(&1i32.to_be_bytes()); // min bytes
+    body.extend_from_slice(&(16i32 << 20).to_be_bytes()); // max bytes
+    body.push(0); // isolation level
+    body.extend_from_slice(&1i32.to_be_bytes()); // topics
+    body.extend_from_slice(&(topic.len() as i16).to_be_bytes());
+    body.extend_from_slice(topic.as_bytes());
+    body.extend_from_slice(&1i32.to_be_bytes()); // partitions
+    body.extend_from_slice(&partition.to_be_bytes());
+    body.extend_from_slice(&0i64.to_be_bytes()); // fetch offset
+    body.extend_from_slice(&(16i32 << 20).to_be_bytes()); // partition max bytes
+    let mut conn = std::net::TcpStream::connect(broker).expect("connect to the broker");
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    conn.write_all(&(body.len() as i32).to_be_bytes()).unwrap();
+    conn.write_all(&body).unwrap();
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len).expect("fetch response length");
+    let mut r = vec![0u8; i32::from_be_bytes(len) as usize];
+    conn.read_exact(&mut r).expect("fetch response");
+    let mut at = 0usize;
+    let mut take = |n: usize| {
+        let s = &r[at..at + n];
+        at += n;
+        s.to_vec()
+    };
+    let i16_ = |b: Vec<u8>| i16::from_be_bytes(b.try_into().unwrap());
+    let i32_ = |b: Vec<u8>| i32::from_be_bytes(b.try_into().unwrap());
+    assert_eq!(i32_(take(4)), 7, "correlation id");
+    take(4); // throttle time
+    assert_eq!(i32_(take(4)), 1, "one topic");
+    let name_len = i16_(take(2)) as usize;
+    assert_eq!(take(name_len), topic.as_bytes());
+    assert_eq!(i32_(take(4)), 1, "one partition");
+    assert_eq!(i32_(take(4)), partition);
+    assert_eq!(i16_(take(2)), 0, "fetch error code");
+    take(16); // high watermark, last stable offset
+    let aborted = i32_(take(4));
+    if aborted > 0 {
+        take(aborted as usize * 16);
+    }
+    let records_len = i32_(take(4));
+    let records = if records_len > 0 {
+        take(records_len as usize)
+    } else {
+        Vec::new()
+    };
+    let mut batches = Vec::new();
+    let mut b = 0usize;
+    // baseOffset i64 | batchLength i32 | leaderEpoch i32 | magic i8 | crc u32 | attributes i16
+    while b + 23 <= records.len() {
+        let batch_len = i32::from_be_bytes(records[b + 8..b + 12].try_into().unwrap()) as usize;
+        if b + 12 + batch_len > records.len() {
+            break; // a partial batch at the end of the fetch
+        }
+        let magic = records[b + 16] as i8;
+        let attributes = i16::from_be_bytes(records[b + 21..b + 23].try_into().unwrap());
+        batches.push((magic, attributes));
+        b += 12 + batch_len;
+    }
+    batches
+}
+
+#[test]
+fn batches_on_the_wire_are_lz4_compressed() {
+    let brokers = broker();
+    let topic = unique_topic("lz4");
+    let cg = Clickgate::dataplane(&kafka_args(&brokers, &topic, "kafka"));
+    let ids = send_events(&cg, 0, 200);
+    assert_eq!(ids.len(), 200);
+    let leader = brokers.split(',').next().unwrap().to_string();
+    let batches: Vec<(i8, i16)> = (0..4)
+        .flat_map(|p| raw_batches(&leader, &topic, p))
+        .collect();
+    assert!(!batches.is_empty(), "the topic holds record batches");
+    for (magic, attributes) in &batches {
+        assert_eq!(*magic, 2, "record batch format v2");
+        assert_eq!(attributes & 0x7, 3, "compression codec bits: 3 = LZ4");
+    }
+}
+
 #[test]
 fn unreachable_broker_is_a_clear_start_error() {
     let dead = TcpListener::bind("127.0.0.1:0").unwrap();
