@@ -76,6 +76,15 @@ impl Default for Repr {
     }
 }
 
+/// Slots of the sparse table that holds `n` entries at load ≤ 3/4.
+fn sparse_slots(n: usize) -> usize {
+    let mut cap = SPARSE_TABLE_MIN;
+    while n * 4 > cap * 3 {
+        cap *= 2;
+    }
+    cap
+}
+
 /// Slots of a sparse table when it first leaves the inline form.
 const SPARSE_TABLE_MIN: usize = 16;
 /// Slots of a sparse table at its largest: `SPARSE_ENTRIES_MAX` at load ≤ 3/4.
@@ -348,21 +357,8 @@ impl Hll {
             self.for_each_entry(|x| d[entry_idx(x)] = entry_rank(x));
             std::mem::replace(&mut self.repr, Repr::Dense(d))
         } else {
-            let mut cap = SPARSE_TABLE_MIN;
-            while n * 4 > cap * 3 {
-                cap *= 2;
-            }
-            let mut t = pool.take_sparse(cap);
-            let mask = cap - 1;
-            let mut len = 0;
-            self.for_each_entry(|x| {
-                let mut i = entry_idx(x) & mask;
-                while t[i] != 0 {
-                    i = (i + 1) & mask;
-                }
-                t[i] = x;
-                len += 1;
-            });
+            let mut t = pool.take_sparse(sparse_slots(n));
+            let len = self.rehash_into(&mut t);
             std::mem::replace(&mut self.repr, Repr::Sparse { len, t })
         };
         if let Repr::Sparse { t, .. } = old {
@@ -463,17 +459,21 @@ impl Hll {
     /// Makes this non-dense sketch sparse with room for `n` entries at load ≤ 3/4.
     fn grow_sparse(&mut self, n: usize) {
         debug_assert!(n <= SPARSE_ENTRIES_MAX);
-        let mut cap = SPARSE_TABLE_MIN;
-        while n * 4 > cap * 3 {
-            cap *= 2;
-        }
+        let cap = sparse_slots(n);
         if let Repr::Sparse { t, .. } = &self.repr {
             if t.len() >= cap {
                 return;
             }
         }
         let mut t = vec![0u32; cap];
-        let mask = cap - 1;
+        let len = self.rehash_into(&mut t);
+        self.repr = Repr::Sparse { len, t };
+    }
+
+    /// Puts every entry of this non-dense sketch into the zeroed power-of-two table `t`;
+    /// returns how many.
+    fn rehash_into(&self, t: &mut [u32]) -> u32 {
+        let mask = t.len() - 1;
         let mut len = 0;
         self.for_each_entry(|x| {
             let mut i = entry_idx(x) & mask;
@@ -483,7 +483,7 @@ impl Hll {
             t[i] = x;
             len += 1;
         });
-        self.repr = Repr::Sparse { len, t };
+        len
     }
 
     fn make_dense(&mut self) {

@@ -5,6 +5,7 @@
 pub mod agg;
 pub mod bloom;
 pub mod cidr;
+pub mod civil;
 pub mod event;
 pub mod fraud;
 pub mod hash;

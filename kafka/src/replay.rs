@@ -48,76 +48,11 @@ impl std::str::FromStr for Position {
                 n => Ok(Position::Offset(n)),
             };
         }
-        parse_rfc3339_ms(s)
+        clickgate_core::civil::parse_rfc3339_ms(s)
+            .and_then(|ms| i64::try_from(ms).ok())
             .map(Position::TimeMs)
             .ok_or_else(|| format!("{s:?} is neither an offset, ms since the epoch, nor an RFC 3339 time (2026-11-28T03:00:00Z)"))
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS[.fff](Z|±HH:MM)` → ms since the epoch.
-fn parse_rfc3339_ms(s: &str) -> Option<i64> {
-    let b = s.as_bytes();
-    if b.len() < 20
-        || b[4] != b'-'
-        || b[7] != b'-'
-        || !matches!(b[10], b'T' | b't' | b' ')
-        || b[13] != b':'
-        || b[16] != b':'
-    {
-        return None;
-    }
-    let num = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, se) = (
-        num(0..4)?,
-        num(5..7)?,
-        num(8..10)?,
-        num(11..13)?,
-        num(14..16)?,
-        num(17..19)?,
-    );
-    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
-        return None;
-    }
-    let mut i = 19;
-    let mut ms = 0;
-    if b.get(i) == Some(&b'.') {
-        let start = i + 1;
-        i = start;
-        while b.get(i).is_some_and(u8::is_ascii_digit) {
-            i += 1;
-        }
-        let frac = s.get(start..i)?;
-        if frac.is_empty() {
-            return None;
-        }
-        ms = format!("{:0<3}", &frac[..frac.len().min(3)])
-            .parse::<i64>()
-            .ok()?;
-    }
-    let offset_min = match s.get(i..)? {
-        "Z" | "z" => 0,
-        tz if tz.len() == 6 && matches!(&tz[..1], "+" | "-") && &tz[3..4] == ":" => {
-            let v = tz[1..3].parse::<i64>().ok()? * 60 + tz[4..6].parse::<i64>().ok()?;
-            if &tz[..1] == "-" {
-                -v
-            } else {
-                v
-            }
-        }
-        _ => return None,
-    };
-    // Days from civil (Howard Hinnant's algorithm).
-    let (yy, m) = if mo <= 2 {
-        (y - 1, mo + 9)
-    } else {
-        (y, mo - 3)
-    };
-    let era = yy.div_euclid(400);
-    let yoe = yy - era * 400;
-    let doy = (153 * m + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
-    Some(((days * 24 + h) * 60 + mi) * 60_000 + se * 1000 + ms - offset_min * 60_000)
 }
 
 #[derive(Clone, Debug)]

@@ -132,29 +132,23 @@ pub struct Date {
 }
 
 impl Date {
-    /// The date of a day number (days since 1970-01-01); Howard Hinnant's algorithm.
+    /// The date of a day number (days since 1970-01-01).
     pub fn from_days(z: i64) -> Date {
-        let z = z + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z.rem_euclid(146_097);
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-        let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-        let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-        Date { year, month, day }
+        let (year, month, day) = clickgate_core::civil::civil_from_days(z);
+        Date {
+            year: year as i32,
+            month,
+            day,
+        }
     }
 
     /// Days since 1970-01-01.
     pub fn to_days(self) -> i64 {
-        let y = i64::from(self.year) - i64::from(self.month <= 2);
-        let era = y.div_euclid(400);
-        let yoe = y.rem_euclid(400);
-        let m = i64::from(self.month);
-        let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + i64::from(self.day) - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
+        clickgate_core::civil::days_from_civil(
+            i64::from(self.year),
+            u64::from(self.month),
+            u64::from(self.day),
+        )
     }
 
     /// Parses `YYYY-MM-DD` (a real calendar date, 1970 or later).
