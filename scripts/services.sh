@@ -47,6 +47,9 @@ ensure_redis() {
 start_redis_node() {
     local port=$1 extra=("${@:2}")
     if ! port_open "$port"; then
+        # A fresh node: no cluster state left over from an earlier run (a node that
+        # remembers an old cluster refuses to join a new one).
+        rm -rf "$SERVICES_DIR/redis-$port"
         mkdir -p "$SERVICES_DIR/redis-$port"
         redis-server --port "$port" --bind 127.0.0.1 --save "" --appendonly no \
             --dir "$SERVICES_DIR/redis-$port" --daemonize yes \
