@@ -418,10 +418,14 @@ impl Settings {
         )
     }
 
+    /// The data directory, made absolute against the working directory: glommio opens
+    /// directories through io_uring, which refuses a relative path (EBADF).
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
+        let dir = self
+            .data_dir
             .clone()
-            .unwrap_or_else(|| PathBuf::from("./clickgate-data"))
+            .unwrap_or_else(|| PathBuf::from("./clickgate-data"));
+        std::path::absolute(&dir).unwrap_or(dir)
     }
 
     /// Checks the settings that this build cannot honour yet, so none is silently ignored.

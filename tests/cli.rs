@@ -101,3 +101,45 @@ fn flag_beats_env_beats_file() {
     assert_eq!(code, 2, "{text}");
     assert!(text.contains("batch_events_max"), "{text}");
 }
+
+/// A relative `--data-dir` (the default `./clickgate-data` is one) is taken against the
+/// working directory: the log's directories open through io_uring, which refuses
+/// relative paths, so the binary makes it absolute first.
+#[test]
+fn a_relative_data_dir_works() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(common::BIN)
+        .current_dir(tmp.path())
+        .args([
+            "dataplane",
+            "--data-dir",
+            "rel-data",
+            "--ingest-addr",
+            "127.0.0.1:0",
+            "--cores",
+            "1",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn clickgate");
+    let addr = tmp.path().join("rel-data/run/ingest.addr");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !addr.exists() {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            let mut err = String::new();
+            std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).ok();
+            panic!("clickgate exited with {status} instead of starting:\n{err}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no ingest.addr within 60 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "clean stop: {status}");
+    assert!(tmp.path().join("rel-data/log/core-0").is_dir());
+}
