@@ -70,17 +70,7 @@ pub fn read_archive(root: &Path) -> serde_json::Value {
 
 /// `YYYY/MM/DD/HH` partition path of an hour start (the test's own calendar math).
 fn partition_of(ms: u64) -> String {
-    let days = (ms / 86_400_000) as i64;
-    // Howard Hinnant's civil_from_days, written out independently of the archive's.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
+    let (y, m, d) = common::civil_date(ms);
     format!(
         "year={y:04}/month={m:02}/day={d:02}/hour={:02}",
         (ms % 86_400_000) / HOUR_MS

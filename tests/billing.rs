@@ -262,15 +262,8 @@ fn billing(data_dir: &Path, args: &[&str]) -> Out {
 }
 
 fn date_of(ms: u64) -> String {
-    let z = (ms / DAY_MS) as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    format!("{:04}-{m:02}-{d:02}", yoe + era * 400 + i64::from(m <= 2))
+    let (y, m, d) = common::civil_date(ms);
+    format!("{y:04}-{m:02}-{d:02}")
 }
 
 fn apply_rules(cg: &Clickgate) {

@@ -340,8 +340,9 @@ fn a_flush_retried_after_a_timeout_is_applied_once() {
         let q = RedisQuery::new(&cfg, stats.clone());
         let now = now_ms();
         let w = clickgate_core::window::Window::M5;
-        let b = q
-            .series(
+        // Campaign 9's `all` series over the current 5m bucket.
+        let series = async || {
+            q.series(
                 9,
                 w,
                 clickgate_core::agg::Dim::All,
@@ -349,22 +350,15 @@ fn a_flush_retried_after_a_timeout_is_applied_once() {
                 now + 1,
             )
             .await
-            .unwrap();
+            .unwrap()
+        };
+        let b = series().await;
         assert_eq!(b[0].clicks, 50, "the timed-out flush did apply");
         // The retry finds it applied; so does a replay of the same frame, and an older one.
         assert_eq!(applier.apply(&mut conn, &calls).await.unwrap(), 0);
         let (older, _) = calls_for_frame(&frame(6, 50), &cfg, &applier.keys, now_ms()).unwrap();
         assert_eq!(applier.apply(&mut conn, &older).await.unwrap(), 0);
-        let b = q
-            .series(
-                9,
-                w,
-                clickgate_core::agg::Dim::All,
-                w.bucket_start(now),
-                now + 1,
-            )
-            .await
-            .unwrap();
+        let b = series().await;
         assert_eq!(b.len(), 1);
         assert_eq!(
             (b[0].clicks, b[0].cost_micros, b[0].unique_users),
@@ -373,16 +367,7 @@ fn a_flush_retried_after_a_timeout_is_applied_once() {
         // A newer frame still applies.
         let (newer, _) = calls_for_frame(&frame(8, 5), &cfg, &applier.keys, now_ms()).unwrap();
         assert!(applier.apply(&mut conn, &newer).await.unwrap() > 0);
-        let b = q
-            .series(
-                9,
-                w,
-                clickgate_core::agg::Dim::All,
-                w.bucket_start(now),
-                now + 1,
-            )
-            .await
-            .unwrap();
+        let b = series().await;
         assert_eq!(b[0].clicks, 55);
     });
 }

@@ -21,6 +21,21 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+/// The UTC date `(year, month, day)` of `ms` since the epoch: the tests' own calendar
+/// math (Howard Hinnant's civil_from_days), written out independently of
+/// `clickgate_core::civil`, so a bug there cannot hide behind the same code here.
+pub fn civil_date(ms: u64) -> (i64, i64, i64) {
+    let z = (ms / 86_400_000) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
 /// A process-unique, valid UUID text for test events.
 pub fn uuid(n: u64) -> String {
     let salt = (std::process::id() as u64) << 32 | (now_ms() & 0xffff_ffff);
