@@ -10,6 +10,12 @@
 //!   tenants do not leak; `/v1/top` and `/v1/campaigns` are filtered to its campaigns;
 //!   `/metrics` (operator data) needs an admin key. The page (`/`, `/assets/*`) and
 //!   `/healthz` carry no data and stay open: the page asks for the key itself.
+//! - **Where it is decided**: never on the raw path. The handlers take their campaign id
+//!   only through [`VisibleCampaign`], which reads the router's decoded `{campaign_id}`,
+//!   parses it with the handlers' own parser and checks ownership; every data route takes
+//!   [`Caller`] (or [`AdminCaller`]); the open routes take neither. So `/v1/campaigns/%31%32%33/…`,
+//!   `/v1/campaigns/+123/…` and `/v1/campaigns/0123/…` are checked as campaign 123, exactly
+//!   as they are answered.
 //! - Keys are compared in constant time (independent of where they differ and of their
 //!   length, up to [`KEY_BYTES_MAX`]), against every configured key, no early exit.
 //! - Failed attempts are counted per client address in a bounded table
@@ -23,16 +29,16 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::metrics::Metrics;
-use crate::store::Store;
+use crate::read::CounterRead;
 
 /// Longest key accepted, in bytes (keys are compared over this many bytes).
 pub const KEY_BYTES_MAX: usize = 128;
@@ -48,7 +54,7 @@ pub enum Role {
     Advertiser(u64),
 }
 
-/// Who is calling, as the handlers see it (a request extension set by [`require_key`]).
+/// Who is calling, as the handlers see it (resolved by the [`Caller`] extractor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Principal {
     /// No keys are configured: everything is visible.
@@ -263,17 +269,12 @@ pub struct Auth {
     cfg: AuthConfig,
     failures: Mutex<Failures>,
     metrics: Arc<Metrics>,
-    store: Arc<RwLock<Store>>,
-    limits: crate::query::QueryLimits,
+    /// Where campaign ownership is read.
+    reader: Arc<dyn CounterRead>,
 }
 
 impl Auth {
-    pub fn new(
-        cfg: AuthConfig,
-        store: Arc<RwLock<Store>>,
-        metrics: Arc<Metrics>,
-        limits: crate::query::QueryLimits,
-    ) -> Auth {
+    pub fn new(cfg: AuthConfig, reader: Arc<dyn CounterRead>, metrics: Arc<Metrics>) -> Auth {
         metrics
             .api_keys
             .store(cfg.keys.len() as u64, Ordering::Relaxed);
@@ -281,8 +282,7 @@ impl Auth {
             cfg,
             failures: Mutex::new(Failures::default()),
             metrics,
-            store,
-            limits,
+            reader,
         }
     }
 
@@ -327,164 +327,146 @@ pub fn json_error(status: StatusCode, error: &str) -> Response {
     (status, Json(serde_json::json!({ "error": error }))).into_response()
 }
 
-/// What a path needs.
-enum Need {
-    Nothing,
-    Key,
-    Admin,
-    Campaign(u64),
-    Top,
+/// The authentication layer's only job: hand the shared [`Auth`] to the extractors below.
+/// It decides nothing about paths; every decision is taken by an extractor on the
+/// decoded, routed parameters the handler itself uses, so no encoding of a path can
+/// reach a handler around it.
+pub fn layer(auth: Arc<Auth>) -> axum::Extension<Arc<Auth>> {
+    axum::Extension(auth)
 }
 
-fn need(path: &str) -> Need {
-    if path == "/" || path == "/healthz" || path == "/readyz" || path.starts_with("/assets/") {
-        return Need::Nothing;
-    }
-    if path == "/metrics" {
-        return Need::Admin;
-    }
-    if path == "/v1/top" {
-        return Need::Top;
-    }
-    if let Some(rest) = path.strip_prefix("/v1/campaigns/") {
-        let id = rest.split('/').next().unwrap_or("");
-        if let Ok(id) = id.parse::<u64>() {
-            return Need::Campaign(id);
-        }
-    }
-    Need::Key
+/// The principal of a request, resolved once and kept in the request's extensions (a
+/// handler may use several extractors; failures are counted once).
+#[derive(Clone, Copy)]
+struct Resolved(Principal);
+
+#[allow(clippy::result_large_err)] // the rejection is the response itself
+fn auth_of(parts: &Parts) -> Result<Arc<Auth>, Response> {
+    parts
+        .extensions
+        .get::<Arc<Auth>>()
+        .cloned()
+        .ok_or_else(missing_layer)
 }
 
-/// The axum middleware: decides the [`Principal`], enforces the rules of this module's
-/// doc, and hands the principal to the handlers as a request extension.
-pub async fn require_key(
-    State(auth): State<Arc<Auth>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    let need = need(req.uri().path());
-    let principal = if auth.cfg.keys.is_empty() || matches!(need, Need::Nothing) {
-        Principal::Open
-    } else {
-        let ip = peer.ip();
-        let count = |i: usize| auth.metrics.auth_failures[i].fetch_add(1, Ordering::Relaxed);
-        if auth.limited(ip) {
-            count(2);
-            let mut r = json_error(
-                StatusCode::TOO_MANY_REQUESTS,
-                "too many failed key attempts from this address; retry after a minute",
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
-            return r;
-        }
-        let given = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .map(|v| v.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b""));
-        let role = match given {
-            None => {
-                count(0);
-                auth.fail(ip);
-                return unauthorized("missing API key: send `Authorization: Bearer <key>`");
-            }
-            Some(k) => auth.cfg.keys.lookup(k),
-        };
-        match role {
-            None => {
-                count(1);
-                auth.fail(ip);
-                tracing::debug!(client = %ip, "query API: invalid key");
-                return unauthorized("invalid API key");
-            }
-            Some(Role::Admin) => Principal::Admin,
-            Some(Role::Advertiser(a)) => Principal::Advertiser(a),
-        }
-    };
-    match need {
-        Need::Admin if principal.advertiser().is_some() => {
-            auth.metrics.auth_failures[3].fetch_add(1, Ordering::Relaxed);
-            return json_error(StatusCode::FORBIDDEN, "this route needs an admin key");
-        }
-        Need::Campaign(id) if principal.advertiser().is_some() => {
-            let owner = auth
-                .store
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .owner(id);
-            if !principal.sees(owner) {
-                return json_error(StatusCode::NOT_FOUND, "not found");
-            }
-        }
-        Need::Top => {
-            if let Some(a) = principal.advertiser() {
-                return tenant_top(&auth, a, req.uri().query().unwrap_or(""));
-            }
-        }
-        _ => {}
-    }
-    req.extensions_mut().insert(principal);
-    next.run(req).await
+#[cold]
+fn missing_layer() -> Response {
+    tracing::error!("query API: the auth layer is missing from this router");
+    json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
 }
 
-/// `/v1/top` for an advertiser: the same answer as the route's, among its own campaigns
-/// only (the top `n` of its ads, not the global top `n` filtered). Answered here from the
-/// embedded store, which every frame reaches whatever the query backend.
-fn tenant_top(auth: &Auth, advertiser: u64, query: &str) -> Response {
-    let params: Vec<(String, String)> = match serde_urlencoded_pairs(query) {
-        Some(p) => p,
-        None => return json_error(StatusCode::BAD_REQUEST, "bad query string"),
-    };
-    auth.metrics.inc(&auth.metrics.queries_top);
-    let q = match crate::query::parse_top_query(&params, crate::now_ms(), &auth.limits) {
-        Ok(q) => q,
-        Err(e) => {
-            auth.metrics.inc(&auth.metrics.queries_bad);
-            return (StatusCode::BAD_REQUEST, Json(e)).into_response();
-        }
-    };
-    let store = auth.store.read().unwrap_or_else(|e| e.into_inner());
-    let ads = store.top_ads_where(q.window, q.start, q.n, |c| {
-        store.owner(c) == Some(advertiser)
-    });
-    drop(store);
-    Json(serde_json::json!({
-        "window": q.window.as_str(),
-        "start": q.start,
-        "ads": ads,
-    }))
-    .into_response()
-}
+/// Who calls: with keys configured, a valid `Authorization: Bearer <key>` is required
+/// (401 without or with a wrong one, 429 for an address past its failure budget, checked
+/// before the key is looked at); without keys, [`Principal::Open`].
+pub struct Caller(pub Principal);
 
-/// `a=1&b=x%20y` into pairs, percent-decoded (`+` is a space); `None` if malformed.
-fn serde_urlencoded_pairs(query: &str) -> Option<Vec<(String, String)>> {
-    let decode = |s: &str| -> Option<String> {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            match b[i] {
-                b'+' => out.push(b' '),
-                b'%' => {
-                    let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                    out.push(u8::from_str_radix(hex, 16).ok()?);
-                    i += 2;
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        if let Some(Resolved(p)) = parts.extensions.get::<Resolved>() {
+            return Ok(Caller(*p));
+        }
+        let auth = auth_of(parts)?;
+        let principal = if auth.cfg.keys.is_empty() {
+            Principal::Open
+        } else {
+            let ip = parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+            let count = |i: usize| auth.metrics.auth_failures[i].fetch_add(1, Ordering::Relaxed);
+            if auth.limited(ip) {
+                count(2);
+                let mut r = json_error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many failed key attempts from this address; retry after a minute",
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, header::HeaderValue::from_static("60"));
+                return Err(r);
+            }
+            let given = parts
+                .headers
+                .get(header::AUTHORIZATION)
+                .map(|v| v.as_bytes().strip_prefix(b"Bearer ").unwrap_or(b""));
+            match given.map(|k| auth.cfg.keys.lookup(k)) {
+                None => {
+                    count(0);
+                    auth.fail(ip);
+                    return Err(unauthorized(
+                        "missing API key: send `Authorization: Bearer <key>`",
+                    ));
                 }
-                c => out.push(c),
+                Some(None) => {
+                    count(1);
+                    auth.fail(ip);
+                    tracing::debug!(client = %ip, "query API: invalid key");
+                    return Err(unauthorized("invalid API key"));
+                }
+                Some(Some(Role::Admin)) => Principal::Admin,
+                Some(Some(Role::Advertiser(a))) => Principal::Advertiser(a),
             }
-            i += 1;
+        };
+        parts.extensions.insert(Resolved(principal));
+        Ok(Caller(principal))
+    }
+}
+
+/// A caller allowed operator data (`/metrics`): admin, or anyone on an API without keys;
+/// an advertiser's key is 403.
+pub struct AdminCaller;
+
+impl<S: Send + Sync> FromRequestParts<S> for AdminCaller {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Caller(p) = Caller::from_request_parts(parts, state).await?;
+        if p.advertiser().is_some() {
+            let auth = auth_of(parts)?;
+            auth.metrics.auth_failures[3].fetch_add(1, Ordering::Relaxed);
+            return Err(json_error(
+                StatusCode::FORBIDDEN,
+                "this route needs an admin key",
+            ));
         }
-        String::from_utf8(out).ok()
-    };
-    query
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            Some((decode(k)?, decode(v)?))
-        })
-        .collect()
+        Ok(AdminCaller)
+    }
+}
+
+/// The route's `{campaign_id}`, as the router decoded it, parsed by the one parser the
+/// handlers use ([`crate::query::parse_campaign_id`]) and visible to the caller: the only
+/// way a handler gets a campaign id. Another tenant's campaign, like one the store does
+/// not know, is 404 (ids of other tenants do not leak); a malformed id is 400.
+pub struct VisibleCampaign {
+    pub id: u64,
+    pub caller: Principal,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for VisibleCampaign {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Caller(caller) = Caller::from_request_parts(parts, state).await?;
+        let raw = match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(raw)) => raw,
+            Err(e) => {
+                return Err(json_error(
+                    StatusCode::BAD_REQUEST,
+                    &format!("bad campaign_id in the path: {e}"),
+                ))
+            }
+        };
+        let id = crate::query::parse_campaign_id(&raw)
+            .map_err(|e| (StatusCode::BAD_REQUEST, Json(e)).into_response())?;
+        if caller.advertiser().is_some() {
+            let auth = auth_of(parts)?;
+            if !caller.sees(auth.reader.owner(id)) {
+                return Err(json_error(StatusCode::NOT_FOUND, "not found"));
+            }
+        }
+        Ok(VisibleCampaign { id, caller })
+    }
 }
 
 fn unauthorized(msg: &str) -> Response {
@@ -568,11 +550,13 @@ mod tests {
             failures_addresses_max: 3,
             ..AuthConfig::default()
         };
+        let store = crate::store::Store::new(Default::default(), 10);
         let a = Auth::new(
             cfg,
-            Arc::new(RwLock::new(Store::new(Default::default(), 10))),
+            Arc::new(crate::read::EmbeddedRead::new(Arc::new(
+                std::sync::RwLock::new(store),
+            ))),
             Arc::default(),
-            Default::default(),
         );
         let ip = |n: u8| IpAddr::from([10, 0, 0, n]);
         a.fail(ip(1));

@@ -14,21 +14,22 @@
 //!   "cost_micros":..,"fraud_clicks":..}]}`. `from`/`to`/`n` as in contract §3's queries.
 //!
 //! Both are additions to the contract (old clients are unaffected); tenant checks are
-//! [`crate::auth`]'s, before these handlers run.
+//! [`crate::auth`]'s extractors, which these handlers take their caller and campaign from.
 
 use std::sync::{Arc, RwLock};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Json, Router};
+use axum::{Json, Router};
 use clickgate_core::agg::Dim;
 
-use crate::auth::{json_error, Principal};
+use crate::auth::{json_error, Caller, VisibleCampaign};
 use crate::metrics::Metrics;
-use crate::query::{parse_metrics_query, QueryLimits};
+use crate::query::{backend_unavailable, parse_metrics_query, QueryLimits};
+use crate::read::CounterRead;
 use crate::store::Store;
 
 const PAGE: &str = include_str!("../assets/dashboard.html");
@@ -40,6 +41,8 @@ pub(crate) struct DashState {
     pub store: Arc<RwLock<Store>>,
     pub metrics: Arc<Metrics>,
     pub limits: QueryLimits,
+    /// The query API's one read interface.
+    pub reader: Arc<dyn CounterRead>,
     /// Whether API keys are configured: the page asks for one before any call.
     pub keys_required: bool,
 }
@@ -65,16 +68,10 @@ struct CampaignOut {
     advertiser_id: u64,
 }
 
-async fn campaigns(
-    State(st): State<DashState>,
-    principal: Option<Extension<Principal>>,
-) -> Response {
+async fn campaigns(State(st): State<DashState>, Caller(who): Caller) -> Response {
     st.metrics.inc(&st.metrics.queries_campaigns);
-    let who = principal.map_or(Principal::Open, |Extension(p)| p);
     let list: Vec<CampaignOut> = st
-        .store
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+        .reader
         .campaigns(who.advertiser())
         .into_iter()
         .map(|(campaign_id, advertiser_id)| CampaignOut {
@@ -95,7 +92,7 @@ struct ValueOut {
 
 async fn breakdown(
     State(st): State<DashState>,
-    Path(campaign): Path<String>,
+    campaign: VisibleCampaign,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
     let Ok(Query(params)) = q else {
@@ -129,12 +126,16 @@ async fn breakdown(
         .into_iter()
         .filter(|(k, _)| matches!(k.as_str(), "window" | "from" | "to"))
         .collect();
-    let store = st.store.read().unwrap_or_else(|e| e.into_inner());
+    let retention = st
+        .store
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .retention();
     let q = match parse_metrics_query(
-        &campaign,
+        campaign.id,
         &params,
         crate::now_ms(),
-        &store.retention(),
+        &retention,
         &st.limits,
     ) {
         Ok(q) => q,
@@ -143,8 +144,15 @@ async fn breakdown(
             return (StatusCode::BAD_REQUEST, Json(e)).into_response();
         }
     };
-    let values: Vec<ValueOut> = store
+    let values = match st
+        .reader
         .breakdown(q.campaign_id, q.window, kind, q.from_ms, q.to_ms)
+        .await
+    {
+        Ok(v) => v,
+        Err(e) => return backend_unavailable(e),
+    };
+    let values: Vec<ValueOut> = values
         .into_iter()
         .take(n)
         .map(|(dim, c)| ValueOut {
@@ -158,7 +166,6 @@ async fn breakdown(
             fraud_clicks: c.fraud_clicks,
         })
         .collect();
-    drop(store);
     Json(serde_json::json!({
         "campaign_id": q.campaign_id,
         "window": q.window.as_str(),

@@ -28,6 +28,7 @@ pub mod durable;
 pub mod ingest;
 pub mod metrics;
 pub mod query;
+pub mod read;
 pub mod redis_hll;
 pub mod redis_outbox;
 pub mod redis_store;
@@ -275,30 +276,32 @@ impl Controlplane {
             }
             _ => None,
         };
+        let reader: Arc<dyn read::CounterRead> = match &redis_side {
+            Some(side) => Arc::new(read::RedisRead::new(side.clone(), store.clone())),
+            None => Arc::new(read::EmbeddedRead::new(store.clone())),
+        };
         let dashboard = dashboard::router(dashboard::DashState {
             store: store.clone(),
             metrics: metrics.clone(),
             limits,
+            reader: reader.clone(),
             keys_required: !cfg.auth.keys.is_empty(),
         });
         let tenants = Arc::new(auth::Auth::new(
             cfg.auth.clone(),
-            store.clone(),
+            reader.clone(),
             metrics.clone(),
-            limits,
         ));
         let app = query::router(ApiState {
             store: store.clone(),
             metrics,
             limits,
+            reader,
             redis: redis_side,
         });
         let app = app
             .merge(dashboard)
-            .layer(axum::middleware::from_fn_with_state(
-                tenants,
-                auth::require_key,
-            ))
+            .layer(auth::layer(tenants))
             .into_make_service_with_connect_info::<SocketAddr>();
         let mut http_stop = stop_rx;
         tasks.push(tokio::spawn(async move {

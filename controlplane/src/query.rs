@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -26,7 +26,9 @@ use clickgate_core::agg::Dim;
 use clickgate_core::window::Window;
 use clickgate_core::Device;
 
+use crate::auth::{AdminCaller, Caller, VisibleCampaign};
 use crate::metrics::Metrics;
+use crate::read::CounterRead;
 use crate::store::{BucketOut, Retention, Store, TopAd};
 
 /// Latest time accepted: 9999-12-31T23:59:59.999Z.
@@ -122,14 +124,19 @@ fn parse_t(field: &'static str, v: &str) -> Result<u64, ApiError> {
     })
 }
 
+/// A campaign id from a route's decoded `{campaign_id}`: the one parser both the tenant
+/// check and the handlers use.
+pub fn parse_campaign_id(v: &str) -> Result<u64, ApiError> {
+    parse_id("campaign_id", v)
+}
+
 pub fn parse_metrics_query(
-    campaign: &str,
+    campaign_id: u64,
     params: &[(String, String)],
     now_ms: u64,
     retention: &Retention,
     limits: &QueryLimits,
 ) -> Result<MetricsQuery, ApiError> {
-    let campaign_id = parse_id("campaign_id", campaign)?;
     let window = parse_window(params)?;
     let mut dim = Dim::All;
     let mut seen: Option<&'static str> = None;
@@ -234,12 +241,15 @@ pub(crate) struct ApiState {
     pub store: Arc<RwLock<Store>>,
     pub metrics: Arc<Metrics>,
     pub limits: QueryLimits,
-    /// Set when `redis_url` is: queries read Redis instead of the embedded store.
+    /// Where every counter read goes: the embedded store, or Redis when `redis_url` is set.
+    pub reader: Arc<dyn CounterRead>,
+    /// Set when `redis_url` is (its health and metrics).
     pub redis: Option<Arc<crate::redis_store::RedisSide>>,
 }
 
-fn redis_unavailable(e: anyhow::Error) -> Response {
-    tracing::warn!(error = %format!("{e:#}"), "query: Redis did not answer");
+/// 503 when the backend behind [`CounterRead`] did not answer.
+pub(crate) fn backend_unavailable(e: anyhow::Error) -> Response {
+    tracing::warn!(error = %format!("{e:#}"), "query: the counter store did not answer");
     error_response(
         StatusCode::SERVICE_UNAVAILABLE,
         &ApiError {
@@ -283,7 +293,7 @@ struct TopBody<'a> {
 
 async fn campaign_metrics(
     State(st): State<ApiState>,
-    Path(campaign): Path<String>,
+    campaign: VisibleCampaign,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
     st.metrics.inc(&st.metrics.queries_metrics);
@@ -297,31 +307,20 @@ async fn campaign_metrics(
         .read()
         .unwrap_or_else(|e| e.into_inner())
         .retention();
-    let q = match parse_metrics_query(&campaign, &params, now, &retention, &st.limits) {
+    let q = match parse_metrics_query(campaign.id, &params, now, &retention, &st.limits) {
         Ok(q) => q,
         Err(e) => {
             st.metrics.inc(&st.metrics.queries_bad);
             return error_response(StatusCode::BAD_REQUEST, &e);
         }
     };
-    let buckets = match &st.redis {
-        None => st.store.read().unwrap_or_else(|e| e.into_inner()).series(
-            q.campaign_id,
-            q.window,
-            q.dim,
-            q.from_ms,
-            q.to_ms,
-        ),
-        Some(r) => {
-            match r
-                .query
-                .series(q.campaign_id, q.window, q.dim, q.from_ms, q.to_ms)
-                .await
-            {
-                Ok(b) => b,
-                Err(e) => return redis_unavailable(e),
-            }
-        }
+    let buckets = match st
+        .reader
+        .series(q.campaign_id, q.window, q.dim, q.from_ms, q.to_ms)
+        .await
+    {
+        Ok(b) => b,
+        Err(e) => return backend_unavailable(e),
     };
     json_response(
         StatusCode::OK,
@@ -335,6 +334,7 @@ async fn campaign_metrics(
 
 async fn top(
     State(st): State<ApiState>,
+    Caller(caller): Caller,
     q: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Response {
     st.metrics.inc(&st.metrics.queries_top);
@@ -349,16 +349,13 @@ async fn top(
             return error_response(StatusCode::BAD_REQUEST, &e);
         }
     };
-    let ads = match &st.redis {
-        None => st
-            .store
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .top_ads(q.window, q.start, q.n),
-        Some(r) => match r.query.top(q.window, q.start, q.n).await {
-            Ok(a) => a,
-            Err(e) => return redis_unavailable(e),
-        },
+    let ads = match st
+        .reader
+        .top(q.window, q.start, q.n, caller.advertiser())
+        .await
+    {
+        Ok(a) => a,
+        Err(e) => return backend_unavailable(e),
     };
     json_response(
         StatusCode::OK,
@@ -370,7 +367,7 @@ async fn top(
     )
 }
 
-async fn metrics(State(st): State<ApiState>) -> Response {
+async fn metrics(State(st): State<ApiState>, _: AdminCaller) -> Response {
     let store = st.store.read().unwrap_or_else(|e| e.into_inner());
     let mut text = st.metrics.render(&store);
     drop(store);
@@ -416,7 +413,9 @@ async fn readyz(State(st): State<ApiState>) -> Response {
     json_response(StatusCode::OK, &body)
 }
 
-async fn not_found() -> Response {
+/// Unknown routes: 404 to a caller with a valid key (or on an API without keys), 401
+/// without one, so the routes' names are not probed anonymously.
+async fn not_found(_: Caller) -> Response {
     json_response(
         StatusCode::NOT_FOUND,
         &HashMap::from([("error", "not found")]),
@@ -480,7 +479,7 @@ mod tests {
     fn metrics_queries() {
         let r = Retention::default();
         let l = QueryLimits::default();
-        let ok = |campaign: &str, q: &str, want: MetricsQuery| {
+        let ok = |campaign: u64, q: &str, want: MetricsQuery| {
             assert_eq!(
                 parse_metrics_query(campaign, &params(q), NOW, &r, &l),
                 Ok(want),
@@ -494,29 +493,21 @@ mod tests {
             from_ms,
             to_ms,
         };
+        ok(7, "window=5m&from=0&to=600000", all(Window::M5, 0, 600_000));
         ok(
-            "7",
-            "window=5m&from=0&to=600000",
-            all(Window::M5, 0, 600_000),
-        );
-        ok(
-            "7",
+            7,
             "window=1h&from=2025-11-27T00:00:00Z&to=1764205200000",
             all(Window::H1, 1_764_201_600_000, 1_764_205_200_000),
         );
+        ok(7, "window=1d", all(Window::D1, NOW + 1 - r.d1_ms, NOW + 1));
         ok(
-            "7",
-            "window=1d",
-            all(Window::D1, NOW + 1 - r.d1_ms, NOW + 1),
-        );
-        ok(
-            "7",
+            7,
             "window=5m&to=1000000000",
             all(Window::M5, 1_000_000_000 - r.m5_ms, 1_000_000_000),
         );
-        ok("7", "window=5m&from=5&to=5", all(Window::M5, 5, 5));
+        ok(7, "window=5m&from=5&to=5", all(Window::M5, 5, 5));
         ok(
-            "7",
+            7,
             "window=5m&from=0&to=1&country=US",
             MetricsQuery {
                 dim: Dim::Country(*b"US"),
@@ -524,7 +515,7 @@ mod tests {
             },
         );
         ok(
-            "7",
+            7,
             "window=5m&from=0&to=1&device=ctv",
             MetricsQuery {
                 dim: Dim::Device(Device::Ctv),
@@ -532,7 +523,7 @@ mod tests {
             },
         );
         ok(
-            "7",
+            7,
             "window=5m&from=0&to=1&ad_id=9",
             MetricsQuery {
                 dim: Dim::Ad(9),
@@ -540,55 +531,69 @@ mod tests {
             },
         );
         ok(
-            "7",
+            7,
             "window=5m&from=0&to=1&publisher_id=3&publisher_id=3",
             MetricsQuery {
                 dim: Dim::Publisher(3),
                 ..all(Window::M5, 0, 1)
             },
         );
-        ok(
-            "7",
-            "window=5m&from=0&to=1&unknown=x",
-            all(Window::M5, 0, 1),
-        );
+        ok(7, "window=5m&from=0&to=1&unknown=x", all(Window::M5, 0, 1));
 
-        let err = |campaign: &str, q: &str, field: &str, msg: &str| {
+        let err = |campaign: u64, q: &str, field: &str, msg: &str| {
             let e = parse_metrics_query(campaign, &params(q), NOW, &r, &l).unwrap_err();
             assert_eq!(e.field, Some(field), "{q}: {e:?}");
             assert!(e.error.contains(msg), "{q}: {e:?}");
         };
-        err("x", "window=5m", "campaign_id", "bad campaign_id");
-        err("-1", "window=5m", "campaign_id", "unsigned");
-        err("18446744073709551616", "window=5m", "campaign_id", "bad");
-        err("7", "", "window", "missing window");
-        err("7", "window=1w", "window", "bad window");
-        err("7", "window=5m&from=abc", "from", "RFC 3339");
-        err("7", "window=5m&to=2025-13-01T00:00:00Z", "to", "bad to");
-        err("7", "window=5m&from=10&to=5", "from", "after");
+        err(7, "", "window", "missing window");
+        err(7, "window=1w", "window", "bad window");
+        err(7, "window=5m&from=abc", "from", "RFC 3339");
+        err(7, "window=5m&to=2025-13-01T00:00:00Z", "to", "bad to");
+        err(7, "window=5m&from=10&to=5", "from", "after");
         err(
-            "7",
+            7,
             "window=5m&from=0&to=1764201600000",
             "to",
             "range too long",
         );
-        err("7", "window=5m&country=us", "country", "uppercase");
-        err("7", "window=5m&country=USA", "country", "uppercase");
-        err("7", "window=5m&device=phone", "device", "bad device");
-        err("7", "window=5m&ad_id=x", "ad_id", "bad ad_id");
+        err(7, "window=5m&country=us", "country", "uppercase");
+        err(7, "window=5m&country=USA", "country", "uppercase");
+        err(7, "window=5m&device=phone", "device", "bad device");
+        err(7, "window=5m&ad_id=x", "ad_id", "bad ad_id");
         err(
-            "7",
+            7,
             "window=5m&publisher_id=",
             "publisher_id",
             "bad publisher_id",
         );
         err(
-            "7",
+            7,
             "window=5m&country=US&device=mobile",
             "device",
             "at most one",
         );
-        err("7", "window=5m&ad_id=1&ad_id=2", "ad_id", "at most one");
+        err(7, "window=5m&ad_id=1&ad_id=2", "ad_id", "at most one");
+    }
+
+    #[test]
+    fn campaign_ids() {
+        // The tenant check and the handlers both take the id from here, after the router
+        // has percent-decoded the path segment.
+        assert_eq!(parse_campaign_id("123"), Ok(123));
+        assert_eq!(parse_campaign_id("+123"), Ok(123));
+        assert_eq!(parse_campaign_id("0123"), Ok(123));
+        for bad in [
+            "x",
+            "-1",
+            "",
+            " 123",
+            "12 3",
+            "18446744073709551616",
+            "\u{ff11}23",
+        ] {
+            let e = parse_campaign_id(bad).unwrap_err();
+            assert_eq!(e.field, Some("campaign_id"), "{bad}");
+        }
     }
 
     #[test]

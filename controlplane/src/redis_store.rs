@@ -91,6 +91,41 @@ return {r, redis.call('ZRANGEBYSCORE', KEYS[1], min, min, 'WITHSCORES', 'LIMIT',
 /// Members tied at the n-th place a top query reads, at most.
 pub const TOP_TIES_MAX: usize = 65_536;
 
+/// An advertiser's top `n`: walks the bucket's sorted set from the top in pages and keeps
+/// the members of the given campaigns (`ARGV[3..]`) until it has `n` and the score falls
+/// below the n-th one (so ties at the n-th place come along), reading at most `ARGV[2]`
+/// members. `ARGV[1]` = n. Answers a flat `member, score, …` list.
+const TOP_OF_LUA: &str = r#"
+local n = tonumber(ARGV[1])
+local scan = tonumber(ARGV[2])
+local own = {}
+for i = 3, #ARGV do own[ARGV[i]] = true end
+local out = {}
+local found = 0
+local cutoff = nil
+local pos = 0
+while pos < scan do
+  local r = redis.call('ZREVRANGE', KEYS[1], pos, pos + 1023, 'WITHSCORES')
+  if #r == 0 then break end
+  for i = 1, #r, 2 do
+    local score = tonumber(r[i + 1])
+    if cutoff ~= nil and score < cutoff then return out end
+    local c = string.match(r[i], '^(%d+):')
+    if c ~= nil and own[c] then
+      out[#out + 1] = r[i]
+      out[#out + 1] = r[i + 1]
+      found = found + 1
+      if found == n then cutoff = score end
+    end
+  end
+  pos = pos + 1024
+end
+return out
+"#;
+
+/// Members one advertiser's top query reads, at most (the bound on [`TOP_OF_LUA`]'s walk).
+pub const TOP_OF_SCAN_MAX: usize = 1_000_000;
+
 /// The Redis side's settings, every bound with its unit last.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
@@ -772,54 +807,88 @@ impl RedisQuery {
     /// orders them (lower campaign, then lower ad first): one script call.
     pub async fn top(&self, w: Window, start: u64, n: usize) -> anyhow::Result<Vec<TopAd>> {
         let script = redis::Script::new(TOP_LUA);
-        let mut conn = self.conn().await?;
         let key = self.keys.top(w, start);
+        let mut inv = script.key(&key);
+        inv.arg(n).arg(TOP_TIES_MAX);
+        let (head, tied): (Scored, Scored) = self.invoke(&inv, "top").await?;
+        Ok(top_ads(head.iter().chain(tied.iter()), n))
+    }
+
+    /// [`RedisQuery::top`] among `campaigns` only (an advertiser's own top `n`, ties
+    /// included before the cut), one script call that reads at most [`TOP_OF_SCAN_MAX`]
+    /// members of the bucket.
+    pub async fn top_of(
+        &self,
+        w: Window,
+        start: u64,
+        n: usize,
+        campaigns: &[u64],
+    ) -> anyhow::Result<Vec<TopAd>> {
+        let script = redis::Script::new(TOP_OF_LUA);
+        let key = self.keys.top(w, start);
+        let mut inv = script.key(&key);
+        inv.arg(n).arg(TOP_OF_SCAN_MAX);
+        for c in campaigns {
+            inv.arg(*c);
+        }
+        let found: Vec<(String, f64)> = self.invoke(&inv, "top").await?;
+        Ok(top_ads(found.iter(), n))
+    }
+
+    /// Runs a read-only script under the query timeout.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        inv: &redis::ScriptInvocation<'_>,
+        what: &str,
+    ) -> anyhow::Result<T> {
+        let mut conn = self.conn().await?;
         let fut = async {
-            let mut inv = script.key(&key);
-            inv.arg(n).arg(TOP_TIES_MAX);
             match &mut conn {
-                RedisConn::Single(c) => {
-                    inv.invoke_async::<(Vec<(String, f64)>, Vec<(String, f64)>)>(c)
-                        .await
-                }
-                RedisConn::Cluster(c) => {
-                    inv.invoke_async::<(Vec<(String, f64)>, Vec<(String, f64)>)>(c)
-                        .await
-                }
+                RedisConn::Single(c) => inv.invoke_async::<T>(c).await,
+                RedisConn::Cluster(c) => inv.invoke_async::<T>(c).await,
             }
         };
-        let (head, tied) = tokio::time::timeout(self.timeout, fut)
+        tokio::time::timeout(self.timeout, fut)
             .await
-            .map_err(|_| anyhow::anyhow!("Redis top query timed out"))?
+            .map_err(|_| anyhow::anyhow!("Redis {what} query timed out"))?
             .inspect_err(|_| {
                 self.stats.query_errors.fetch_add(1, Ordering::Relaxed);
-            })?;
-        let mut ads: Vec<TopAd> = Vec::new();
-        for (m, score) in head.iter().chain(tied.iter()) {
-            let Some((c, a)) = m.split_once(':') else {
-                continue;
-            };
-            let (Ok(campaign_id), Ok(ad_id)) = (c.parse(), a.parse()) else {
-                continue;
-            };
-            let t = TopAd {
-                ad_id,
-                campaign_id,
-                clicks: *score as u64,
-            };
-            if t.clicks > 0 && !ads.contains(&t) {
-                ads.push(t);
-            }
-        }
-        ads.sort_unstable_by(|a, b| {
-            b.clicks
-                .cmp(&a.clicks)
-                .then(a.campaign_id.cmp(&b.campaign_id))
-                .then(a.ad_id.cmp(&b.ad_id))
-        });
-        ads.truncate(n);
-        Ok(ads)
+            })
+            .map_err(Into::into)
     }
+}
+
+/// `(member, score)` pairs as a script answers them.
+type Scored = Vec<(String, f64)>;
+
+/// `campaign:ad` members with their scores into the top `n`, ordered as the embedded
+/// store orders them.
+fn top_ads<'a>(members: impl Iterator<Item = &'a (String, f64)>, n: usize) -> Vec<TopAd> {
+    let mut ads: Vec<TopAd> = Vec::new();
+    for (m, score) in members {
+        let Some((c, a)) = m.split_once(':') else {
+            continue;
+        };
+        let (Ok(campaign_id), Ok(ad_id)) = (c.parse(), a.parse()) else {
+            continue;
+        };
+        let t = TopAd {
+            ad_id,
+            campaign_id,
+            clicks: *score as u64,
+        };
+        if t.clicks > 0 && !ads.contains(&t) {
+            ads.push(t);
+        }
+    }
+    ads.sort_unstable_by(|a, b| {
+        b.clicks
+            .cmp(&a.clicks)
+            .then(a.campaign_id.cmp(&b.campaign_id))
+            .then(a.ad_id.cmp(&b.ad_id))
+    });
+    ads.truncate(n);
+    ads
 }
 
 /// The Prometheus text of the Redis side (appended to `/metrics`).
