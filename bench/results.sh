@@ -195,13 +195,13 @@ done
 # --- (e) dedup memory at default settings ---------------------------------------------------
 start_clickgate dedup-defaults --trusted-cidrs 127.0.0.0/8
 sleep 1
-METRICS_CMD="curl -s http://127.0.0.1:$SERVER_PORT/metrics | grep -E '^clickgate_dedup_(bits_per_event|memory_bytes) '"
+METRICS_CMD="curl -s http://127.0.0.1:$SERVER_PORT/metrics | grep -E '^clickgate_dedup_(bytes_per_event|memory_bytes) '"
 exec 3<>"/dev/tcp/127.0.0.1/$SERVER_PORT"
 printf 'GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&3
 timeout 5 cat <&3 >"$ART/dedup-metrics.txt" || true
 exec 3<&-
 stop_pid "$SERVER_PID"
-DEDUP_BITS=$(awk '$1 == "clickgate_dedup_bits_per_event" { print $2 }' "$ART/dedup-metrics.txt")
+DEDUP_BITS=$(awk '$1 == "clickgate_dedup_bytes_per_event" { print $2 * 8 }' "$ART/dedup-metrics.txt")
 DEDUP_BYTES=$(awk '$1 == "clickgate_dedup_memory_bytes" { print $2 }' "$ART/dedup-metrics.txt")
 DEDUP_HELP=
 for o in window-secs peak-events-per-sec fp-rate generations; do
