@@ -51,7 +51,7 @@ done
 wait $bench
 cat "$data/bench.txt"
 sleep 1
-echo "== the query API (contract §3)"
+echo "== the query API (docs/api.md)"
 show
 now=$(( $(date +%s) * 1000 ))
 echo "  campaign 1, 5m buckets of the last hour:"

@@ -4,7 +4,8 @@
 #          on 127.0.0.1:${CLICKGATE_TEST_KAFKA_PORT:-19092}, in-memory storage
 #   Redis  Debian's redis-server: one node on ${CLICKGATE_TEST_REDIS_PORT:-16379} and a
 #          three-node cluster on 17000-17002, no persistence
-#   tools  pyarrow (independent Parquet reader), promtool, Chromium + playwright-core
+#   tools  pyarrow (independent Parquet reader), promtool, systemd-analyze, Chromium +
+#          playwright-core
 #
 # Each service is started only if its port does not answer already, so a developer's
 # running services are reused. The tests read the addresses from the CLICKGATE_TEST_*
@@ -123,6 +124,12 @@ ensure_promtool() {
     CLICKGATE_TEST_PROMTOOL=$(command -v promtool)
 }
 
+ensure_systemd_analyze() {
+    command -v systemd-analyze >/dev/null || apt_install systemd
+    export CLICKGATE_TEST_SYSTEMD_ANALYZE
+    CLICKGATE_TEST_SYSTEMD_ANALYZE=$(command -v systemd-analyze)
+}
+
 ensure_browser() {
     command -v chromium >/dev/null || apt_install chromium chromium-driver
     local nm="$CLICKGATE_TOOLS/node"
@@ -142,5 +149,6 @@ services_start() {
     start_kafka
     ensure_pyarrow
     ensure_promtool
+    ensure_systemd_analyze
     ensure_browser
 }

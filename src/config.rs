@@ -11,126 +11,167 @@ use anyhow::{bail, Context};
 use clickgate_controlplane::ControlplaneConfig;
 use clickgate_dataplane::{AckMode, DataplaneConfig};
 
+/// `--help` headings: the settings grouped by the part of clickgate that reads them.
+pub const COMMON: &str = "Common";
+pub const DATAPLANE: &str = "Dataplane (ingest)";
+pub const KAFKA: &str = "Dataplane: Kafka";
+pub const QUERY: &str = "Controlplane: query API and dashboard";
+pub const CONTROL: &str = "Controlplane: control API";
+pub const STORE: &str = "Controlplane: counter store";
+pub const REDIS: &str = "Controlplane: Redis";
+pub const ARCHIVE: &str = "Controlplane: archive";
+
+/// How log lines are written to stderr.
+#[derive(clap::ValueEnum, serde::Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines
+    #[default]
+    Text,
+    /// One JSON object per line (tracing-subscriber's JSON format)
+    Json,
+}
+
+/// Whether `clickgate <subcommand> --help` lists the setting `id` of group `heading`:
+/// each subcommand shows the settings it reads (all are still accepted everywhere, so a
+/// shared config file or environment works with every subcommand).
+pub fn shown_in(subcommand: &str, id: &str, heading: Option<&str>) -> bool {
+    let h = heading.unwrap_or("");
+    match subcommand {
+        "dataplane" => [COMMON, DATAPLANE, KAFKA].contains(&h),
+        "controlplane" => [COMMON, QUERY, CONTROL, STORE, REDIS, ARCHIVE].contains(&h),
+        "billing" => matches!(id, "data_dir" | "archive_url" | "log_format"),
+        "replay" => h == COMMON || h == KAFKA || id == "agg_keys_max",
+        // Clients: their own flags only.
+        "rules" | "tune" => id == "log_format",
+        _ => true,
+    }
+}
+
 /// Every knob of clickgate. In the TOML file use the same names with `_` (e.g.
 /// `data_dir = "/var/lib/clickgate"`); on the command line with `-`; in the environment
 /// as `CLICKGATE_` + upper case.
 #[derive(clap::Args, serde::Deserialize, Debug, Default, Clone)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
+    /// Log format on stderr (the level comes from CLICKGATE_LOG, e.g. `info`) [default: text]
+    #[arg(long, env = "CLICKGATE_LOG_FORMAT", global = true, help_heading = COMMON)]
+    pub log_format: Option<LogFormat>,
+
     /// Data directory: local log, counter store, archive [default: ./clickgate-data]
-    #[arg(long, env = "CLICKGATE_DATA_DIR", global = true)]
+    #[arg(long, env = "CLICKGATE_DATA_DIR", global = true, help_heading = COMMON)]
     pub data_dir: Option<PathBuf>,
 
     /// Ingest (dataplane HTTP) address [default: 0.0.0.0:8080]
-    #[arg(long, env = "CLICKGATE_INGEST_ADDR", global = true)]
+    #[arg(long, env = "CLICKGATE_INGEST_ADDR", global = true, help_heading = DATAPLANE)]
     pub ingest_addr: Option<SocketAddr>,
 
     /// Query API (controlplane HTTP) address [default: 127.0.0.1:8081]
-    #[arg(long, env = "CLICKGATE_QUERY_ADDR", global = true)]
+    #[arg(long, env = "CLICKGATE_QUERY_ADDR", global = true, help_heading = QUERY)]
     pub query_addr: Option<SocketAddr>,
 
     /// Control API (gRPC) address [default: 0.0.0.0:50051]
-    #[arg(long, env = "CLICKGATE_CONTROL_ADDR", global = true)]
+    #[arg(long, env = "CLICKGATE_CONTROL_ADDR", global = true, help_heading = CONTROL)]
     pub control_addr: Option<SocketAddr>,
 
     /// Dataplane cores: `all`, a count `N` (the first N online CPUs), or CPU ids `0,2-3` [default: all]
-    #[arg(long, env = "CLICKGATE_CORES", global = true)]
+    #[arg(long, env = "CLICKGATE_CORES", global = true, help_heading = DATAPLANE)]
     pub cores: Option<String>,
 
     /// Kafka bootstrap brokers, comma-separated; empty: the local log [default: empty]
-    #[arg(long, env = "CLICKGATE_KAFKA_BROKERS", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_BROKERS", global = true, help_heading = KAFKA)]
     pub kafka_brokers: Option<String>,
 
-    /// Kafka topic of the raw records (contract §5) [default: raw_clicks]
-    #[arg(long, env = "CLICKGATE_KAFKA_TOPIC", global = true)]
+    /// Kafka topic of the raw records [default: raw_clicks]
+    #[arg(long, env = "CLICKGATE_KAFKA_TOPIC", global = true, help_heading = KAFKA)]
     pub kafka_topic: Option<String>,
 
     /// Partitions of the Kafka topic when clickgate creates it (1..=10000) [default: 6]
-    #[arg(long, env = "CLICKGATE_KAFKA_PARTITIONS", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_PARTITIONS", global = true, help_heading = KAFKA)]
     pub kafka_partitions: Option<u32>,
 
     /// Replication factor of the Kafka topic when clickgate creates it (1..=16) [default: 1]
-    #[arg(long, env = "CLICKGATE_KAFKA_REPLICATION", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_REPLICATION", global = true, help_heading = KAFKA)]
     pub kafka_replication: Option<u16>,
 
     /// Kafka producer linger (librdkafka linger.ms), in ms (0..=1000) [default: 5]
-    #[arg(long, env = "CLICKGATE_KAFKA_LINGER_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_LINGER_MS", global = true, help_heading = KAFKA)]
     pub kafka_linger_ms: Option<u32>,
 
     /// Kafka producer batch size per partition (librdkafka batch.size), in bytes (1024..=16777216) [default: 1048576]
-    #[arg(long, env = "CLICKGATE_KAFKA_BATCH_BYTES", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_BATCH_BYTES", global = true, help_heading = KAFKA)]
     pub kafka_batch_bytes: Option<u32>,
 
     /// Records per core produced to Kafka and not yet acknowledged, at most; the rest waits in the local log (1..=1000000) [default: 100000]
-    #[arg(long, env = "CLICKGATE_KAFKA_INFLIGHT_RECORDS_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_INFLIGHT_RECORDS_MAX", global = true, help_heading = KAFKA)]
     pub kafka_inflight_records_max: Option<u32>,
 
     /// Start-up gives up when the Kafka brokers do not answer (topic check, recovery) within this many ms [default: 10000]
-    #[arg(long, env = "CLICKGATE_KAFKA_START_TIMEOUT_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_START_TIMEOUT_MS", global = true, help_heading = KAFKA)]
     pub kafka_start_timeout_ms: Option<u64>,
 
     /// With ack = kafka, a request's 202s become 503s when the broker has not acknowledged them within this many ms [default: 5000]
-    #[arg(long, env = "CLICKGATE_KAFKA_ACK_TIMEOUT_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_ACK_TIMEOUT_MS", global = true, help_heading = KAFKA)]
     pub kafka_ack_timeout_ms: Option<u64>,
 
     /// With ack = kafka, how often a waiting connection checks the broker's acknowledgement, in microseconds (1..=100000) [default: 250]
-    #[arg(long, env = "CLICKGATE_KAFKA_ACK_POLL_US", global = true)]
+    #[arg(long, env = "CLICKGATE_KAFKA_ACK_POLL_US", global = true, help_heading = KAFKA)]
     pub kafka_ack_poll_us: Option<u64>,
 
     /// Redis URL(s), comma-separated; empty: the embedded counter store [default: empty]
-    #[arg(long, env = "CLICKGATE_REDIS_URL", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_URL", global = true, help_heading = REDIS)]
     pub redis_url: Option<String>,
 
     /// Stable id of this box in delta frames and Redis marks; unset: generated once and kept in <data dir>/box_id [default: generated]
-    #[arg(long, env = "CLICKGATE_BOX_ID", global = true)]
+    #[arg(long, env = "CLICKGATE_BOX_ID", global = true, help_heading = COMMON)]
     pub box_id: Option<u64>,
 
     /// Redis: prefix put in front of every key (several deployments or tests on one Redis) [default: empty]
-    #[arg(long, env = "CLICKGATE_REDIS_KEY_PREFIX", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_KEY_PREFIX", global = true, help_heading = REDIS)]
     pub redis_key_prefix: Option<String>,
 
     /// Redis: the flusher writes applied deltas this often, in ms (1..=1000) [default: 500]
-    #[arg(long, env = "CLICKGATE_REDIS_FLUSH_INTERVAL_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_FLUSH_INTERVAL_MS", global = true, help_heading = REDIS)]
     pub redis_flush_interval_ms: Option<u64>,
 
     /// Redis: commands per pipeline (one round trip), at most (100..=100000) [default: 1000]
-    #[arg(long, env = "CLICKGATE_REDIS_PIPELINE_COMMANDS_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_PIPELINE_COMMANDS_MAX", global = true, help_heading = REDIS)]
     pub redis_pipeline_commands_max: Option<usize>,
 
     /// Redis: 5m bucket keys expire this long after the bucket ends, in seconds (at least 86400) [default: 86400]
-    #[arg(long, env = "CLICKGATE_REDIS_TTL_5M_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_TTL_5M_SECS", global = true, help_heading = REDIS)]
     pub redis_ttl_5m_secs: Option<u64>,
 
     /// Redis: 1h bucket keys expire this long after the bucket ends, in seconds [default: 604800]
-    #[arg(long, env = "CLICKGATE_REDIS_TTL_1H_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_TTL_1H_SECS", global = true, help_heading = REDIS)]
     pub redis_ttl_1h_secs: Option<u64>,
 
     /// Redis: 1d bucket keys expire this long after the bucket ends, in seconds [default: 7776000]
-    #[arg(long, env = "CLICKGATE_REDIS_TTL_1D_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_TTL_1D_SECS", global = true, help_heading = REDIS)]
     pub redis_ttl_1d_secs: Option<u64>,
 
     /// Redis: deltas not yet in Redis kept on disk (<data dir>/redis), at most, in bytes; past it they are dropped for Redis and counted (at least 1048576) [default: 1073741824]
-    #[arg(long, env = "CLICKGATE_REDIS_SPILL_BYTES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_SPILL_BYTES_MAX", global = true, help_heading = REDIS)]
     pub redis_spill_bytes_max: Option<u64>,
 
     /// Redis: first retry delay after a failed flush, doubled up to the max, in ms [default: 100]
-    #[arg(long, env = "CLICKGATE_REDIS_RETRY_BACKOFF_MIN_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_RETRY_BACKOFF_MIN_MS", global = true, help_heading = REDIS)]
     pub redis_retry_backoff_min_ms: Option<u64>,
 
     /// Redis: longest retry delay after failed flushes, in ms [default: 10000]
-    #[arg(long, env = "CLICKGATE_REDIS_RETRY_BACKOFF_MAX_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_RETRY_BACKOFF_MAX_MS", global = true, help_heading = REDIS)]
     pub redis_retry_backoff_max_ms: Option<u64>,
 
     /// Redis: bound on a connect, a flush pipeline and a query, in ms (1..=600000) [default: 5000]
-    #[arg(long, env = "CLICKGATE_REDIS_TIMEOUT_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_REDIS_TIMEOUT_MS", global = true, help_heading = REDIS)]
     pub redis_timeout_ms: Option<u64>,
 
     /// Archive location, a directory or s3://bucket/prefix [default: <data dir>/archive]
-    #[arg(long, env = "CLICKGATE_ARCHIVE_URL", global = true)]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_URL", global = true, help_heading = ARCHIVE)]
     pub archive_url: Option<String>,
 
     /// When a 202 is sent: memory, disk (fsync'd local log) or kafka (broker ack) [default: disk]
-    #[arg(long, env = "CLICKGATE_ACK", global = true)]
+    #[arg(long, env = "CLICKGATE_ACK", global = true, help_heading = DATAPLANE)]
     pub ack: Option<AckMode>,
 
     /// Trusted publisher networks (CIDRs, comma-separated), exempt from the rate limit [default: none]
@@ -138,7 +179,7 @@ pub struct Settings {
         long,
         env = "CLICKGATE_TRUSTED_CIDRS",
         value_delimiter = ',',
-        global = true
+        global = true, help_heading = DATAPLANE
     )]
     pub trusted_cidrs: Option<Vec<String>>,
 
@@ -146,156 +187,156 @@ pub struct Settings {
     #[arg(
         long,
         env = "CLICKGATE_CONTROL_TOKEN",
-        global = true,
+        global = true, help_heading = CONTROL,
         hide_env_values = true
     )]
     pub control_token: Option<String>,
 
     /// Events per `POST /v1/clicks`, at most [default: 10000]
-    #[arg(long, env = "CLICKGATE_BATCH_EVENTS_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_BATCH_EVENTS_MAX", global = true, help_heading = DATAPLANE)]
     pub batch_events_max: Option<usize>,
 
     /// Request body size, at most, in bytes [default: 8388608]
-    #[arg(long, env = "CLICKGATE_BODY_BYTES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_BODY_BYTES_MAX", global = true, help_heading = DATAPLANE)]
     pub body_bytes_max: Option<usize>,
 
     /// Request line + headers size, at most, in bytes [default: 16384]
-    #[arg(long, env = "CLICKGATE_HEADER_BYTES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_HEADER_BYTES_MAX", global = true, help_heading = DATAPLANE)]
     pub header_bytes_max: Option<usize>,
 
     /// Open connections per dataplane core, at most; past it: 503 and close [default: 10000]
-    #[arg(long, env = "CLICKGATE_CONNECTIONS_PER_CORE_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_CONNECTIONS_PER_CORE_MAX", global = true, help_heading = DATAPLANE)]
     pub connections_per_core_max: Option<usize>,
 
     /// Idle keep-alive connections are closed after this many ms [default: 60000]
-    #[arg(long, env = "CLICKGATE_IDLE_TIMEOUT_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_IDLE_TIMEOUT_MS", global = true, help_heading = DATAPLANE)]
     pub idle_timeout_ms: Option<u64>,
 
     /// Retry-After sent with 429 and 503, in seconds [default: 1]
-    #[arg(long, env = "CLICKGATE_RETRY_AFTER_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_RETRY_AFTER_SECS", global = true, help_heading = DATAPLANE)]
     pub retry_after_secs: Option<u32>,
 
     /// Events whose ts is further than this in the future are rejected, in ms [default: 300000]
-    #[arg(long, env = "CLICKGATE_TS_SKEW_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_TS_SKEW_MS", global = true, help_heading = DATAPLANE)]
     pub ts_skew_ms: Option<u64>,
 
     /// Events per second per client address; past it: 429 [default: 1000]
-    #[arg(long, env = "CLICKGATE_RATE_LIMIT_EVENTS_PER_SEC", global = true)]
+    #[arg(long, env = "CLICKGATE_RATE_LIMIT_EVENTS_PER_SEC", global = true, help_heading = DATAPLANE)]
     pub rate_limit_events_per_sec: Option<u32>,
 
     /// Client addresses tracked by the rate limiter per core, at most [default: 65536]
-    #[arg(long, env = "CLICKGATE_RATE_LIMIT_ADDRESSES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_RATE_LIMIT_ADDRESSES_MAX", global = true, help_heading = DATAPLANE)]
     pub rate_limit_addresses_max: Option<usize>,
 
     /// Dedup window, in seconds [default: 600]
-    #[arg(long, env = "CLICKGATE_DEDUP_WINDOW_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_DEDUP_WINDOW_SECS", global = true, help_heading = DATAPLANE)]
     pub dedup_window_secs: Option<u64>,
 
     /// Peak accepted events/s of the box; sizes the dedup bloom shards [default: 50000]
-    #[arg(long, env = "CLICKGATE_DEDUP_PEAK_EVENTS_PER_SEC", global = true)]
+    #[arg(long, env = "CLICKGATE_DEDUP_PEAK_EVENTS_PER_SEC", global = true, help_heading = DATAPLANE)]
     pub dedup_peak_events_per_sec: Option<u64>,
 
     /// Dedup false-positive rate at the peak rate [default: 0.001]
-    #[arg(long, env = "CLICKGATE_DEDUP_FP_RATE", global = true)]
+    #[arg(long, env = "CLICKGATE_DEDUP_FP_RATE", global = true, help_heading = DATAPLANE)]
     pub dedup_fp_rate: Option<f64>,
 
     /// Bloom generations rotated over the dedup window [default: 4]
-    #[arg(long, env = "CLICKGATE_DEDUP_GENERATIONS", global = true)]
+    #[arg(long, env = "CLICKGATE_DEDUP_GENERATIONS", global = true, help_heading = DATAPLANE)]
     pub dedup_generations: Option<u32>,
 
     /// Capacity of each cross-core channel, in messages [default: 1024]
-    #[arg(long, env = "CLICKGATE_XCORE_CHANNEL_CAPACITY", global = true)]
+    #[arg(long, env = "CLICKGATE_XCORE_CHANNEL_CAPACITY", global = true, help_heading = DATAPLANE)]
     pub xcore_channel_capacity: Option<usize>,
 
     /// Bytes per core appended but not yet on disk, at most; past it: 503 [default: 67108864]
-    #[arg(long, env = "CLICKGATE_LOG_BUFFER_BYTES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_LOG_BUFFER_BYTES_MAX", global = true, help_heading = DATAPLANE)]
     pub log_buffer_bytes_max: Option<usize>,
 
     /// Local log segment size, in bytes [default: 268435456]
-    #[arg(long, env = "CLICKGATE_LOG_SEGMENT_BYTES", global = true)]
+    #[arg(long, env = "CLICKGATE_LOG_SEGMENT_BYTES", global = true, help_heading = DATAPLANE)]
     pub log_segment_bytes: Option<u64>,
 
     /// Local log retained per core, in bytes (0: no size bound) [default: 17179869184]
-    #[arg(long, env = "CLICKGATE_LOG_RETENTION_BYTES", global = true)]
+    #[arg(long, env = "CLICKGATE_LOG_RETENTION_BYTES", global = true, help_heading = DATAPLANE)]
     pub log_retention_bytes: Option<u64>,
 
     /// Local log retention, in seconds (0: no time bound) [default: 604800]
-    #[arg(long, env = "CLICKGATE_LOG_RETENTION_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_LOG_RETENTION_SECS", global = true, help_heading = DATAPLANE)]
     pub log_retention_secs: Option<u64>,
 
     /// Longest a group commit waits to gather records, in microseconds [default: 200]
-    #[arg(long, env = "CLICKGATE_LOG_COMMIT_INTERVAL_US", global = true)]
+    #[arg(long, env = "CLICKGATE_LOG_COMMIT_INTERVAL_US", global = true, help_heading = DATAPLANE)]
     pub log_commit_interval_us: Option<u64>,
 
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish, in ms [default: 10000]
-    #[arg(long, env = "CLICKGATE_DRAIN_TIMEOUT_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_DRAIN_TIMEOUT_MS", global = true, help_heading = DATAPLANE)]
     pub drain_timeout_ms: Option<u64>,
 
     /// Unix socket between the planes (aggregate deltas) [default: <data dir>/control.sock]
-    #[arg(long, env = "CLICKGATE_CONTROL_SOCKET", global = true)]
+    #[arg(long, env = "CLICKGATE_CONTROL_SOCKET", global = true, help_heading = COMMON)]
     pub control_socket: Option<PathBuf>,
 
     /// Each dataplane core ships its aggregate deltas this often, in ms (at most 1000) [default: 500]
-    #[arg(long, env = "CLICKGATE_AGG_FLUSH_INTERVAL_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_AGG_FLUSH_INTERVAL_MS", global = true, help_heading = DATAPLANE)]
     pub agg_flush_interval_ms: Option<u64>,
 
     /// Aggregate keys a dataplane core holds between two flushes, at most [default: 100000]
-    #[arg(long, env = "CLICKGATE_AGG_KEYS_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_AGG_KEYS_MAX", global = true, help_heading = DATAPLANE)]
     pub agg_keys_max: Option<usize>,
 
     /// Deltas a core keeps unacknowledged by the controlplane, at most [default: 64]
-    #[arg(long, env = "CLICKGATE_SHIP_UNACKED_FRAMES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_SHIP_UNACKED_FRAMES_MAX", global = true, help_heading = DATAPLANE)]
     pub ship_unacked_frames_max: Option<usize>,
 
     /// 5-minute buckets are kept this long, in seconds [default: 86400]
-    #[arg(long, env = "CLICKGATE_RETENTION_5M_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_RETENTION_5M_SECS", global = true, help_heading = STORE)]
     pub retention_5m_secs: Option<u64>,
 
     /// 1-hour buckets are kept this long, in seconds [default: 604800]
-    #[arg(long, env = "CLICKGATE_RETENTION_1H_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_RETENTION_1H_SECS", global = true, help_heading = STORE)]
     pub retention_1h_secs: Option<u64>,
 
     /// 1-day buckets are kept this long, in seconds [default: 7776000]
-    #[arg(long, env = "CLICKGATE_RETENTION_1D_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_RETENTION_1D_SECS", global = true, help_heading = STORE)]
     pub retention_1d_secs: Option<u64>,
 
     /// Counter cells (window x bucket x campaign x dimension) the store holds, at most [default: 4000000]
-    #[arg(long, env = "CLICKGATE_STORE_CELLS_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_STORE_CELLS_MAX", global = true, help_heading = STORE)]
     pub store_cells_max: Option<usize>,
 
     /// The store writes a snapshot at least this often while deltas arrive, in seconds [default: 60]
-    #[arg(long, env = "CLICKGATE_SNAPSHOT_INTERVAL_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_SNAPSHOT_INTERVAL_SECS", global = true, help_heading = STORE)]
     pub snapshot_interval_secs: Option<u64>,
 
     /// Archive: raw record bytes a log stream buffers before its Parquet files are written (the archiver's memory per core) [default: 134217728]
-    #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_BYTES", global = true)]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_BYTES", global = true, help_heading = ARCHIVE)]
     pub archive_roll_bytes: Option<u64>,
 
     /// Archive: buffered records are written at most this long after the first one was read, in seconds [default: 300]
-    #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_SECS", global = true)]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_SECS", global = true, help_heading = ARCHIVE)]
     pub archive_roll_secs: Option<u64>,
 
     /// Archive: hour partitions (open files) one range of a stream may touch, at most [default: 48]
-    #[arg(long, env = "CLICKGATE_ARCHIVE_OPEN_FILES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_OPEN_FILES_MAX", global = true, help_heading = ARCHIVE)]
     pub archive_open_files_max: Option<usize>,
 
     /// Archive: rows per Parquet row group, at most [default: 1048576]
-    #[arg(long, env = "CLICKGATE_ARCHIVE_ROW_GROUP_ROWS", global = true)]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_ROW_GROUP_ROWS", global = true, help_heading = ARCHIVE)]
     pub archive_row_group_rows: Option<usize>,
 
     /// Archive: how often the local log is polled for new records, in ms (1..=60000) [default: 200]
-    #[arg(long, env = "CLICKGATE_ARCHIVE_POLL_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_ARCHIVE_POLL_MS", global = true, help_heading = ARCHIVE)]
     pub archive_poll_ms: Option<u64>,
 
     /// Query API keys file: lines `key = advertiser_id` or `key = "admin"` (keys of 16..=128 printable bytes); with keys every query call and the dashboard need `Authorization: Bearer <key>` [default: none]
-    #[arg(long, env = "CLICKGATE_API_KEYS_FILE", global = true)]
+    #[arg(long, env = "CLICKGATE_API_KEYS_FILE", global = true, help_heading = QUERY)]
     pub api_keys_file: Option<PathBuf>,
 
     /// Query API keys inline, `key=advertiser_id,key=admin` (added to api_keys_file's) [default: none]
     #[arg(
         long,
         env = "CLICKGATE_API_KEYS",
-        global = true,
+        global = true, help_heading = QUERY,
         hide_env_values = true
     )]
     pub api_keys: Option<String>,
@@ -304,7 +345,7 @@ pub struct Settings {
     #[arg(
         long,
         env = "CLICKGATE_QUERY_INSECURE",
-        global = true,
+        global = true, help_heading = QUERY,
         num_args = 0..=1,
         default_missing_value = "true"
     )]
@@ -314,12 +355,12 @@ pub struct Settings {
     #[arg(
         long,
         env = "CLICKGATE_QUERY_AUTH_FAILURES_PER_MINUTE_MAX",
-        global = true
+        global = true, help_heading = QUERY
     )]
     pub query_auth_failures_per_minute_max: Option<u32>,
 
     /// Client addresses whose failed key attempts are tracked, at most (1..=10000000) [default: 4096]
-    #[arg(long, env = "CLICKGATE_QUERY_AUTH_ADDRESSES_MAX", global = true)]
+    #[arg(long, env = "CLICKGATE_QUERY_AUTH_ADDRESSES_MAX", global = true, help_heading = QUERY)]
     pub query_auth_addresses_max: Option<usize>,
 }
 
@@ -344,6 +385,7 @@ impl Settings {
             self,
             file,
             [
+                log_format,
                 data_dir,
                 ingest_addr,
                 query_addr,
@@ -495,7 +537,7 @@ impl Settings {
 }
 
 impl Settings {
-    /// Kafka settings (issue #4); `None` when `kafka_brokers` is empty (no Kafka at all).
+    /// Kafka settings; `None` when `kafka_brokers` is empty (no Kafka at all).
     pub fn kafka(&self) -> anyhow::Result<Option<clickgate_kafka::KafkaConfig>> {
         let Some(brokers) = self
             .kafka_brokers
@@ -526,7 +568,7 @@ impl Settings {
         Ok(Some(cfg))
     }
 
-    /// The archive's directory and bounds (issue #7); `s3://` is refused here (exit 2).
+    /// The archive's directory and bounds; `s3://` is refused here (exit 2).
     pub fn archive(&self) -> anyhow::Result<clickgate_controlplane::archive::ArchiveConfig> {
         use clickgate_controlplane::archive::{ArchiveConfig, ArchiveLocation};
         let d = ArchiveConfig::default();
@@ -566,9 +608,9 @@ impl Settings {
         };
         clickgate_controlplane::auth::check_bind(cfg.query_addr, &cfg.auth)
             .map_err(anyhow::Error::msg)?;
-        // Contract §3: 5m buckets are answerable for at least 24 h.
+        // 5m buckets are answerable for at least 24 h.
         if cfg.retention_5m_secs < 24 * 3600 {
-            bail!("retention_5m_secs must be at least 86400 (contract: 5m buckets kept 24 h)");
+            bail!("retention_5m_secs must be at least 86400 (5m buckets are answerable for 24 h)");
         }
         if cfg.store_cells_max == 0 {
             bail!("store_cells_max must be greater than 0");
@@ -585,7 +627,7 @@ impl Settings {
             .with_context(|| format!("box id in {}", dir.display()))
     }
 
-    /// Redis settings (issue #5); `None` when `redis_url` is empty (the embedded store).
+    /// Redis settings; `None` when `redis_url` is empty (the embedded store).
     pub fn redis(
         &self,
     ) -> anyhow::Result<Option<clickgate_controlplane::redis_store::RedisConfig>> {
@@ -771,7 +813,7 @@ pub fn parse_cores(spec: &str, online: usize) -> anyhow::Result<Vec<usize>> {
 }
 
 impl Settings {
-    /// API keys and their bounds (issue #9): `api_keys_file` and `api_keys` together.
+    /// API keys and their bounds: `api_keys_file` and `api_keys` together.
     pub fn query_auth(&self) -> anyhow::Result<clickgate_controlplane::auth::AuthConfig> {
         use clickgate_controlplane::auth::{ApiKeys, AuthConfig};
         let d = AuthConfig::default();
@@ -846,6 +888,166 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("batch_events"), "{e}");
+    }
+
+    /// The typed configs settings resolve to, as text (for comparisons).
+    fn resolved_settings(s: &Settings) -> String {
+        format!(
+            "{:?}\n{:?}\n{:?}\n{:?}",
+            s.dataplane().unwrap_or_else(|e| panic!("{s:?}\n{e:#}")),
+            s.controlplane().unwrap_or_else(|e| panic!("{s:?}\n{e:#}")),
+            s.kafka().unwrap_or_else(|e| panic!("{s:?}\n{e:#}")),
+            s.log_format.unwrap_or_default(),
+        )
+    }
+
+    /// [`resolved_settings`] of a TOML text.
+    fn resolved(text: &str) -> String {
+        let s: Settings = toml::from_str(text).unwrap_or_else(|e| panic!("{text}\n{e}"));
+        resolved_settings(&s)
+    }
+
+    /// The ids of every setting (the clap argument ids are the TOML keys).
+    fn setting_ids() -> Vec<String> {
+        use clap::Args;
+        Settings::augment_args(clap::Command::new("t"))
+            .get_arguments()
+            .map(|a| a.get_id().to_string())
+            .collect()
+    }
+
+    /// deploy/clickgate.toml names every setting, parses with the real loader, and holds
+    /// the defaults (but for data_dir), as its header says.
+    #[test]
+    fn the_example_file_has_every_setting_and_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/clickgate.toml");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids = setting_ids();
+        assert!(ids.len() >= 70, "{ids:?}");
+        for id in &ids {
+            let key = format!("{id} = ");
+            assert!(
+                text.lines()
+                    .any(|l| l.starts_with(&key) || l.starts_with(&format!("# {key}"))),
+                "deploy/clickgate.toml does not name the setting {id}"
+            );
+        }
+        let mut file = Settings::from_file(&path).unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(file.data_dir, Some(PathBuf::from("/var/lib/clickgate")));
+        file.data_dir = None;
+        file.box_id = Some(7);
+        let defaults = Settings {
+            box_id: Some(7),
+            ..Settings::default()
+        };
+        assert_eq!(resolved_settings(&file), resolved_settings(&defaults));
+        // The commented-out settings are valid keys with values of the right type.
+        let uncommented: String = text
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if ids.iter().any(|id| rest.starts_with(&format!("{id} = "))) => rest,
+                _ => l,
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let all: Settings = toml::from_str(&uncommented).unwrap_or_else(|e| panic!("{e}"));
+        assert!(all.control_token.is_some() && all.box_id.is_some() && all.archive_url.is_some());
+    }
+
+    /// Every setting's help ends in `[default: X]`, and X is what the code uses when the
+    /// setting is absent: setting it to X explicitly resolves to the same typed configs
+    /// (the planes' `Default` impls and every fallback on the way).
+    #[test]
+    fn help_defaults_match_the_code() {
+        use clap::Args as _;
+        let cmd = Settings::augment_args(clap::Command::new("t"));
+        // Kafka and Redis settings resolve only with brokers / a URL; a fixed box id keeps
+        // the test off the file system.
+        let base = [
+            ("box_id", "7"),
+            ("kafka_brokers", "\"127.0.0.1:9\""),
+            ("redis_url", "\"redis://127.0.0.1:9\""),
+        ];
+        let data_dir = Settings::default().data_dir().display().to_string();
+        let mut checked = 0;
+        for arg in cmd.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+            let heading = arg.get_help_heading();
+            assert!(heading.is_some(), "--{id} has no help heading");
+            let default = help
+                .rsplit_once("[default: ")
+                .and_then(|(_, d)| d.strip_suffix(']'))
+                .unwrap_or_else(|| panic!("--{id}: help has no [default: ...]: {help:?}"));
+            let base_text: String = base
+                .iter()
+                .filter(|(k, _)| *k != id)
+                .map(|(k, v)| format!("{k} = {v}\n"))
+                .collect();
+            // Defaults that are not a value: what they stand for, or nothing to write.
+            let literal = match (id, default) {
+                ("box_id", "generated") | ("api_keys_file", "none") => continue,
+                ("control_socket", "<data dir>/control.sock") => {
+                    // Kept unresolved in the configs: check where both planes put it.
+                    let s = Settings {
+                        box_id: Some(7),
+                        ..Settings::default()
+                    };
+                    let want = Path::new(&data_dir).join("control.sock");
+                    assert_eq!(s.dataplane().unwrap().control_socket_path(), want);
+                    assert_eq!(s.controlplane().unwrap().control_socket_path(), want);
+                    checked += 1;
+                    continue;
+                }
+                (_, "empty") => "\"\"".to_string(),
+                ("trusted_cidrs", "none") => "[]".to_string(),
+                ("control_token" | "api_keys", "none") => "\"\"".to_string(),
+                (_, d) if d.parse::<f64>().is_ok() || d == "true" || d == "false" => d.to_string(),
+                (_, d) => format!("{:?}", d.replace("<data dir>", &data_dir)),
+            };
+            let with = format!("{base_text}{id} = {literal}\n");
+            assert_eq!(
+                resolved(&base_text),
+                resolved(&with),
+                "--{id}: its help says [default: {default}], but setting that differs from leaving it unset"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 65, "only {checked} settings checked");
+    }
+
+    /// A value other than the default does change the configs: the comparison above can fail.
+    #[test]
+    fn a_changed_setting_changes_the_configs() {
+        let base = "box_id = 7\n";
+        assert_ne!(
+            resolved(base),
+            resolved("box_id = 7\nbatch_events_max = 9999\n")
+        );
+        assert_ne!(
+            resolved(base),
+            resolved("box_id = 7\nretention_1h_secs = 1\n")
+        );
+        assert_ne!(
+            resolved(base),
+            resolved("box_id = 7\nlog_format = \"json\"\n")
+        );
+    }
+
+    #[test]
+    fn subcommands_show_their_own_settings() {
+        assert!(shown_in("dataplane", "ingest_addr", Some(DATAPLANE)));
+        assert!(!shown_in("dataplane", "query_addr", Some(QUERY)));
+        assert!(shown_in("controlplane", "redis_url", Some(REDIS)));
+        assert!(!shown_in("controlplane", "cores", Some(DATAPLANE)));
+        assert!(shown_in("billing", "archive_url", Some(ARCHIVE)));
+        assert!(!shown_in("billing", "archive_roll_bytes", Some(ARCHIVE)));
+        assert!(!shown_in("billing", "kafka_brokers", Some(KAFKA)));
+        assert!(shown_in("run", "kafka_brokers", Some(KAFKA)));
+        assert!(!shown_in("rules", "data_dir", Some(COMMON)));
     }
 
     #[test]

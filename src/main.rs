@@ -12,11 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use clickgate_controlplane::Controlplane;
 use clickgate_dataplane::Dataplane;
 
-use config::Settings;
+use config::{LogFormat, Settings};
 
 /// clickgate: ad-click ingest appliance. Settings come from flags, then `CLICKGATE_*`
 /// environment variables, then the TOML file given with --config, then defaults.
@@ -60,9 +60,13 @@ enum Command {
 
 /// Exit codes: 0 clean stop, 1 runtime failure, 2 bad settings.
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    init_tracing();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let matches = command_for(&argv).get_matches_from(&argv);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // A client: the planes' settings need not be valid here.
+    if matches!(cli.command, Command::Rules(_) | Command::Tune(_)) {
+        init_tracing(cli.settings.log_format.unwrap_or_default());
+    }
     if let Command::Rules(args) = &cli.command {
         return match rules::run(args) {
             Ok(out) => {
@@ -87,6 +91,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    init_tracing(settings.log_format.unwrap_or_default());
     if let Command::Billing(args) = &cli.command {
         return ExitCode::from(billing::run(args, &settings));
     }
@@ -116,15 +121,55 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// The command line, with each subcommand's `--help` listing only the settings that
+/// subcommand reads ([`config::shown_in`]); every setting is still accepted everywhere.
+fn command_for(argv: &[std::ffi::OsString]) -> clap::Command {
+    let cmd = Cli::command();
+    let names: Vec<String> = cmd
+        .get_subcommands()
+        .map(|c| c.get_name().to_string())
+        .collect();
+    let mut words = argv
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .filter(|a| names.iter().any(|n| n == a) || *a == "help");
+    let sub = match words.next() {
+        Some("help") => words.next(),
+        other => other,
+    };
+    let Some(sub) = sub.map(str::to_string) else {
+        return cmd;
+    };
+    cmd.mut_args(|a| {
+        // Settings carry a heading; `--config` does not and is read by the planes only.
+        let shown = match a.get_help_heading() {
+            Some(h) => config::shown_in(&sub, a.get_id().as_str(), Some(h)),
+            None => !matches!(sub.as_str(), "rules" | "tune"),
+        };
+        if shown {
+            a
+        } else {
+            a.hide(true)
+        }
+    })
+}
+
+fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CLICKGATE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 fn load_settings(cli: &Cli) -> anyhow::Result<Settings> {

@@ -1,4 +1,4 @@
-//! `clickgate rules apply|list`: a client of the control API (contract §4).
+//! `clickgate rules apply|list`: a client of the control API (docs/api.md).
 //!
 //! A file is validated locally first with the same parser the server uses, so a bad
 //! file is reported (rule and problem, or JSON line and column) without a round trip;
@@ -36,7 +36,7 @@ pub struct RulesArgs {
 pub enum RulesAction {
     /// Replace the whole rule set with the rules in FILE, atomically
     Apply {
-        /// Rules file (JSON, contract §4): {"rules":[{"id":..,"kind":..,...}]}
+        /// Rules file (JSON, docs/fraud.md): {"rules":[{"id":..,"kind":..,...}]}
         #[arg(long, short)]
         file: PathBuf,
     },

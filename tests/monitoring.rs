@@ -1,13 +1,16 @@
-//! Operator monitoring (issue #9): the Prometheus alert rules are valid (`promtool check
-//! rules`, env `CLICKGATE_TEST_PROMTOOL`), and every metric the alerts and the Grafana
-//! dashboard use is exported by a live clickgate or named in deploy/README.md's list of
-//! metrics other components export (so a renamed metric breaks this test, not the pager).
+//! Operator monitoring: the Prometheus alert rules are valid (`promtool check rules`, env
+//! `CLICKGATE_TEST_PROMTOOL`), the `/metrics` text of every process passes `promtool check
+//! metrics` (the embedded defaults, and with Kafka and Redis configured so their families
+//! are there too), and every metric the alerts and the Grafana dashboard use is exported by
+//! a live clickgate or named in deploy/README.md's list of metrics other components export
+//! (so a renamed metric breaks this test, not the pager).
 
 mod common;
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::PathBuf;
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 use common::{event, uuid, Clickgate};
 
@@ -77,11 +80,96 @@ fn exported(text: &str) -> BTreeSet<String> {
     out
 }
 
+fn promtool() -> String {
+    std::env::var("CLICKGATE_TEST_PROMTOOL").unwrap_or_else(|_| {
+        panic!("CLICKGATE_TEST_PROMTOOL is not set: run the tests with scripts/test.sh (it installs promtool and sets it)")
+    })
+}
+
+fn env_or_panic(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh (it starts the services)")
+    })
+}
+
+/// `promtool check metrics` over `text` (stdin): (success, its output).
+fn check_metrics(text: &str) -> (bool, String) {
+    let tool = promtool();
+    let mut child = Command::new(&tool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {tool}: {e}"));
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), said)
+}
+
+/// Both planes' `/metrics` pass `promtool check metrics`, lint included.
+fn assert_promtool_clean(cg: &Clickgate, what: &str) {
+    let r = cg.request("POST", "/v1/click", &event(&uuid(7), 5, |_| {}));
+    assert_eq!(r.status, 202, "{}", r.body);
+    let q = cg.query("/metrics");
+    assert_eq!(q.status, 200, "{}", q.body);
+    let mut problems = String::new();
+    for (plane, text) in [("dataplane", cg.metrics()), ("controlplane", q.body)] {
+        assert!(text.contains("# TYPE "), "{what} {plane}: {text}");
+        let (ok, said) = check_metrics(&text);
+        if !ok || !said.trim().is_empty() {
+            problems.push_str(&format!("{plane} (exit ok: {ok}):\n{said}\n"));
+        }
+    }
+    assert!(
+        problems.is_empty(),
+        "{what}: promtool check metrics:\n{problems}"
+    );
+}
+
+#[test]
+fn promtool_accepts_every_process_metrics() {
+    // promtool does notice bad text (the check can fail).
+    let (ok, said) = check_metrics("# TYPE clickgate_x counter\nclickgate_x 1\n");
+    assert!(!ok || !said.trim().is_empty(), "{said}");
+
+    let cg = Clickgate::run(&[]);
+    assert_promtool_clean(&cg, "embedded defaults");
+    drop(cg);
+
+    let kafka = env_or_panic("CLICKGATE_TEST_KAFKA");
+    let redis = env_or_panic("CLICKGATE_TEST_REDIS");
+    let tag = format!("{}_{}", std::process::id(), common::now_ms());
+    let topic = format!("t_promtool_{tag}");
+    let prefix = format!("t{tag}-promtool:");
+    let cg = Clickgate::run(&[
+        "--kafka-brokers",
+        &kafka,
+        "--kafka-topic",
+        &topic,
+        "--kafka-partitions",
+        "1",
+        "--redis-url",
+        &redis,
+        "--redis-key-prefix",
+        &prefix,
+    ]);
+    let text = cg.metrics();
+    assert!(text.contains("clickgate_kafka_up"), "{text}");
+    assert!(cg.query("/metrics").body.contains("clickgate_redis_up"));
+    assert_promtool_clean(&cg, "with Kafka and Redis");
+}
+
 #[test]
 fn promtool_accepts_the_alert_rules() {
-    let promtool = std::env::var("CLICKGATE_TEST_PROMTOOL").unwrap_or_else(|_| {
-        panic!("CLICKGATE_TEST_PROMTOOL is not set: run the tests with scripts/test.sh (it installs promtool and sets it)")
-    });
+    let promtool = promtool();
     let out = Command::new(&promtool)
         .arg("check")
         .arg("rules")

@@ -432,18 +432,19 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
         "Memory held by the dedup bloom filters, all cores.",
     );
     let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.dedup_memory_bytes));
-    let name = "clickgate_dedup_bits_per_event";
+    // Bytes, not bits: Prometheus names carry base units (promtool check metrics).
+    let name = "clickgate_dedup_bytes_per_event";
     header(
         out,
         name,
         "gauge",
-        "Bloom filter bits per event at the configured false-positive rate.",
+        "Bloom filter bytes per event at the configured false-positive rate.",
     );
     let bits = cores
         .first()
         .map(|c| c.dedup_bits_per_event_milli.load(Relaxed))
         .unwrap_or(0);
-    let _ = writeln!(out, "{name} {}", bits as f64 / 1000.0);
+    let _ = writeln!(out, "{name} {}", bits as f64 / 8000.0);
     let name = "clickgate_dedup_remote_lookups_total";
     header(
         out,
@@ -590,7 +591,7 @@ mod tests {
         assert!(out.contains("clickgate_ingest_events_rejected_total{field=\"body\"} 1\n"));
         assert!(out.contains("clickgate_ingest_accept_latency_seconds_bucket{le=\"0.0001\"} 1\n"));
         assert!(out.contains("clickgate_ingest_accept_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
-        assert!(out.contains("clickgate_dedup_bits_per_event 14.4\n"));
+        assert!(out.contains("clickgate_dedup_bytes_per_event 1.8\n"));
         assert!(out.contains("clickgate_log_pending_bytes{core=\"1\"} 0\n"));
         // Every sample line belongs to a declared metric.
         for line in out.lines().filter(|l| !l.starts_with('#')) {
