@@ -70,7 +70,7 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_QUERY_ADDR", global = true, help_heading = QUERY)]
     pub query_addr: Option<SocketAddr>,
 
-    /// Control API (gRPC) address [default: 0.0.0.0:50051]
+    /// Control API (gRPC) address; a non-loopback one with a token needs --control-insecure (the token would cross the network in clear) [default: 127.0.0.1:50051]
     #[arg(long, env = "CLICKGATE_CONTROL_ADDR", global = true, help_heading = CONTROL)]
     pub control_addr: Option<SocketAddr>,
 
@@ -191,6 +191,28 @@ pub struct Settings {
         hide_env_values = true
     )]
     pub control_token: Option<String>,
+
+    /// Accept the control token in clear text on a non-loopback control address [default: false]
+    #[arg(
+        long,
+        env = "CLICKGATE_CONTROL_INSECURE",
+        global = true, help_heading = CONTROL,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub control_insecure: Option<bool>,
+
+    /// Failed control-token attempts per client address per minute before it is refused for the rest of the minute (1..=1000000) [default: 10]
+    #[arg(long, env = "CLICKGATE_CONTROL_AUTH_FAILURES_PER_MINUTE_MAX", global = true, help_heading = CONTROL)]
+    pub control_auth_failures_per_minute_max: Option<u32>,
+
+    /// Control calls in progress on one connection, at most; further ones wait (1..=100000) [default: 64]
+    #[arg(long, env = "CLICKGATE_CONTROL_REQUESTS_CONCURRENT_MAX", global = true, help_heading = CONTROL)]
+    pub control_requests_concurrent_max: Option<usize>,
+
+    /// A control call must be answered within this long, else DEADLINE_EXCEEDED (1..=3600000) [default: 10000]
+    #[arg(long, env = "CLICKGATE_CONTROL_REQUEST_TIMEOUT_MS", global = true, help_heading = CONTROL)]
+    pub control_request_timeout_ms: Option<u64>,
 
     /// Events per `POST /v1/clicks`, at most [default: 10000]
     #[arg(long, env = "CLICKGATE_BATCH_EVENTS_MAX", global = true, help_heading = DATAPLANE)]
@@ -362,6 +384,22 @@ pub struct Settings {
     /// Client addresses whose failed key attempts are tracked, at most (1..=10000000) [default: 4096]
     #[arg(long, env = "CLICKGATE_QUERY_AUTH_ADDRESSES_MAX", global = true, help_heading = QUERY)]
     pub query_auth_addresses_max: Option<usize>,
+
+    /// Query API connections open at once, at most; past it a new connection is closed at once (1..=1000000) [default: 1024]
+    #[arg(long, env = "CLICKGATE_QUERY_CONNECTIONS_MAX", global = true, help_heading = QUERY)]
+    pub query_connections_max: Option<usize>,
+
+    /// Query API connections open at once from one client address, at most (1..=1000000) [default: 64]
+    #[arg(long, env = "CLICKGATE_QUERY_CONNECTIONS_PER_ADDRESS_MAX", global = true, help_heading = QUERY)]
+    pub query_connections_per_address_max: Option<usize>,
+
+    /// A query API request head must arrive whole within this long (an idle keep-alive connection is closed after it) (1..=3600000) [default: 10000]
+    #[arg(long, env = "CLICKGATE_QUERY_HEADER_TIMEOUT_MS", global = true, help_heading = QUERY)]
+    pub query_header_timeout_ms: Option<u64>,
+
+    /// A query API request must be answered within this long, else 503 (1..=3600000) [default: 10000]
+    #[arg(long, env = "CLICKGATE_QUERY_REQUEST_TIMEOUT_MS", global = true, help_heading = QUERY)]
+    pub query_request_timeout_ms: Option<u64>,
 }
 
 /// Layers `$hi` over `$lo` field by field: a field set in `$hi` wins.
@@ -456,6 +494,14 @@ impl Settings {
                 query_insecure,
                 query_auth_failures_per_minute_max,
                 query_auth_addresses_max,
+                control_insecure,
+                control_auth_failures_per_minute_max,
+                control_requests_concurrent_max,
+                control_request_timeout_ms,
+                query_connections_max,
+                query_connections_per_address_max,
+                query_header_timeout_ms,
+                query_request_timeout_ms,
             ]
         )
     }
@@ -593,6 +639,30 @@ impl Settings {
             query_addr: self.query_addr.unwrap_or(d.query_addr),
             control_addr: self.control_addr.unwrap_or(d.control_addr),
             control_token: self.control_token.clone().filter(|t| !t.is_empty()),
+            control_insecure: self.control_insecure.unwrap_or(d.control_insecure),
+            control_auth_failures_per_minute_max: self
+                .control_auth_failures_per_minute_max
+                .unwrap_or(d.control_auth_failures_per_minute_max),
+            control_requests_concurrent_max: self
+                .control_requests_concurrent_max
+                .unwrap_or(d.control_requests_concurrent_max),
+            control_request_timeout_ms: self
+                .control_request_timeout_ms
+                .unwrap_or(d.control_request_timeout_ms),
+            query_serve: clickgate_controlplane::serve::ServeLimits {
+                connections_max: self
+                    .query_connections_max
+                    .unwrap_or(d.query_serve.connections_max),
+                connections_per_address_max: self
+                    .query_connections_per_address_max
+                    .unwrap_or(d.query_serve.connections_per_address_max),
+                header_timeout_ms: self
+                    .query_header_timeout_ms
+                    .unwrap_or(d.query_serve.header_timeout_ms),
+                request_timeout_ms: self
+                    .query_request_timeout_ms
+                    .unwrap_or(d.query_serve.request_timeout_ms),
+            },
             control_socket: self.control_socket.clone(),
             retention_5m_secs: self.retention_5m_secs.unwrap_or(d.retention_5m_secs),
             retention_1h_secs: self.retention_1h_secs.unwrap_or(d.retention_1h_secs),
@@ -608,6 +678,50 @@ impl Settings {
         };
         clickgate_controlplane::auth::check_bind(cfg.query_addr, &cfg.auth)
             .map_err(anyhow::Error::msg)?;
+        clickgate_controlplane::check_control_bind(&cfg)?;
+        cfg.query_serve.validate().map_err(anyhow::Error::msg)?;
+        let in_range = |name: &str, v: u64, hi: u64| {
+            if (1..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{name} must be 1..={hi}, got {v}"))
+            }
+        };
+        in_range(
+            "query_connections_max",
+            cfg.query_serve.connections_max as u64,
+            1_000_000,
+        )?;
+        in_range(
+            "query_connections_per_address_max",
+            cfg.query_serve.connections_per_address_max as u64,
+            1_000_000,
+        )?;
+        in_range(
+            "query_header_timeout_ms",
+            cfg.query_serve.header_timeout_ms,
+            3_600_000,
+        )?;
+        in_range(
+            "query_request_timeout_ms",
+            cfg.query_serve.request_timeout_ms,
+            3_600_000,
+        )?;
+        in_range(
+            "control_auth_failures_per_minute_max",
+            cfg.control_auth_failures_per_minute_max.into(),
+            1_000_000,
+        )?;
+        in_range(
+            "control_requests_concurrent_max",
+            cfg.control_requests_concurrent_max as u64,
+            100_000,
+        )?;
+        in_range(
+            "control_request_timeout_ms",
+            cfg.control_request_timeout_ms,
+            3_600_000,
+        )?;
         // 5m buckets are answerable for at least 24 h.
         if cfg.retention_5m_secs < 24 * 3600 {
             bail!("retention_5m_secs must be at least 86400 (5m buckets are answerable for 24 h)");

@@ -17,7 +17,7 @@ use clickgate_proto::segment::{core_dirs, LogReader};
 use common::*;
 use serde_json::json;
 
-const TOKEN: &str = "t0ken-for-tests";
+const TOKEN: &str = "t0ken-for-tests-0001";
 
 fn run_with_token() -> Clickgate {
     Clickgate::run(&["--control-token", TOKEN])

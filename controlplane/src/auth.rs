@@ -258,16 +258,64 @@ pub fn check_bind(addr: SocketAddr, cfg: &AuthConfig) -> Result<(), String> {
     Ok(())
 }
 
-/// Failure counts of the current minute per client address, bounded.
-#[derive(Default)]
-struct Failures {
-    by_addr: HashMap<IpAddr, (u64, u32)>,
+/// Failed authentication attempts of the current minute per client address, in a bounded
+/// table: the query API's keys and the control API's token both throttle guessing with it.
+pub struct FailureLimiter {
+    per_minute_max: u32,
+    addresses_max: usize,
+    by_addr: Mutex<HashMap<IpAddr, (u64, u32)>>,
 }
 
-/// Shared state of the auth middleware.
+impl FailureLimiter {
+    pub fn new(per_minute_max: u32, addresses_max: usize) -> FailureLimiter {
+        FailureLimiter {
+            per_minute_max: per_minute_max.max(1),
+            addresses_max: addresses_max.max(1),
+            by_addr: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn minute() -> u64 {
+        crate::now_ms() / 60_000
+    }
+
+    /// Whether `ip` used up its failures of this minute.
+    pub fn limited(&self, ip: IpAddr) -> bool {
+        let f = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        f.get(&ip)
+            .is_some_and(|&(m, n)| m == Self::minute() && n >= self.per_minute_max)
+    }
+
+    /// Counts one failure of `ip`.
+    pub fn fail(&self, ip: IpAddr) {
+        let now = Self::minute();
+        let mut f = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
+        if !f.contains_key(&ip) && f.len() >= self.addresses_max {
+            f.retain(|_, (m, _)| *m == now);
+            if f.len() >= self.addresses_max {
+                // Every tracked address failed this minute: drop the one with fewest.
+                if let Some(k) = f.iter().min_by_key(|(_, (_, n))| *n).map(|(k, _)| *k) {
+                    f.remove(&k);
+                }
+            }
+        }
+        let e = f.entry(ip).or_insert((now, 0));
+        if e.0 != now {
+            *e = (now, 0);
+        }
+        e.1 = e.1.saturating_add(1);
+    }
+
+    #[cfg(test)]
+    fn tracked(&self) -> usize {
+        self.by_addr.lock().unwrap().len()
+    }
+}
+
+/// Shared state of the auth extractors.
 pub struct Auth {
     cfg: AuthConfig,
-    failures: Mutex<Failures>,
+    failures: FailureLimiter,
     metrics: Arc<Metrics>,
     /// Where campaign ownership is read.
     reader: Arc<dyn CounterRead>,
@@ -279,46 +327,19 @@ impl Auth {
             .api_keys
             .store(cfg.keys.len() as u64, Ordering::Relaxed);
         Auth {
+            failures: FailureLimiter::new(cfg.failures_per_minute_max, cfg.failures_addresses_max),
             cfg,
-            failures: Mutex::new(Failures::default()),
             metrics,
             reader,
         }
     }
 
-    fn minute() -> u64 {
-        crate::now_ms() / 60_000
-    }
-
     fn limited(&self, ip: IpAddr) -> bool {
-        let f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        f.by_addr
-            .get(&ip)
-            .is_some_and(|&(m, n)| m == Self::minute() && n >= self.cfg.failures_per_minute_max)
+        self.failures.limited(ip)
     }
 
     fn fail(&self, ip: IpAddr) {
-        let now = Self::minute();
-        let mut f = self.failures.lock().unwrap_or_else(|e| e.into_inner());
-        if !f.by_addr.contains_key(&ip) && f.by_addr.len() >= self.cfg.failures_addresses_max {
-            f.by_addr.retain(|_, (m, _)| *m == now);
-            if f.by_addr.len() >= self.cfg.failures_addresses_max {
-                // Every tracked address failed this minute: drop the one with fewest.
-                if let Some(k) = f
-                    .by_addr
-                    .iter()
-                    .min_by_key(|(_, (_, n))| *n)
-                    .map(|(k, _)| *k)
-                {
-                    f.by_addr.remove(&k);
-                }
-            }
-        }
-        let e = f.by_addr.entry(ip).or_insert((now, 0));
-        if e.0 != now {
-            *e = (now, 0);
-        }
-        e.1 = e.1.saturating_add(1);
+        self.failures.fail(ip)
     }
 }
 
@@ -567,7 +588,7 @@ mod tests {
         for n in 2..10 {
             a.fail(ip(n));
         }
-        assert!(a.failures.lock().unwrap().by_addr.len() <= 3);
+        assert!(a.failures.tracked() <= 3);
     }
 
     #[test]

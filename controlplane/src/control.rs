@@ -34,6 +34,8 @@ use crate::store::Store;
 
 /// The message of every call refused because no token is configured.
 pub const NO_TOKEN_MESSAGE: &str = "the control API has no token configured, so it refuses every call: set CLICKGATE_CONTROL_TOKEN (or --control-token / control_token) on the controlplane";
+/// Shortest control token accepted, in bytes: shorter ones are guessable.
+pub const TOKEN_BYTES_MIN: usize = 16;
 /// Largest request message the server decodes, in bytes (a 10k-CIDR set is ≈ 250 KiB).
 pub const REQUEST_BYTES_MAX: usize = 16 << 20;
 
@@ -155,9 +157,13 @@ impl ControlService {
     }
 
     /// The tonic service with the bearer-token check in front of every call.
+    /// The service behind the token check. A client address with more than its budget
+    /// of failed token attempts this minute (`limiter`) is refused before its token is
+    /// looked at (`RESOURCE_EXHAUSTED`), so guessing does not get faster by trying harder.
     pub fn into_server(
         self,
         token: Option<String>,
+        limiter: Arc<crate::auth::FailureLimiter>,
     ) -> tonic::service::interceptor::InterceptedService<
         ControlServer<ControlService>,
         impl tonic::service::Interceptor + Clone,
@@ -165,9 +171,21 @@ impl ControlService {
         let metrics = self.state.metrics.clone();
         let server = ControlServer::new(self).max_decoding_message_size(REQUEST_BYTES_MAX);
         tonic::service::interceptor::InterceptedService::new(server, move |req: Request<()>| {
+            let ip = req
+                .remote_addr()
+                .map_or(std::net::IpAddr::from([0, 0, 0, 0]), |a| a.ip());
+            if limiter.limited(ip) {
+                metrics.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                return Err(Status::resource_exhausted(
+                    "too many failed token attempts from this address; retry after a minute",
+                ));
+            }
             let r = check_token(token.as_deref(), &req);
             if r.is_err() {
                 metrics.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                if token.as_deref().is_some_and(|t| !t.is_empty()) {
+                    limiter.fail(ip);
+                }
             }
             r.map(|()| req)
         })

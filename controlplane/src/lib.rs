@@ -33,6 +33,7 @@ pub mod redis_hll;
 pub mod redis_outbox;
 pub mod redis_store;
 pub mod refill;
+pub mod serve;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -61,6 +62,17 @@ pub struct ControlplaneConfig {
     pub control_addr: SocketAddr,
     /// Bearer token of the control API; `None`: every control call is refused.
     pub control_token: Option<String>,
+    /// Accept the control token over plaintext on a non-loopback `control_addr`.
+    pub control_insecure: bool,
+    /// Failed control-token attempts per client address per minute before the address is
+    /// refused for the rest of the minute.
+    pub control_auth_failures_per_minute_max: u32,
+    /// Control calls in progress on one connection, at most (further ones wait).
+    pub control_requests_concurrent_max: usize,
+    /// A control call must be answered within this long (else `DEADLINE_EXCEEDED`).
+    pub control_request_timeout_ms: u64,
+    /// Connection caps and deadlines of the query API's server.
+    pub query_serve: serve::ServeLimits,
     /// The Unix socket dataplane cores ship deltas to; `None`: `<data_dir>/control.sock`.
     pub control_socket: Option<PathBuf>,
     pub retention_5m_secs: u64,
@@ -95,8 +107,13 @@ impl Default for ControlplaneConfig {
         ControlplaneConfig {
             data_dir: PathBuf::from("./clickgate-data"),
             query_addr: "127.0.0.1:8081".parse().expect("literal"),
-            control_addr: "0.0.0.0:50051".parse().expect("literal"),
+            control_addr: "127.0.0.1:50051".parse().expect("literal"),
             control_token: None,
+            control_insecure: false,
+            control_auth_failures_per_minute_max: 10,
+            control_requests_concurrent_max: 64,
+            control_request_timeout_ms: 10_000,
+            query_serve: serve::ServeLimits::default(),
             control_socket: None,
             retention_5m_secs: 24 * 3600,
             retention_1h_secs: 7 * 24 * 3600,
@@ -254,11 +271,22 @@ impl Controlplane {
         if cfg.control_token.as_deref().is_none_or(str::is_empty) {
             tracing::warn!("no control token configured: the control API refuses every call (set CLICKGATE_CONTROL_TOKEN)");
         }
-        let grpc = control.into_server(cfg.control_token.clone());
+        check_control_bind(&cfg)?;
+        let limiter = Arc::new(auth::FailureLimiter::new(
+            cfg.control_auth_failures_per_minute_max,
+            cfg.auth.failures_addresses_max,
+        ));
+        let grpc = control.into_server(cfg.control_token.clone(), limiter);
         let mut grpc_stop = stop_rx.clone();
+        let control_concurrent = cfg.control_requests_concurrent_max.max(1);
+        let control_timeout = Duration::from_millis(cfg.control_request_timeout_ms.max(1));
         tasks.push(tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(control_tcp);
             let serve = tonic::transport::Server::builder()
+                .concurrency_limit_per_connection(control_concurrent)
+                .timeout(control_timeout)
+                .http2_keepalive_interval(Some(Duration::from_secs(30)))
+                .http2_keepalive_timeout(Some(Duration::from_secs(10)))
                 .add_service(grpc)
                 .serve_with_incoming_shutdown(incoming, async move {
                     let _ = grpc_stop.changed().await;
@@ -292,6 +320,7 @@ impl Controlplane {
             reader.clone(),
             metrics.clone(),
         ));
+        let serve_metrics = metrics.clone();
         let app = query::router(ApiState {
             store: store.clone(),
             metrics,
@@ -299,19 +328,20 @@ impl Controlplane {
             reader,
             redis: redis_side,
         });
-        let app = app
-            .merge(dashboard)
-            .layer(auth::layer(tenants))
-            .into_make_service_with_connect_info::<SocketAddr>();
-        let mut http_stop = stop_rx;
-        tasks.push(tokio::spawn(async move {
-            let serve = axum::serve(tcp, app).with_graceful_shutdown(async move {
-                let _ = http_stop.changed().await;
-            });
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "query API server failed");
-            }
-        }));
+        let request_timeout = Duration::from_millis(cfg.query_serve.request_timeout_ms.max(1));
+        let app =
+            app.merge(dashboard)
+                .layer(auth::layer(tenants))
+                .layer(axum::middleware::from_fn(move |req, next| {
+                    serve::request_deadline(request_timeout, req, next)
+                }));
+        tasks.push(tokio::spawn(serve::serve(
+            tcp,
+            app,
+            cfg.query_serve,
+            serve_metrics,
+            stop_rx,
+        )));
         let mut archive_cfg = cfg.archive.clone();
         if archive_cfg.dir.as_os_str().is_empty() {
             archive_cfg.dir = cfg.data_dir.join("archive");
@@ -402,6 +432,30 @@ async fn prepare_socket_path(socket: &Path) -> anyhow::Result<()> {
         }
         std::fs::remove_file(socket)
             .with_context(|| format!("removing stale socket {}", socket.display()))?;
+    }
+    Ok(())
+}
+
+/// Refuses a control token that is too short to resist guessing, or that would cross the
+/// network in clear: a token on a non-loopback `control_addr` needs `control_insecure`.
+pub fn check_control_bind(cfg: &ControlplaneConfig) -> anyhow::Result<()> {
+    let Some(token) = cfg.control_token.as_deref().filter(|t| !t.is_empty()) else {
+        return Ok(());
+    };
+    if token.len() < control::TOKEN_BYTES_MIN {
+        anyhow::bail!(
+            "control_token has {} bytes: a control token has at least {} (shorter ones are guessable)",
+            token.len(),
+            control::TOKEN_BYTES_MIN
+        );
+    }
+    if !cfg.control_addr.ip().is_loopback() && !cfg.control_insecure {
+        anyhow::bail!(
+            "refusing to accept the control token in clear text on {}: bind control_addr to a \
+             loopback address (and reach it through an SSH tunnel or a TLS-terminating proxy), \
+             or pass --control-insecure to send the token over this network anyway",
+            cfg.control_addr
+        );
     }
     Ok(())
 }

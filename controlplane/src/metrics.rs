@@ -35,6 +35,8 @@ pub struct Metrics {
     /// API keys configured (0: the query API is open, loopback only).
     pub api_keys: AtomicU64,
     pub queries_campaigns: AtomicU64,
+    /// Query API connections closed at accept: over the connection cap or the per-address cap.
+    pub query_connections_refused: AtomicU64,
     writer_failed: AtomicBool,
 }
 
@@ -83,6 +85,12 @@ impl Metrics {
             "counter",
             "Delta frames that failed validation (connection closed).",
             g(&self.frames_rejected),
+        );
+        one(
+            "clickgate_query_connections_refused_total",
+            "counter",
+            "Query API connections closed at accept (over query_connections_max or query_connections_per_address_max).",
+            g(&self.query_connections_refused),
         );
         one(
             "clickgate_refills_total",
