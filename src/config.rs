@@ -290,6 +290,11 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_LOG_COMMIT_INTERVAL_US", global = true, help_heading = DATAPLANE)]
     pub log_commit_interval_us: Option<u64>,
 
+    /// With `--ack memory`, the local log is fdatasync'd at most this long after a write,
+    /// in ms (what a power loss can take) [default: 200]
+    #[arg(long, env = "CLICKGATE_LOG_MEMORY_SYNC_INTERVAL_MS", global = true)]
+    pub log_memory_sync_interval_ms: Option<u64>,
+
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish, in ms [default: 10000]
     #[arg(long, env = "CLICKGATE_DRAIN_TIMEOUT_MS", global = true, help_heading = DATAPLANE)]
     pub drain_timeout_ms: Option<u64>,
@@ -474,6 +479,7 @@ impl Settings {
                 log_retention_bytes,
                 log_retention_secs,
                 log_commit_interval_us,
+                log_memory_sync_interval_ms,
                 drain_timeout_ms,
                 control_socket,
                 agg_flush_interval_ms,
@@ -563,6 +569,9 @@ impl Settings {
             log_commit_interval_us: self
                 .log_commit_interval_us
                 .unwrap_or(d.log_commit_interval_us),
+            log_memory_sync_interval_ms: self
+                .log_memory_sync_interval_ms
+                .unwrap_or(d.log_memory_sync_interval_ms),
             drain_timeout_ms: self.drain_timeout_ms.unwrap_or(d.drain_timeout_ms),
             control_socket: self.control_socket.clone(),
             agg_flush_interval_ms: self
@@ -845,6 +854,7 @@ fn validate_dataplane(c: &DataplaneConfig) -> anyhow::Result<()> {
         ("xcore_channel_capacity", c.xcore_channel_capacity as u64),
         ("log_buffer_bytes_max", c.log_buffer_bytes_max as u64),
         ("log_segment_bytes", c.log_segment_bytes),
+        ("log_memory_sync_interval_ms", c.log_memory_sync_interval_ms),
         ("agg_flush_interval_ms", c.agg_flush_interval_ms),
         ("agg_keys_max", c.agg_keys_max as u64),
         ("ship_unacked_frames_max", c.ship_unacked_frames_max as u64),

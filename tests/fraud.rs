@@ -540,3 +540,156 @@ fn rules_survive_controlplane_and_dataplane_restarts() {
     assert!(out.stdout.contains("version 2"), "{}", out.stdout);
     wait_rules_version(&dp, 2);
 }
+
+/// Cores serving the dataplane, from `/metrics`.
+fn core_count(cg: &Clickgate) -> usize {
+    cg.metrics()
+        .lines()
+        .filter(|l| l.starts_with("clickgate_log_pending_bytes{core="))
+        .count()
+}
+
+/// One open connection per dataplane core: connections are opened until each core has
+/// answered one (SO_REUSEPORT spreads them by port), found by where a probe event of
+/// `probe_campaign` was logged. Bounded: 200 connections at most.
+fn conns_on_every_core(cg: &Clickgate, probe_campaign: u64) -> Vec<Conn> {
+    let cores = core_count(cg);
+    assert!(cores >= 2, "these tests need at least 2 cores, got {cores}");
+    let mut by_core: HashMap<usize, Conn> = HashMap::new();
+    for n in 0..200u64 {
+        let id = uuid(1 << 40 | n);
+        let mut conn = cg.connect();
+        let r = conn.request(
+            "POST",
+            "/v1/click",
+            &event(&id, probe_campaign, |v| v["ip"] = json!("192.0.2.250")),
+        );
+        assert_eq!(r.status, 202, "probe: {}", r.body);
+        let core = logged(cg)[&id].core;
+        by_core.entry(core).or_insert(conn);
+        if by_core.len() == cores {
+            let mut conns: Vec<(usize, Conn)> = by_core.into_iter().collect();
+            conns.sort_by_key(|c| c.0);
+            return conns.into_iter().map(|c| c.1).collect();
+        }
+    }
+    panic!("200 connections reached only cores {:?}", by_core.keys());
+}
+
+#[test]
+fn ip_rate_is_the_boxs_threshold_whatever_core_receives_the_clicks() {
+    const N: usize = 60;
+    // Loopback trusted: the per-address rate limit stays out of this test.
+    let cg = Clickgate::run(&["--control-token", TOKEN, "--trusted-cidrs", "127.0.0.0/8"]);
+    apply(
+        &cg,
+        &format!(r#"{{"rules":[{{"id":"burst","kind":"ip_rate","max_clicks_per_minute":{N}}}]}}"#),
+    );
+    let campaign = 7010;
+    let conns = conns_on_every_core(&cg, 7011);
+    let cores = conns.len();
+    // 3N clicks of one IP, all in one minute, sent at once from one thread per core.
+    let minute = now_ms() / 60_000 * 60_000;
+    let ids: Vec<String> = (0..3 * N as u64).map(uuid).collect();
+    let threads: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut conn)| {
+            let mine: Vec<(usize, String)> = ids
+                .iter()
+                .cloned()
+                .enumerate()
+                .filter(|(i, _)| i % cores == k)
+                .collect();
+            std::thread::spawn(move || {
+                for (i, id) in mine {
+                    let body = event(&id, campaign, |v| {
+                        v["ts"] = json!(minute + i as u64);
+                        v["ip"] = json!("192.0.2.201");
+                    });
+                    let r = conn.request("POST", "/v1/click", &body);
+                    assert_eq!(r.status, 202, "{}", r.body);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("sender thread");
+    }
+    let log = logged(&cg);
+    let mut flagged = 0;
+    let mut on_core: HashMap<usize, usize> = HashMap::new();
+    for id in &ids {
+        let l = &log[id];
+        *on_core.entry(l.core).or_default() += 1;
+        if l.fraud {
+            assert_eq!(l.rules, ["burst"], "{l:?}");
+            flagged += 1;
+        }
+    }
+    assert_eq!(
+        on_core.len(),
+        cores,
+        "clicks reached every core: {on_core:?}"
+    );
+    // Exactly N pass: the count is the box's, not N per core.
+    assert_eq!(flagged, 2 * N, "flagged in the raw records");
+    wait_counts(&cg, campaign, N as u64, 2 * N as u64);
+}
+
+#[test]
+fn the_per_address_rate_limit_is_the_boxs_whatever_core_answers() {
+    const LIMIT: u64 = 100;
+    let cg = Clickgate::run(&[
+        "--control-token",
+        TOKEN,
+        "--rate-limit-events-per-sec",
+        &LIMIT.to_string(),
+    ]);
+    let started = Instant::now();
+    let conns = conns_on_every_core(&cg, 7021);
+    let probes = conns.len() as u64;
+    // Far over the limit, from every core at once: 3 × LIMIT per core.
+    let threads: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(k, mut conn)| {
+            std::thread::spawn(move || {
+                let (mut ok, mut limited) = (0u64, 0u64);
+                for n in 0..3 * LIMIT {
+                    let id = uuid((k as u64) << 32 | n);
+                    let r = conn.request("POST", "/v1/click", &event(&id, 7020, |_| {}));
+                    match r.status {
+                        202 => ok += 1,
+                        429 => {
+                            assert!(r.header("retry-after").is_some(), "429 without Retry-After");
+                            limited += 1;
+                        }
+                        s => panic!("status {s}: {}", r.body),
+                    }
+                }
+                (ok, limited)
+            })
+        })
+        .collect();
+    let results: Vec<(u64, u64)> = threads
+        .into_iter()
+        .map(|t| t.join().expect("sender thread"))
+        .collect();
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let accepted: u64 = probes + results.iter().map(|r| r.0).sum::<u64>();
+    // One bucket for the box: its capacity plus what refilled while the test ran. Per
+    // core, it would be at least cores × LIMIT.
+    let bound = LIMIT + LIMIT * elapsed_ms / 1000 + 1;
+    assert!(
+        accepted <= bound,
+        "{accepted} accepted in {elapsed_ms} ms over {probes} cores: bound {bound}"
+    );
+    assert!(
+        accepted >= LIMIT,
+        "{accepted} accepted: the bucket holds {LIMIT}"
+    );
+    for (k, (_, limited)) in results.iter().enumerate() {
+        assert!(*limited > 0, "core {k} never answered 429: {results:?}");
+    }
+}

@@ -1,5 +1,7 @@
-//! Dedup: `RotatingBloom::check_and_insert` sized for 10M events per window at 0.1%
-//! false positives, against a naive rotation over separate plain `BloomFilter`s.
+//! Dedup: `SharedBloom::check_and_insert` (the box-wide filter every core checks in
+//! place, what the dataplane runs) and the single-owner `RotatingBloom`, sized for 10M
+//! events per window at 0.1% false positives, against a naive rotation over separate
+//! plain `BloomFilter`s.
 //!
 //! Run: `cargo bench -p clickgate-bench --bench dedup`.
 //!
@@ -13,7 +15,7 @@
 
 use std::hint::black_box;
 
-use clickgate_core::bloom::{bloom_params, BloomFilter, RotatingBloom};
+use clickgate_core::bloom::{bloom_params, BloomFilter, RotatingBloom, SharedBloom};
 use clickgate_core::hash::mix64;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
@@ -49,6 +51,14 @@ impl NaiveRotating {
 fn bench_dedup(c: &mut Criterion) {
     let mut rotating = RotatingBloom::new(WINDOW_MS, GENERATIONS, ITEMS_PER_WINDOW, FP_RATE, 0);
     let mut naive = NaiveRotating::new();
+    let shared = SharedBloom::new(WINDOW_MS, GENERATIONS, ITEMS_PER_WINDOW, FP_RATE, 0);
+    eprintln!(
+        "SharedBloom: G={} k={} {:.1} bits/event, {} MiB",
+        shared.generations(),
+        shared.hashes(),
+        shared.bits_per_event(),
+        shared.memory_bytes() >> 20
+    );
     eprintln!(
         "RotatingBloom: G={} k={} {:.1} bits/event, {} MiB",
         rotating.generations(),
@@ -62,6 +72,10 @@ fn bench_dedup(c: &mut Criterion) {
     for i in 0..ITEMS_PER_WINDOW {
         let now = (i / per_span) * span;
         rotating.check_and_insert(mix64(i), now);
+        if i % per_span == 0 {
+            while !shared.clear_ahead_step(now, 64) {}
+        }
+        shared.check_and_insert(&shared.view(now), mix64(i));
         if i / per_span != (i.saturating_sub(1)) / per_span {
             naive.current = (naive.current + 1) % naive.gens.len();
         }
@@ -83,6 +97,21 @@ fn bench_dedup(c: &mut Criterion) {
         b.iter(|| {
             dup = (dup + 1) % ITEMS_PER_WINDOW;
             black_box(rotating.check_and_insert(mix64(dup), now))
+        })
+    });
+    let view = shared.view(now);
+    let mut next_shared = ITEMS_PER_WINDOW;
+    g.bench_function("SharedBloom new event", |b| {
+        b.iter(|| {
+            next_shared += 1;
+            black_box(shared.check_and_insert(&view, mix64(next_shared)))
+        })
+    });
+    let mut dup_shared = 0u64;
+    g.bench_function("SharedBloom duplicate", |b| {
+        b.iter(|| {
+            dup_shared = (dup_shared + 1) % ITEMS_PER_WINDOW;
+            black_box(shared.check_and_insert(&view, mix64(dup_shared)))
         })
     });
     let mut next_naive = ITEMS_PER_WINDOW;

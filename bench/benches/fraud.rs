@@ -101,7 +101,7 @@ fn bench(c: &mut Criterion) {
     let set = RuleSet::parse(&rules_json()).expect("bench rules");
     let rules = CompiledRules::compile(&set).expect("compile");
     let clicks = clicks();
-    let mut rate = IpRate::new(65_536);
+    let rate = IpRate::new(65_536);
 
     let mut g = c.benchmark_group("fraud");
     g.throughput(Throughput::Elements(CLICKS as u64));

@@ -1,7 +1,9 @@
 //! Design invariant: no allocation per event on the hot path after warm-up. A counting
-//! global allocator watches every per-event stage the dataplane runs (parse, dedup, fraud
-//! gate with a rule set of every kind, record encode, aggregation, and the shipper's
-//! drain + recycle) over rounds of fresh events once the maps and sketches are warm.
+//! global allocator watches the dataplane's own per-request function
+//! (`clickgate_dataplane::pipeline::ingest`: parse, dedup, fraud gate with a rule set of
+//! every kind, record encode, aggregation), single events and 100-event batches, and the
+//! shipper's drain + recycle, over rounds of fresh events once the maps and sketches are
+//! warm.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -92,8 +94,15 @@ fn allocations_after_warmup(rules: Option<&str>) -> Counted {
         set_generation(&mut corpus, generation);
         let before = p.accepted;
         count(measured);
-        for &(s, e, _) in &corpus.spans {
-            p.event(&corpus.buf[s..e]);
+        if generation % 2 == 0 {
+            for &(s, e, _) in &corpus.spans {
+                p.event(&corpus.buf[s..e]);
+            }
+        } else {
+            for chunk in corpus.spans.chunks(100) {
+                let (from, to) = (chunk[0].0, chunk[chunk.len() - 1].1);
+                p.request(false, &corpus.buf[from..to]);
+            }
         }
         let (allocs, bytes) = count(measured);
         p.ship();

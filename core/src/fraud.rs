@@ -12,7 +12,7 @@
 //! - [`CompiledRules::evaluate`] judges one click given the IP's click count in the
 //!   click's minute and returns a [`Decision`]: fraud or not, and the rules that fired,
 //!   in a fixed-size array (no allocation per click).
-//! - [`IpRate`] is the stream's per-core counter of clicks per (ip, UTC minute of `ts`):
+//! - [`IpRate`] is the stream's box-wide counter of clicks per (ip, UTC minute of `ts`):
 //!   bounded, evicting the address seen least recently.
 //!
 //! Stream vs billing for `ip_rate` (contract §6): the stream flags the clicks past the
@@ -46,6 +46,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,7 @@ use serde::{Deserialize, Serialize};
 use crate::bloom::{bloom_params, BloomFilter};
 use crate::cidr::{CidrSet, Network};
 use crate::hash::mix64;
+use crate::ratelimit::SpinCell;
 use crate::{Click, Device};
 
 /// Rules in one set, at most.
@@ -1072,21 +1074,29 @@ struct RateSlot {
     used: bool,
 }
 
-/// Clicks per (ip, UTC minute of event time), per core, in a fixed table of at most
-/// `addresses_max` addresses (set-associative; a newcomer to a full set evicts the
-/// address hit least recently). An evicted address starts again from zero, so eviction
-/// only ever under-counts; a flood of addresses costs a bounded table, never growth.
+/// The slots of one set and the set's own tick (for least-recently-hit eviction).
+#[derive(Default)]
+struct RateSet {
+    slots: [RateSlot; IP_RATE_WAYS],
+    tick: u64,
+}
+
+/// Clicks per (ip, UTC minute of event time) for the whole box: every core counts into
+/// the same table, so an address's count (and the `ip_rate` threshold) is the box's,
+/// whatever core receives its clicks. A fixed table of at most `addresses_max` addresses
+/// (set-associative; a newcomer to a full set evicts the address hit least recently),
+/// each set behind its own spin lock ([`SpinCell`]). An evicted address starts again from
+/// zero, so eviction only ever under-counts; a flood of addresses costs a bounded table,
+/// never growth. Memory: [`IpRate::memory_bytes`].
 ///
 /// Each address keeps its latest minute and the one before; a click older than that is
 /// counted as the first of its minute (it cannot be judged by rate in the stream; billing
 /// judges it exactly).
 pub struct IpRate {
     ways: usize,
-    sets: usize,
-    slots: Vec<RateSlot>,
-    tick: u64,
-    tracked: usize,
-    evictions: u64,
+    sets: Box<[SpinCell<RateSet>]>,
+    tracked: AtomicUsize,
+    evictions: AtomicU64,
 }
 
 impl IpRate {
@@ -1097,79 +1107,87 @@ impl IpRate {
         let sets = addresses_max / ways;
         IpRate {
             ways,
-            sets,
-            slots: vec![RateSlot::default(); sets * ways],
-            tick: 0,
-            tracked: 0,
-            evictions: 0,
+            sets: (0..sets)
+                .map(|_| SpinCell::new(RateSet::default()))
+                .collect(),
+            tracked: AtomicUsize::new(0),
+            evictions: AtomicU64::new(0),
         }
     }
 
     /// Counts one click of `ip` at event time `ts_ms`; returns the clicks of that IP in
     /// that UTC minute so far, this one included.
-    pub fn hit(&mut self, ip: IpAddr, ts_ms: u64) -> u32 {
+    pub fn hit(&self, ip: IpAddr, ts_ms: u64) -> u32 {
         let key = canonical(ip);
         let minute = ts_ms / 60_000;
-        self.tick += 1;
-        let tick = self.tick;
         let h = mix64(key as u64 ^ mix64((key >> 64) as u64));
-        let set = ((h as u128 * self.sets as u128) >> 64) as usize;
-        let ways = &mut self.slots[set * self.ways..(set + 1) * self.ways];
-        if let Some(s) = ways.iter_mut().find(|s| s.used && s.key == key) {
-            s.touched = tick;
-            return if minute == s.minute {
-                s.count = s.count.saturating_add(1);
-                s.count
-            } else if minute > s.minute {
-                s.prev_count = if minute == s.minute + 1 { s.count } else { 0 };
-                s.minute = minute;
-                s.count = 1;
-                1
-            } else if minute + 1 == s.minute {
-                s.prev_count = s.prev_count.saturating_add(1);
-                s.prev_count
-            } else {
-                1
+        let set = ((h as u128 * self.sets.len() as u128) >> 64) as usize;
+        let nways = self.ways;
+        self.sets[set].with(|set| {
+            set.tick += 1;
+            let tick = set.tick;
+            let ways = &mut set.slots[..nways];
+            if let Some(s) = ways.iter_mut().find(|s| s.used && s.key == key) {
+                s.touched = tick;
+                return if minute == s.minute {
+                    s.count = s.count.saturating_add(1);
+                    s.count
+                } else if minute > s.minute {
+                    s.prev_count = if minute == s.minute + 1 { s.count } else { 0 };
+                    s.minute = minute;
+                    s.count = 1;
+                    1
+                } else if minute + 1 == s.minute {
+                    s.prev_count = s.prev_count.saturating_add(1);
+                    s.prev_count
+                } else {
+                    1
+                };
+            }
+            let victim = match ways.iter().position(|s| !s.used) {
+                Some(i) => {
+                    self.tracked.fetch_add(1, Ordering::Relaxed);
+                    i
+                }
+                None => {
+                    self.evictions.fetch_add(1, Ordering::Relaxed);
+                    ways.iter()
+                        .enumerate()
+                        .min_by_key(|(_, s)| s.touched)
+                        .map(|(i, _)| i)
+                        .expect("a set has ways")
+                }
             };
-        }
-        let victim = match ways.iter().position(|s| !s.used) {
-            Some(i) => {
-                self.tracked += 1;
-                i
-            }
-            None => {
-                self.evictions += 1;
-                ways.iter()
-                    .enumerate()
-                    .min_by_key(|(_, s)| s.touched)
-                    .map(|(i, _)| i)
-                    .expect("a set has ways")
-            }
-        };
-        ways[victim] = RateSlot {
-            key,
-            minute,
-            count: 1,
-            prev_count: 0,
-            touched: tick,
-            used: true,
-        };
-        1
+            ways[victim] = RateSlot {
+                key,
+                minute,
+                count: 1,
+                prev_count: 0,
+                touched: tick,
+                used: true,
+            };
+            1
+        })
     }
 
     /// Addresses holding a slot.
     pub fn tracked(&self) -> usize {
-        self.tracked
+        self.tracked.load(Ordering::Relaxed)
     }
 
     /// Addresses evicted to make room since creation.
     pub fn evictions(&self) -> u64 {
-        self.evictions
+        self.evictions.load(Ordering::Relaxed)
     }
 
     /// The most addresses the table holds.
     pub fn capacity(&self) -> usize {
-        self.slots.len()
+        self.sets.len() * self.ways
+    }
+
+    /// Bytes of the table.
+    pub fn memory_bytes(&self) -> usize {
+        self.sets.len() * std::mem::size_of::<SpinCell<RateSet>>()
     }
 }
 

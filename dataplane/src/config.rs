@@ -56,21 +56,25 @@ pub struct DataplaneConfig {
 
     // --- per-address rate limit ---
     pub rate_limit_events_per_sec: u32,
-    /// Addresses tracked per core; past it the least recently seen is evicted.
+    /// Addresses tracked for the whole box (one table every core shares, 40 bytes per
+    /// address); past it the least recently seen in its set is evicted.
     pub rate_limit_addresses_max: usize,
 
     // --- fraud gate ---
-    /// Addresses whose clicks per minute a core counts (the `ip_rate` rule and model
-    /// feature); past it the least recently seen is evicted and starts again from 0.
+    /// Addresses whose clicks per minute the box counts (the `ip_rate` rule and model
+    /// feature; one table every core shares, 56 bytes per address); past it the least
+    /// recently seen in its set is evicted and starts again from 0.
     pub fraud_ip_rate_addresses_max: usize,
 
     // --- dedup ---
     pub dedup_window_secs: u64,
-    /// Peak accepted events/s for the whole box; sizes the bloom shards.
+    /// Peak accepted events/s for the whole box; sizes the box's one bloom filter
+    /// (≈ 32 bits per event of the window at the defaults: G + 1 generations).
     pub dedup_peak_events_per_sec: u64,
     pub dedup_fp_rate: f64,
     pub dedup_generations: u32,
-    /// Capacity of each cross-core channel (messages, each a batch of lookups).
+    /// Unused since dedup takes no cross-core message (every core checks the shared
+    /// bloom in place); still accepted so existing configuration files load.
     pub xcore_channel_capacity: usize,
 
     // --- local log ---
@@ -82,6 +86,9 @@ pub struct DataplaneConfig {
     pub log_retention_secs: u64,
     /// Longest a group commit waits to gather more records, in microseconds.
     pub log_commit_interval_us: u64,
+    /// `ack = memory`: commits only write; the log is fdatasync'd at most this many ms
+    /// after a write (disk and kafka fdatasync every commit: answers wait for it).
+    pub log_memory_sync_interval_ms: u64,
 
     // --- shutdown ---
     pub drain_timeout_ms: u64,
@@ -147,6 +154,7 @@ impl Default for DataplaneConfig {
             log_retention_bytes: 16 << 30,
             log_retention_secs: 7 * 24 * 3600,
             log_commit_interval_us: 200,
+            log_memory_sync_interval_ms: 200,
             drain_timeout_ms: 10_000,
             io_memory_bytes: 1 << 20,
             ring_depth: 128,

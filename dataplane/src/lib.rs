@@ -1,12 +1,14 @@
 //! clickgate-dataplane: thread-per-core io_uring ingest on glommio.
 
 pub mod config;
-mod dedup;
+mod connection;
 mod deps;
 pub mod http;
 pub mod log;
 pub mod metrics;
+pub mod pipeline;
 pub mod response;
+mod routes;
 mod rules;
 mod server;
 mod shard;

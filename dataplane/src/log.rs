@@ -67,6 +67,10 @@ pub struct LogConfig {
     pub retention_secs: u64,
     /// Commits start at least this far apart, in microseconds (0 = back to back).
     pub commit_interval_us: u64,
+    /// 0: every commit is fdatasync'd (`ack = disk | kafka`: answers wait for it).
+    /// Otherwise (`ack = memory`) commits only write, and the log is fdatasync'd at most
+    /// this many milliseconds after a write: what a power loss can take.
+    pub sync_interval_ms: u64,
 }
 
 impl LogConfig {
@@ -77,6 +81,10 @@ impl LogConfig {
             retention_bytes: c.log_retention_bytes,
             retention_secs: c.log_retention_secs,
             commit_interval_us: c.log_commit_interval_us,
+            sync_interval_ms: match c.ack {
+                crate::AckMode::Memory => c.log_memory_sync_interval_ms.max(1),
+                crate::AckMode::Disk | crate::AckMode::Kafka => 0,
+            },
         }
     }
 
@@ -266,10 +274,11 @@ impl CoreLog {
                     .write(true)
                     .dma_open(&path)
                     .await?;
+                preallocate(&file, cfg.segment_bytes).await;
                 (file, base, scan.data_end)
             }
             None => {
-                let file = create_segment(&dir, &dir_handle, core, 0).await?;
+                let file = create_segment(&dir, &dir_handle, core, 0, cfg.segment_bytes).await?;
                 (file, 0, HEADER_BYTES)
             }
         };
@@ -335,6 +344,7 @@ impl CoreLog {
             sealed,
             pool: Vec::with_capacity(POOL_BUFFERS_MAX),
             last_retention_check: Instant::now(),
+            last_sync: Instant::now(),
         };
         committer.refresh_disk_stats();
         glommio::spawn_local(committer.run()).detach();
@@ -412,6 +422,19 @@ impl CoreLog {
         .await
     }
 
+    /// True when `bytes` of framed records can be appended now, one after the other,
+    /// without `append_with` refusing any (nothing else appends in between: the caller
+    /// does not yield). Also keeps what is not yet durable under the buffer bound.
+    pub fn can_append(&self, bytes: usize) -> bool {
+        let i = self.inner.borrow();
+        let max = i.cfg.buffer_bytes_max as u64;
+        i.failed.is_none()
+            && !i.closing
+            && !i.held_by_consumers
+            && i.append_lsn + bytes as u64 - i.written_lsn <= max
+            && i.append_lsn + bytes as u64 - i.durable_lsn <= max
+    }
+
     /// Bytes appended but not yet durable.
     pub fn pending_bytes(&self) -> usize {
         let i = self.inner.borrow();
@@ -481,6 +504,8 @@ struct Committer {
     /// Free DMA buffers, reused when a write has the same size (most recent last).
     pool: Vec<Rc<DmaBuffer>>,
     last_retention_check: Instant,
+    /// When the log was last fdatasync'd (for `sync_interval_ms`).
+    last_sync: Instant,
 }
 
 impl Committer {
@@ -509,6 +534,9 @@ impl Committer {
         let mut last_commit: Option<Instant> = None;
         loop {
             self.wait_for_work().await;
+            if self.sync_due(false) {
+                self.sync().await?;
+            }
             let (pending, closing) = {
                 let i = self.inner.borrow();
                 (i.append_lsn > i.taken_lsn, i.closing)
@@ -523,11 +551,39 @@ impl Committer {
                 self.commit().await?;
             }
             self.enforce_retention(pending).await;
-            let i = self.inner.borrow();
-            if i.closing && i.append_lsn == i.taken_lsn {
+            let done = {
+                let i = self.inner.borrow();
+                i.closing && i.append_lsn == i.taken_lsn
+            };
+            if done {
+                if self.sync_due(true) {
+                    self.sync().await?;
+                }
                 return Ok(());
             }
         }
+    }
+
+    /// Whether written records wait for a periodic fdatasync (`sync_interval_ms`) that is
+    /// due now (`force`: due whatever the time, e.g. at close).
+    fn sync_due(&self, force: bool) -> bool {
+        let i = self.inner.borrow();
+        i.written_lsn > i.durable_lsn
+            && (force
+                || self.last_sync.elapsed() >= Duration::from_millis(self.cfg.sync_interval_ms))
+    }
+
+    /// fdatasyncs what is written: everything written is durable.
+    async fn sync(&mut self) -> io::Result<()> {
+        let t = Instant::now();
+        self.active.fdatasync().await?;
+        self.last_sync = Instant::now();
+        let mut i = self.inner.borrow_mut();
+        i.durable_lsn = i.written_lsn;
+        i.stats.fsync_count += 1;
+        i.stats.fsync_nanos_sum += t.elapsed().as_nanos() as u64;
+        i.wake_durable();
+        Ok(())
     }
 
     /// Until there is something to write, the log is closing, or a retention check is due.
@@ -540,24 +596,40 @@ impl Committer {
             i.committer = Some(cx.waker().clone());
             Poll::Pending
         });
-        if self.cfg.retention_secs > 0 || self.inner.borrow().held_by_consumers {
+        let unsynced = {
+            let i = self.inner.borrow();
+            i.written_lsn > i.durable_lsn
+        };
+        if unsynced {
+            // Periodic sync (`ack = memory`): wake when it is due.
+            let due = Duration::from_millis(self.cfg.sync_interval_ms)
+                .saturating_sub(self.last_sync.elapsed());
+            futures_lite::future::or(work, glommio::timer::sleep(due)).await;
+        } else if self.cfg.retention_secs > 0 || self.inner.borrow().held_by_consumers {
             futures_lite::future::or(work, glommio::timer::sleep(RETENTION_CHECK_INTERVAL)).await;
         } else {
             work.await;
         }
     }
 
-    /// Writes and fdatasyncs everything appended so far: one group commit.
+    /// Writes everything appended so far and fdatasyncs it (every commit, or when the
+    /// periodic sync is due): one group commit.
     async fn commit(&mut self) -> io::Result<()> {
         let (taken, end_lsn) = self.take_fill();
-        let result = self.write_group(&taken).await;
+        let sync = self.cfg.sync_interval_ms == 0
+            || self.last_sync.elapsed() >= Duration::from_millis(self.cfg.sync_interval_ms)
+            || self.inner.borrow().closing;
+        let result = self.write_group(&taken, sync).await;
         let mut i = self.inner.borrow_mut();
         i.spare = Some(taken);
         let (write_nanos, fsync_nanos) = result?;
         i.written_lsn = end_lsn;
-        i.durable_lsn = end_lsn;
         i.stats.commits += 1;
-        i.stats.fsync_count += 1;
+        if sync {
+            self.last_sync = Instant::now();
+            i.durable_lsn = end_lsn;
+            i.stats.fsync_count += 1;
+        }
         i.stats.fsync_nanos_sum += fsync_nanos;
         i.stats.write_nanos_sum += write_nanos;
         i.wake_durable();
@@ -595,7 +667,7 @@ impl Committer {
 
     /// Writes every run of `fill` (rotating segments between runs), then fdatasyncs the
     /// active segment. Returns the write and fdatasync times in nanoseconds.
-    async fn write_group(&mut self, fill: &Fill) -> io::Result<(u64, u64)> {
+    async fn write_group(&mut self, fill: &Fill, sync: bool) -> io::Result<(u64, u64)> {
         let t = Instant::now();
         for (k, run) in fill.runs.iter().enumerate() {
             let end = fill.runs.get(k + 1).map_or(fill.bytes.len(), |r| r.start);
@@ -609,6 +681,9 @@ impl Committer {
             }
         }
         let write_nanos = t.elapsed().as_nanos() as u64;
+        if !sync {
+            return Ok((write_nanos, 0));
+        }
         let t = Instant::now();
         self.active.fdatasync().await?;
         Ok((write_nanos, t.elapsed().as_nanos() as u64))
@@ -657,7 +732,18 @@ impl Committer {
     /// Seals the active segment (written and fdatasync'd) and starts one at `base`.
     async fn rotate(&mut self, base: u64) -> io::Result<()> {
         self.active.fdatasync().await?;
-        let file = create_segment(&self.dir, &self.dir_handle, self.core, base).await?;
+        // Sealed segments keep only their data (the preallocated rest goes back).
+        self.active
+            .truncate(self.active_end.next_multiple_of(BLOCK_BYTES as u64))
+            .await?;
+        let file = create_segment(
+            &self.dir,
+            &self.dir_handle,
+            self.core,
+            base,
+            self.cfg.segment_bytes,
+        )
+        .await?;
         let old = std::mem::replace(&mut self.active, file);
         old.close().await?;
         self.sealed.push_back(Sealed {
@@ -768,6 +854,7 @@ async fn create_segment(
     dir_handle: &Directory,
     core: usize,
     base: u64,
+    segment_bytes: u64,
 ) -> io::Result<DmaFile> {
     let name = segment::segment_file_name(base);
     let tmp = dir.join(format!("{name}.tmp"));
@@ -796,12 +883,22 @@ async fn create_segment(
             format!("short write of segment header: {written}"),
         ));
     }
-    // No fallocate: on this ext4 box it did not make fdatasync faster, and with
-    // keep_size the writes still extend the file.
+    preallocate(&file, segment_bytes).await;
     file.fdatasync().await?;
     file.rename(dir.join(&name)).await?;
     dir_handle.sync().await?;
     Ok(file)
+}
+
+/// Gives the active segment its full size up front (zeros past the data read as its
+/// end), so commits never extend the file: an O_DIRECT write that extends a file cannot
+/// complete inline in io_uring (it goes through a kernel worker, milliseconds here) and
+/// its fdatasync must also commit the new size. Best effort: a file system without
+/// fallocate keeps extending writes.
+async fn preallocate(file: &DmaFile, segment_bytes: u64) {
+    if let Err(e) = file.pre_allocate(segment_bytes, false).await {
+        tracing::debug!(error = %e, "local log: segment not preallocated");
+    }
 }
 
 /// `create_dir_all`, fsyncing the parent of every directory it creates.
@@ -855,6 +952,7 @@ mod tests {
             retention_bytes: 0,
             retention_secs: 0,
             commit_interval_us: 0,
+            sync_interval_ms: 0,
         }
     }
 
@@ -959,6 +1057,53 @@ mod tests {
             }
             assert_eq!((n, r.position()), (400, s.durable_lsn));
             log.close().await.unwrap();
+        });
+    }
+
+    /// `ack = memory`: commits write without fdatasync; the periodic sync makes them
+    /// durable within `sync_interval_ms`, and close syncs what is left.
+    #[test]
+    fn memory_mode_syncs_periodically_not_per_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        run(move || async move {
+            let log = CoreLog::open(
+                path.clone(),
+                0,
+                LogConfig {
+                    sync_interval_ms: 2_000,
+                    ..cfg()
+                },
+            )
+            .await
+            .unwrap();
+            let syncs0 = log.stats().fsync_count;
+            let mut last = 0;
+            for i in 0..50 {
+                last = append(&log, i).unwrap();
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            // Written by now (commits are back to back), but not one fdatasync yet.
+            let written = log.inner.borrow().written_lsn;
+            assert_eq!(written, last, "commits keep writing");
+            let st = log.stats();
+            assert!(st.commits > 1, "{st:?}");
+            assert_eq!(st.fsync_count, syncs0, "no fdatasync per commit: {st:?}");
+            assert!(st.durable_lsn < last);
+            // The periodic sync comes within the interval, with no further append.
+            log.durable(last).await.unwrap();
+            let st = log.stats();
+            assert_eq!(st.durable_lsn, last);
+            assert!(st.fsync_count <= syncs0 + 2, "{st:?}");
+            append(&log, 50).unwrap();
+            log.close().await.unwrap();
+            let mut reader = LogReader::open(&path, 0).unwrap();
+            let mut n = 0;
+            while reader.next().unwrap().is_some() {
+                n += 1;
+            }
+            assert_eq!(n, 51);
         });
     }
 

@@ -48,8 +48,6 @@ pub fn reject_field_index(field: Option<&str>) -> usize {
 pub enum Unavailable {
     /// The core's log buffer is at `log_buffer_bytes_max`.
     LogFull,
-    /// A cross-core dedup channel is full.
-    XcoreFull,
     /// The core holds `connections_per_core_max` connections.
     Connections,
     /// Writing or syncing the log failed.
@@ -59,9 +57,8 @@ pub enum Unavailable {
 }
 
 impl Unavailable {
-    pub const ALL: [Unavailable; 5] = [
+    pub const ALL: [Unavailable; 4] = [
         Unavailable::LogFull,
-        Unavailable::XcoreFull,
         Unavailable::Connections,
         Unavailable::LogError,
         Unavailable::Stopping,
@@ -70,7 +67,6 @@ impl Unavailable {
     pub fn label(self) -> &'static str {
         match self {
             Unavailable::LogFull => "log_full",
-            Unavailable::XcoreFull => "xcore_full",
             Unavailable::Connections => "connections",
             Unavailable::LogError => "log_error",
             Unavailable::Stopping => "stopping",
@@ -81,7 +77,6 @@ impl Unavailable {
     pub fn message(self) -> &'static str {
         match self {
             Unavailable::LogFull => "log buffer full",
-            Unavailable::XcoreFull => "dedup channel full",
             Unavailable::Connections => "too many connections",
             Unavailable::LogError => "log write failed",
             Unavailable::Stopping => "shutting down",
@@ -145,7 +140,6 @@ pub struct CoreMetrics {
     log_synced_lsn: AtomicU64,
     dedup_memory_bytes: AtomicU64,
     dedup_bits_per_event_milli: AtomicU64,
-    dedup_remote_lookups: AtomicU64,
     ratelimit_tracked: AtomicU64,
     // Fraud gate.
     fraud_events: AtomicU64,
@@ -197,10 +191,6 @@ impl CoreMetrics {
     #[inline]
     pub fn unavailable(&self, why: Unavailable) {
         bump(&self.unavailable[why as usize], 1);
-    }
-    #[inline]
-    pub fn remote_lookups(&self, n: u64) {
-        bump(&self.dedup_remote_lookups, n);
     }
     #[inline]
     /// `n` responses answered 202 after `us` microseconds.
@@ -429,7 +419,7 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
         out,
         name,
         "gauge",
-        "Memory held by the dedup bloom filters, all cores.",
+        "Memory held by the box's dedup bloom filter.",
     );
     let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.dedup_memory_bytes));
     // Bytes, not bits: Prometheus names carry base units (promtool check metrics).
@@ -445,20 +435,12 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
         .map(|c| c.dedup_bits_per_event_milli.load(Relaxed))
         .unwrap_or(0);
     let _ = writeln!(out, "{name} {}", bits as f64 / 8000.0);
-    let name = "clickgate_dedup_remote_lookups_total";
-    header(
-        out,
-        name,
-        "counter",
-        "Event ids sent to another core's dedup shard.",
-    );
-    let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.dedup_remote_lookups));
     let name = "clickgate_ratelimit_tracked_addresses";
     header(
         out,
         name,
         "gauge",
-        "Client addresses tracked by the per-core rate limiters.",
+        "Client addresses tracked by the box's rate limiter.",
     );
     let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.ratelimit_tracked));
     render_fraud(cores, out);

@@ -1,13 +1,13 @@
-//! The fraud gate's per-core state: the rule snapshot every request is judged with, the
-//! per-IP minute counter, and the poller that swaps in new rules and runtime settings.
+//! The fraud gate's per-core state: the rule snapshot every request is judged with and
+//! the poller that swaps in new rules and runtime settings (the per-IP minute counter is
+//! the box's, in [`crate::pipeline::BoxState`]).
 //!
 //! Distribution is through the data directory (see `clickgate_proto::control_files`):
 //! every `RULES_POLL_MS` each core `stat`s `<data_dir>/rules/current.json` and
 //! `runtime.json`; when a file changed (inode, size or mtime) it is read, parsed and
 //! compiled on glommio's blocking thread (a 10k-CIDR set takes milliseconds to compile:
 //! never on the core itself), and the core swaps its `Rc<ActiveRules>`. Nothing is
-//! shared between cores and nothing is locked on the per-event path: each core holds
-//! its own compiled copy. A request takes the snapshot once, at its start, and is
+//! locked on the per-event path for the rules: each core holds its own compiled copy. A request takes the snapshot once, at its start, and is
 //! judged whole by it; a push therefore applies to every request that starts after the
 //! core's next poll, within `RULES_POLL_MS` plus the compile time (≪ 1 s).
 //!
@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use clickgate_core::cidr::CidrSet;
-use clickgate_core::fraud::{CompiledRules, IpRate, FIRED_MAX, RULE_ID_BYTES_MAX};
+use clickgate_core::fraud::{CompiledRules, FIRED_MAX, RULE_ID_BYTES_MAX};
 use clickgate_proto::control_files::{self, RuntimeOverrides};
 use clickgate_proto::record::{RULES_PER_RECORD_MAX, RULE_ID_BYTES_MAX as RECORD_RULE_ID_MAX};
 
@@ -36,13 +36,14 @@ const _: () = assert!(FIRED_MAX <= RULES_PER_RECORD_MAX);
 const _: () = assert!(RULE_ID_BYTES_MAX <= RECORD_RULE_ID_MAX);
 
 /// A compiled rule set and, per rule, this core's metric label slot.
-pub(crate) struct ActiveRules {
+pub struct ActiveRules {
     pub rules: CompiledRules,
     pub slots: Vec<u16>,
 }
 
 impl ActiveRules {
-    fn new(rules: CompiledRules, m: &CoreMetrics) -> ActiveRules {
+    /// Labels the rules in `m` and notes the set as loaded there.
+    pub fn new(rules: CompiledRules, m: &CoreMetrics) -> ActiveRules {
         let slots = rules.rule_ids().iter().map(|id| m.fraud_slot(id)).collect();
         m.rules_loaded(rules.version(), rules.len() as u64);
         ActiveRules { rules, slots }
@@ -77,7 +78,6 @@ pub(crate) struct HotSettings {
 pub(crate) struct CoreRules {
     data_dir: PathBuf,
     active: RefCell<Rc<ActiveRules>>,
-    pub ip_rate: RefCell<IpRate>,
     rules_seen: Cell<Option<Stamp>>,
     runtime_seen: Cell<Option<Stamp>>,
     runtime_version: Cell<u64>,
@@ -87,7 +87,7 @@ impl CoreRules {
     /// Loads the rule set on disk (synchronously: start-up only). A missing file is the
     /// empty set; an unreadable one is logged, counted, and also the empty set, so that
     /// ingest starts whatever the state of the rules.
-    pub fn load(data_dir: &Path, ip_rate_addresses_max: usize, m: &CoreMetrics) -> CoreRules {
+    pub fn load(data_dir: &Path, m: &CoreMetrics) -> CoreRules {
         let path = control_files::rules_path(data_dir);
         let seen = stamp(&path);
         let rules = match load_rules(data_dir) {
@@ -101,7 +101,6 @@ impl CoreRules {
         CoreRules {
             data_dir: data_dir.to_path_buf(),
             active: RefCell::new(Rc::new(ActiveRules::new(rules, m))),
-            ip_rate: RefCell::new(IpRate::new(ip_rate_addresses_max)),
             rules_seen: Cell::new(seen),
             runtime_seen: Cell::new(stamp(&control_files::runtime_path(data_dir))),
             runtime_version: Cell::new(0),

@@ -1,6 +1,7 @@
 //! The dataplane's lifecycle: pre-flight checks, one glommio executor pinned per
-//! configured CPU, each with its own SO_REUSEPORT listener, log and bloom shard; the
-//! dedup meshes; and a drain-then-stop shutdown.
+//! configured CPU, each with its own SO_REUSEPORT listener and log; the box-wide state
+//! they share in place (dedup bloom, per-IP counters, per-address buckets); and a
+//! drain-then-stop shutdown.
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
@@ -11,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use futures_lite::future;
-use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::net::TcpListener;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
@@ -19,11 +19,12 @@ use clickgate_core::agg::{AggConfig, Aggregator};
 use clickgate_proto::control_files::{self, RuntimeOverrides};
 
 use crate::config::{AckMode, DataplaneConfig};
-use crate::dedup::{LookupReq, LookupResp};
-use crate::deps::{CidrSet, CoreLog, LogConfig, RateLimiter, RotatingBloom};
+use crate::connection;
+use crate::deps::{CidrSet, CoreLog, IpRate, LogConfig, RateLimiter, SharedBloom};
 use crate::metrics::CoreMetrics;
+use crate::pipeline::BoxState;
 use crate::rules::{self, CoreRules};
-use crate::shard::{self, wall_ms, Shard};
+use crate::shard::{wall_ms, Shard};
 use crate::ship::{spawn_shipper, ShipConfig, FLUSH_INTERVAL_MS_MAX};
 
 /// glommio refuses to start with less locked memory than this.
@@ -34,6 +35,10 @@ const STOP_POLL_MS: u64 = 20;
 const GAUGE_REFRESH_MS: u64 = 1_000;
 /// After the drain timeout, connections are cut; this bounds the wait for their tasks.
 const CUT_WAIT_MS: u64 = 1_000;
+/// How often core 0 looks whether the next dedup generation needs clearing ahead.
+const BLOOM_CLEAR_POLL_MS: u64 = 250;
+/// Chunks (`CLEAR_CHUNK_BLOCKS` blocks each) cleared between two yields.
+const BLOOM_CLEAR_CHUNKS_PER_STEP: u64 = 4;
 
 /// State shared by every core and the controlling thread: read-mostly, never touched on
 /// the per-event path except each core's own metrics block.
@@ -65,10 +70,7 @@ impl ShutdownHandle {
 /// What a core reports to `start` once it is up (or why it is not).
 enum CoreReport {
     Bound(SocketAddr),
-    Ready {
-        memory_bytes: u64,
-        bits_per_event: f64,
-    },
+    Ready,
     Failed(String),
 }
 
@@ -99,8 +101,10 @@ impl Dataplane {
             stop: AtomicBool::new(false),
         });
         let metrics: Arc<[CoreMetrics]> = (0..n).map(|_| CoreMetrics::default()).collect();
-        let req_mesh = MeshBuilder::<LookupReq, Full>::full(n, cfg.xcore_channel_capacity.max(1));
-        let resp_mesh = MeshBuilder::<LookupResp, Full>::full(n, cfg.xcore_channel_capacity.max(1));
+        let boxed = Arc::new(box_state(&cfg, &overrides));
+        let (memory_bytes, bits_per_event) =
+            (boxed.bloom.memory_bytes(), boxed.bloom.bits_per_event());
+        metrics[0].set_dedup(memory_bytes, bits_per_event);
         let (tx, rx) = mpsc::channel::<(usize, CoreReport)>();
 
         let mut dp = Dataplane {
@@ -113,7 +117,7 @@ impl Dataplane {
             let (cfg, shared, metrics, tx) =
                 (cfg.clone(), shared.clone(), dp.metrics.clone(), tx.clone());
             let overrides = overrides.clone();
-            let (req_mesh, resp_mesh) = (req_mesh.clone(), resp_mesh.clone());
+            let boxed = boxed.clone();
             let h = LocalExecutorBuilder::new(Placement::Fixed(cpus[k]))
                 .name(&format!("clickgate-core-{k}"))
                 .io_memory(cfg.io_memory_bytes)
@@ -127,8 +131,7 @@ impl Dataplane {
                         overrides,
                         shared,
                         metrics,
-                        req_mesh,
-                        resp_mesh,
+                        boxed,
                         tx,
                     };
                     run_core(core).await
@@ -160,22 +163,10 @@ impl Dataplane {
             }
         }
         let mut ready = 0;
-        let mut memory = 0u64;
-        let mut bits = 0.0;
         while ready < n {
             match rx.recv() {
                 Ok((k, CoreReport::Bound(_))) => debug_assert!(k > 0),
-                Ok((
-                    _,
-                    CoreReport::Ready {
-                        memory_bytes,
-                        bits_per_event,
-                    },
-                )) => {
-                    ready += 1;
-                    memory += memory_bytes;
-                    bits = bits_per_event;
-                }
+                Ok((_, CoreReport::Ready)) => ready += 1,
                 Ok((_, CoreReport::Failed(e))) => {
                     let _ = dp.shutdown();
                     bail!(e);
@@ -190,8 +181,10 @@ impl Dataplane {
             addr = %dp.local_addr,
             cores = n,
             ack = ?cfg.ack,
-            dedup_memory_bytes = memory,
-            dedup_bits_per_event = bits,
+            dedup_memory_bytes = memory_bytes,
+            dedup_bits_per_event = bits_per_event,
+            ip_rate_memory_bytes = boxed.ip_rate.memory_bytes(),
+            ratelimit_memory_bytes = boxed.limiter.memory_bytes(),
             "dataplane accepting"
         );
         Ok(dp)
@@ -263,9 +256,29 @@ struct CoreArgs {
     overrides: RuntimeOverrides,
     shared: Arc<Shared>,
     metrics: Arc<[CoreMetrics]>,
-    req_mesh: MeshBuilder<LookupReq, Full>,
-    resp_mesh: MeshBuilder<LookupResp, Full>,
+    boxed: Arc<BoxState>,
     tx: mpsc::Sender<(usize, CoreReport)>,
+}
+
+/// The state every core shares, sized for the box. The rate limit starts at its runtime
+/// override, if one is set.
+fn box_state(cfg: &DataplaneConfig, overrides: &RuntimeOverrides) -> BoxState {
+    let items = cfg
+        .dedup_peak_events_per_sec
+        .saturating_mul(cfg.dedup_window_secs)
+        .max(1);
+    let hot = rules::hot_settings(cfg.rate_limit_events_per_sec, &cfg.trusted_cidrs, overrides);
+    BoxState {
+        bloom: SharedBloom::new(
+            cfg.dedup_window_secs * 1000,
+            cfg.dedup_generations,
+            items,
+            cfg.dedup_fp_rate,
+            wall_ms(),
+        ),
+        ip_rate: IpRate::new(cfg.fraud_ip_rate_addresses_max),
+        limiter: RateLimiter::new(hot.rate_limit_events_per_sec, cfg.rate_limit_addresses_max),
+    }
 }
 
 /// Resolves once shutdown was triggered.
@@ -284,8 +297,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         overrides,
         shared,
         metrics,
-        req_mesh,
-        resp_mesh,
+        boxed,
         tx,
     } = a;
     let fail = |e: String| {
@@ -302,27 +314,6 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
             .map_err(|e| fail(format!("listener address: {e}")))?;
         let _ = tx.send((k, CoreReport::Bound(bound)));
     }
-    // Every core joins both meshes; a core that never comes up must not hang the rest,
-    // hence the race with the stop flag.
-    let meshes = future::or(
-        async {
-            let req = req_mesh.join().await;
-            let resp = resp_mesh.join().await;
-            Some((req, resp))
-        },
-        async {
-            stopped(&shared).await;
-            None
-        },
-    )
-    .await;
-    let Some((req, resp)) = meshes else {
-        return Ok(());
-    };
-    let (req_tx, req_rx) = req.map_err(|e| fail(format!("dedup mesh: {e}")))?;
-    let (resp_tx, resp_rx) = resp.map_err(|e| fail(format!("dedup mesh: {e}")))?;
-    let shard_id = req_tx.peer_id();
-
     let log_dir = cfg.data_dir.join("log").join(format!("core-{k}"));
     let log = CoreLog::open(log_dir.clone(), k, LogConfig::from_dataplane(&cfg))
         .await
@@ -332,36 +323,19 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
                 log_dir.display()
             ))
         })?;
-    let now = wall_ms();
-    let items = (cfg
-        .dedup_peak_events_per_sec
-        .saturating_mul(cfg.dedup_window_secs)
-        / n as u64)
-        .max(1);
-    let bloom = RotatingBloom::new(
-        cfg.dedup_window_secs * 1000,
-        cfg.dedup_generations,
-        items,
-        cfg.dedup_fp_rate,
-        now,
-    );
-    let (memory_bytes, bits_per_event) = (bloom.memory_bytes(), bloom.bits_per_event());
-    metrics[k].set_dedup(memory_bytes, bits_per_event);
     let hot = rules::hot_settings(
         cfg.rate_limit_events_per_sec,
         &cfg.trusted_cidrs,
         &overrides,
     );
-    let limiter = RateLimiter::new(hot.rate_limit_events_per_sec, cfg.rate_limit_addresses_max);
     let trusted = match rules::trusted_set(&hot.trusted_cidrs) {
         Some(t) => t,
         None => CidrSet::parse_list(&cfg.trusted_cidrs)
             .map_err(|e| fail(format!("trusted CIDRs: {e}")))?,
     };
-    let core_rules = CoreRules::load(&cfg.data_dir, cfg.fraud_ip_rate_addresses_max, &metrics[k]);
+    let core_rules = CoreRules::load(&cfg.data_dir, &metrics[k]);
     core_rules.set_runtime_version(overrides.version);
     metrics[k].set_runtime_config_version(overrides.version);
-    let lookups = if n > 1 { Some(req_tx) } else { None };
     let start_lsn = log.append_lsn();
     let agg = Rc::new(RefCell::new(Aggregator::new(AggConfig {
         keys_max: cfg.agg_keys_max,
@@ -373,16 +347,12 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     agg.borrow_mut().note_log_lsn(start_lsn);
     let shard = Rc::new(Shard::new(
         k,
-        shard_id,
-        n,
         cfg.clone(),
         metrics,
         log,
-        bloom,
-        limiter,
+        boxed,
         trusted,
         core_rules,
-        lookups,
         agg.clone(),
     ));
     let shipper = spawn_shipper(
@@ -394,26 +364,8 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         },
     );
 
-    // Dedup service: answer other cores' lookups against our shard, and route the
-    // answers to our own lookups back to the waiting connections.
-    let resp_tx = Rc::new(resp_tx);
-    let mut servers = Vec::new();
-    let mut req_rx: Receivers<LookupReq> = req_rx;
-    for (peer, rx) in req_rx.streams() {
-        let (shard, resp_tx) = (shard.clone(), resp_tx.clone());
-        servers.push(glommio::spawn_local(serve_lookups(shard, peer, rx, resp_tx)).detach());
-    }
-    drop(resp_tx);
-    let mut resp_rx: Receivers<LookupResp> = resp_rx;
-    for (_peer, rx) in resp_rx.streams() {
-        let shard = shard.clone();
-        glommio::spawn_local(async move {
-            while let Some(r) = rx.recv().await {
-                shard.waiters.borrow_mut().complete(r.slot, r.verdicts);
-            }
-        })
-        .detach();
-    }
+    // Core 0 clears the next dedup generation ahead of its boundary, in small steps.
+    let clearer = (k == 0).then(|| glommio::spawn_local(clear_bloom_ahead(shard.clone())).detach());
     let gauges = {
         let shard = shard.clone();
         glommio::spawn_local(async move {
@@ -426,25 +378,17 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         .detach()
     };
     let poller = glommio::spawn_local(poll_control_files(shard.clone(), hot)).detach();
-    tracing::info!(
-        core = k,
-        cpu_shard = shard_id,
-        dedup_memory_bytes = memory_bytes,
-        "core ready"
-    );
-    let _ = tx.send((
-        k,
-        CoreReport::Ready {
-            memory_bytes,
-            bits_per_event,
-        },
-    ));
+    tracing::info!(core = k, cores = n, "core ready");
+    let _ = tx.send((k, CoreReport::Ready));
 
     accept_loop(&shard, &listener, &shared).await;
     drop(listener);
     drain(&shard).await;
     gauges.cancel();
     poller.cancel();
+    if let Some(c) = clearer {
+        c.cancel();
+    }
     // Every answered event is counted in the aggregator by now: ship the last delta
     // (bounded by the shipper's stop timeout; what stays unacked is in the log).
     let report = shipper.flush_and_stop().await;
@@ -457,14 +401,6 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         );
     }
     let closed = shard.log.close().await;
-    if let Some(tx) = &shard.lookups {
-        tx.close();
-    }
-    // Peers may still be draining and need our shard's answers: serve until each has
-    // closed its side.
-    for s in servers {
-        s.await;
-    }
     shard.refresh_gauges();
     tracing::info!(core = k, "core stopped");
     closed.with_context(|| format!("closing the log of core {k}"))
@@ -501,9 +437,9 @@ async fn poll_control_files(shard: Rc<Shard>, mut hot: rules::HotSettings) {
         let cfg = &shard.cfg;
         let new = rules::hot_settings(cfg.rate_limit_events_per_sec, &cfg.trusted_cidrs, &o);
         if new.rate_limit_events_per_sec != hot.rate_limit_events_per_sec {
-            // A new limiter starts every address with a full bucket: lenient, once.
-            *shard.limiter.borrow_mut() =
-                RateLimiter::new(new.rate_limit_events_per_sec, cfg.rate_limit_addresses_max);
+            // The box's buckets keep their balance under the new limit (every core sets
+            // the same value).
+            shard.shared.limiter.set_rate(new.rate_limit_events_per_sec);
             tracing::info!(
                 core = shard.k,
                 rate_limit_events_per_sec = new.rate_limit_events_per_sec,
@@ -541,9 +477,11 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, shared: &Shared)
             None => return,
             Some(Ok(stream)) => {
                 if shard.connections() >= shard.cfg.connections_per_core_max {
-                    glommio::spawn_local(shard::refuse_connection(shard.clone(), stream)).detach();
+                    glommio::spawn_local(connection::refuse_connection(shard.clone(), stream))
+                        .detach();
                 } else {
-                    glommio::spawn_local(shard::serve_connection(shard.clone(), stream)).detach();
+                    glommio::spawn_local(connection::serve_connection(shard.clone(), stream))
+                        .detach();
                 }
             }
             Some(Err(e)) => {
@@ -578,37 +516,18 @@ async fn drain(shard: &Shard) {
     }
 }
 
-/// Answers lookups from core `peer` against this core's bloom shard.
-async fn serve_lookups(
-    shard: Rc<Shard>,
-    peer: usize,
-    rx: glommio::channels::shared_channel::ConnectedReceiver<LookupReq>,
-    resp_tx: Rc<Senders<LookupResp>>,
-) {
-    while let Some(req) = rx.recv().await {
-        let LookupReq { slot, mut hashes } = req;
+/// Core 0's background task: zeroes the dedup generation the next epoch writes, a few
+/// chunks at a time with a yield between, so no boundary costs a pass on the request path.
+async fn clear_bloom_ahead(shard: Rc<Shard>) {
+    loop {
+        while !shard
+            .shared
+            .bloom
+            .clear_ahead_step(wall_ms(), BLOOM_CLEAR_CHUNKS_PER_STEP)
         {
-            let now = wall_ms();
-            let mut bloom = shard.bloom.borrow_mut();
-            for h in hashes.iter_mut() {
-                *h = bloom.check_and_insert(*h, now) as u64;
-            }
+            futures_lite::future::yield_now().await;
         }
-        // The reply channel has the request channel's capacity and the requester drains
-        // it without waiting on anything, so this wait is short.
-        if resp_tx
-            .send_to(
-                peer,
-                LookupResp {
-                    slot,
-                    verdicts: hashes,
-                },
-            )
-            .await
-            .is_err()
-        {
-            tracing::debug!(core = shard.k, peer, "dedup reply dropped: peer gone");
-        }
+        glommio::timer::sleep(Duration::from_millis(BLOOM_CLEAR_POLL_MS)).await;
     }
 }
 

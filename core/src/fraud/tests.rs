@@ -279,7 +279,7 @@ fn honeypot_ads() {
 fn the_101st_click_of_a_minute_is_fraud_and_the_100th_is_not() {
     let rules = compile(r#"{"rules":[{"id":"burst","kind":"ip_rate"}]}"#);
     assert!(rules.needs_ip_rate());
-    let mut rate = IpRate::new(1024);
+    let rate = IpRate::new(1024);
     let c = click("203.0.113.7", MOBILE_UA, 1);
     for i in 1..=100u32 {
         let n = rate.hit(c.ip, T0 + 59_000);
@@ -306,7 +306,7 @@ fn the_101st_click_of_a_minute_is_fraud_and_the_100th_is_not() {
 
 #[test]
 fn ip_rate_table_is_bounded_and_evicts_the_idle() {
-    let mut rate = IpRate::new(64);
+    let rate = IpRate::new(64);
     assert_eq!(rate.capacity(), 64);
     let hot: IpAddr = "10.0.0.1".parse().unwrap();
     for i in 0..10_000u32 {
@@ -319,7 +319,7 @@ fn ip_rate_table_is_bounded_and_evicts_the_idle() {
     assert_eq!(rate.tracked(), 64);
     assert!(rate.evictions() >= 10_000 - 64);
     // Tiny tables still work.
-    let mut one = IpRate::new(0);
+    let one = IpRate::new(0);
     assert_eq!(one.capacity(), 1);
     assert_eq!(one.hit(hot, T0), 1);
     assert_eq!(one.hit(hot, T0), 2);
@@ -595,4 +595,24 @@ fn blocklist_with_many_networks() {
     assert!(!bl.contains("10.39.16.0".parse().unwrap()));
     assert!(bl.contains("2001:db8:0:ffff::1".parse().unwrap()));
     assert!(!bl.contains("2001:db8:1::".parse().unwrap()));
+}
+
+#[test]
+fn ip_rate_counts_for_the_box_across_threads() {
+    let rate = IpRate::new(1024);
+    let ip: IpAddr = "203.0.113.50".parse().unwrap();
+    let max = std::sync::atomic::AtomicU32::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..4 {
+            sc.spawn(|| {
+                for _ in 0..1_000 {
+                    max.fetch_max(rate.hit(ip, T0), std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    assert_eq!(max.into_inner(), 4_000);
+    // The figure the settings document: 56 bytes per address.
+    assert_eq!(rate.memory_bytes(), rate.capacity() * 56);
+    assert_eq!(rate.hit(ip, T0), 4_001);
 }
