@@ -28,10 +28,11 @@ pub mod durable;
 pub mod ingest;
 pub mod metrics;
 pub mod query;
-pub mod redis_hll;
-pub mod redis_outbox;
+#[path = "redis/mod.rs"]
 pub mod redis_store;
+pub use redis_store::{hll as redis_hll, outbox as redis_outbox};
 pub mod refill;
+pub mod stage_lag;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -152,6 +153,8 @@ pub struct Controlplane {
     archiver: archive::ArchiverHandle,
     /// The Redis flusher's stop signal and task: stopped after the writer's last commit.
     redis_flusher: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// Stops the thread counting the log consumers' lag (`stage_lag`).
+    lag_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Controlplane {
@@ -275,6 +278,14 @@ impl Controlplane {
             }
             _ => None,
         };
+        let lag_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lags =
+            stage_lag::StageLags::spawn(&cfg.data_dir, Duration::from_secs(1), lag_stop.clone())?;
+        metrics
+            .stage_lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(lags.gauges);
         let dashboard = dashboard::router(dashboard::DashState {
             store: store.clone(),
             metrics: metrics.clone(),
@@ -330,6 +341,7 @@ impl Controlplane {
             store,
             archiver,
             redis_flusher,
+            lag_stop,
         })
     }
 
@@ -358,6 +370,8 @@ impl Controlplane {
     /// final snapshot.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        self.lag_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }
