@@ -172,7 +172,7 @@ pub fn run(cfg: SoakCfg) -> SoakReport {
     let mut last_ticks: BTreeMap<String, u64> = BTreeMap::new();
     let mut last_accepted: Option<f64> = None;
     let mut last_ns = cfg.start_ns;
-    let mut totals = BTreeMap::new();
+    let mut totals;
     let interval_ns = cfg.interval.as_nanos() as u64;
     let mut next = cfg.start_ns;
     let deadline = cfg.load_end_ns + cfg.catchup_max.as_nanos() as u64;
@@ -302,11 +302,7 @@ fn summarize(samples: Vec<Sample>, totals: BTreeMap<String, f64>) -> SoakReport 
                 stage,
                 unit,
                 max_under_load: under.iter().copied().reduce(f64::max),
-                at_load_end: samples
-                    .iter()
-                    .filter(|s| s.load)
-                    .last()
-                    .and_then(|s| s.lags[i]),
+                at_load_end: samples.iter().rfind(|s| s.load).and_then(|s| s.lags[i]),
                 caught_up_after_s: if samples.iter().any(|s| s.lags[i].is_some()) {
                     caught_at
                 } else {
@@ -465,7 +461,7 @@ impl SoakReport {
             w - 20.0,
             t + ph / 2.0
         );
-        if let Some(end) = self.samples.iter().filter(|s| s.load).last() {
+        if let Some(end) = self.samples.iter().rfind(|s| s.load) {
             let _ = writeln!(
                 s,
                 r##"<line x1="{0}" x2="{0}" y1="{t}" y2="{1}" stroke="#999" stroke-dasharray="4 3"/><text x="{0}" y="{2}" text-anchor="middle" fill="#666">load stops</text>"##,

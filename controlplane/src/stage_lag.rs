@@ -91,7 +91,7 @@ impl CoreTail {
             self.count += 1;
             self.head_lsn = r.position();
             n += 1;
-            if self.count % MARK_EVERY == 0 {
+            if self.count.is_multiple_of(MARK_EVERY) {
                 self.marks.push_back((r.position(), self.count));
                 if self.marks.len() > MARKS_MAX {
                     self.marks.pop_front();
