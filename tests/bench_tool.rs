@@ -4,50 +4,10 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
-use common::{metric_sum, Clickgate};
+use common::{bench_binary, metric_sum, Clickgate};
 use serde_json::Value;
-
-/// Builds `clickgate-bench` (another package of the workspace) with the cargo running this
-/// test and returns the binary's path, taken from cargo's own build messages, so it is
-/// right whatever the target dir (`CARGO_TARGET_DIR`, `--target-dir`) or profile layout.
-fn bench_binary() -> PathBuf {
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(&cargo)
-        .args([
-            "build",
-            "-p",
-            "clickgate-bench",
-            "--bin",
-            "clickgate-bench",
-            "--message-format=json-render-diagnostics",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .stdin(Stdio::null())
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cargo} build -p clickgate-bench: {e}"));
-    assert!(
-        out.status.success(),
-        "`{cargo} build -p clickgate-bench` failed ({}); see its output above",
-        out.status
-    );
-    let exe = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "clickgate-bench")
-        .filter(|m| {
-            m["target"]["kind"]
-                .as_array()
-                .is_some_and(|k| k.iter().any(|k| k == "bin"))
-        })
-        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
-        .expect("cargo built clickgate-bench but reported no executable for it");
-    assert!(exe.is_file(), "{} does not exist", exe.display());
-    exe
-}
 
 fn u(v: &Value, key: &str) -> u64 {
     v[key]

@@ -275,12 +275,17 @@ fn redis_down_mid_traffic_then_exact_counts_after_recovery() {
     assert_eq!(totals(&cg, 5).unwrap().0, 4000);
 }
 
-/// One frame of `n` clicks for campaign 9 as `(box 1, instance 1, core 0, delta_id)`.
-fn frame(delta_id: u64, n: u64) -> impl std::ops::Deref<Target = [u8]> {
+/// One frame of clicks for campaign 9 by users `users` as `(box 1, instance 1, core,
+/// delta_id)`.
+fn frame_of(
+    core: u32,
+    delta_id: u64,
+    users: std::ops::Range<u64>,
+) -> impl std::ops::Deref<Target = [u8]> {
     use clickgate_core::agg::{AggConfig, Aggregator};
     let mut a = Aggregator::new(AggConfig::default());
     let ts = now_ms();
-    for i in 0..n {
+    for i in users {
         let line = event(&uuid(i), 9, |v| {
             v["ts"] = ts.into();
             v["user_id"] = format!("u{i}").into();
@@ -289,20 +294,47 @@ fn frame(delta_id: u64, n: u64) -> impl std::ops::Deref<Target = [u8]> {
         a.add(&c, true, false);
     }
     let mut buf = Vec::new();
-    let f = &clickgate_proto::frames::frames_from_delta(1, 1, 0, delta_id, &a.drain_delta())[0];
+    let f = &clickgate_proto::frames::frames_from_delta(1, 1, core, delta_id, &a.drain_delta())[0];
     clickgate_proto::frames::encode_delta(f, &mut buf).unwrap();
     clickgate_proto::frames::aligned(&buf[4..])
+}
+
+/// One frame of `n` clicks (users `u0..`) for campaign 9 from core 0.
+fn frame(delta_id: u64, n: u64) -> impl std::ops::Deref<Target = [u8]> {
+    frame_of(0, delta_id, 0..n)
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Campaign 9's `all` bucket of the current 5m window: (clicks, cost, unique users).
+async fn all_5m(q: &clickgate_controlplane::redis_store::RedisQuery) -> (u64, u64, u64) {
+    let now = now_ms();
+    let w = clickgate_core::window::Window::M5;
+    let b = q
+        .series(
+            9,
+            w,
+            clickgate_core::agg::Dim::All,
+            w.bucket_start(now),
+            now + 1,
+        )
+        .await
+        .unwrap();
+    assert!(b.len() <= 1);
+    b.first()
+        .map_or((0, 0, 0), |b| (b.clicks, b.cost_micros, b.unique_users))
 }
 
 #[test]
 fn a_flush_retried_after_a_timeout_is_applied_once() {
     use clickgate_controlplane::redis_store::*;
     let r = PrivateRedis::start();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    rt().block_on(async {
         let cfg = RedisConfig {
             urls: vec![r.url()],
             key_prefix: prefix("once"),
@@ -311,18 +343,20 @@ fn a_flush_retried_after_a_timeout_is_applied_once() {
         };
         let stats = std::sync::Arc::new(RedisStats::default());
         let applier = Applier::new(cfg.clone(), stats.clone());
-        let mut conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
+        let conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
             .await
             .unwrap();
-        let (calls, _) = calls_for_frame(&frame(7, 50), &cfg, &applier.keys, now_ms()).unwrap();
-        // Redis takes the pipeline but answers after our timeout (the script is loaded, so
-        // the paused EVALSHA really applies once the pause ends).
+        let f7 = frame(7, 50);
+        // Redis takes the pipeline but answers after our timeout (the scripts are loaded,
+        // so the paused EVALSHAs really apply once the pause ends).
         let mut admin = r.client().unwrap().get_connection().unwrap();
-        redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(APPLY_LUA)
-            .exec(&mut admin)
-            .unwrap();
+        for s in FLUSH_SCRIPTS {
+            redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(s)
+                .exec(&mut admin)
+                .unwrap();
+        }
         redis::cmd("CLIENT")
             .arg("PAUSE")
             .arg(1000)
@@ -330,45 +364,162 @@ fn a_flush_retried_after_a_timeout_is_applied_once() {
             .exec(&mut admin)
             .unwrap();
         assert!(
-            applier.apply(&mut conn, &calls).await.is_err(),
+            applier
+                .apply_round(&conn, &[&f7[..]], now_ms())
+                .await
+                .is_err(),
             "should time out"
         );
         tokio::time::sleep(Duration::from_millis(1200)).await;
-        let mut conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
+        let conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
             .await
             .unwrap();
         let q = RedisQuery::new(&cfg, stats.clone());
-        let now = now_ms();
-        let w = clickgate_core::window::Window::M5;
-        // Campaign 9's `all` series over the current 5m bucket.
-        let series = async || {
-            q.series(
-                9,
-                w,
-                clickgate_core::agg::Dim::All,
-                w.bucket_start(now),
-                now + 1,
-            )
-            .await
-            .unwrap()
-        };
-        let b = series().await;
-        assert_eq!(b[0].clicks, 50, "the timed-out flush did apply");
+        assert_eq!(all_5m(&q).await.0, 50, "the timed-out flush did apply");
         // The retry finds it applied; so does a replay of the same frame, and an older one.
-        assert_eq!(applier.apply(&mut conn, &calls).await.unwrap(), 0);
-        let (older, _) = calls_for_frame(&frame(6, 50), &cfg, &applier.keys, now_ms()).unwrap();
-        assert_eq!(applier.apply(&mut conn, &older).await.unwrap(), 0);
-        let b = series().await;
-        assert_eq!(b.len(), 1);
         assert_eq!(
-            (b[0].clicks, b[0].cost_micros, b[0].unique_users),
-            (50, 50 * 500_000, 50)
+            applier
+                .apply_round(&conn, &[&f7[..]], now_ms())
+                .await
+                .unwrap(),
+            0
         );
+        let f6 = frame(6, 50);
+        assert_eq!(
+            applier
+                .apply_round(&conn, &[&f6[..]], now_ms())
+                .await
+                .unwrap(),
+            0
+        );
+        assert_eq!(all_5m(&q).await, (50, 50 * 500_000, 50));
         // A newer frame still applies.
-        let (newer, _) = calls_for_frame(&frame(8, 5), &cfg, &applier.keys, now_ms()).unwrap();
-        assert!(applier.apply(&mut conn, &newer).await.unwrap() > 0);
-        let b = series().await;
-        assert_eq!(b[0].clicks, 55);
+        let f8 = frame(8, 5);
+        assert!(
+            applier
+                .apply_round(&conn, &[&f8[..]], now_ms())
+                .await
+                .unwrap()
+                > 0
+        );
+        assert_eq!(all_5m(&q).await.0, 55);
+    });
+}
+
+/// Rounds merge frames of several cores per key; a round cut differently from one that
+/// partly reached Redis (a crash before the cursor moved) adds each frame once; a frame
+/// the outbox holds twice counts once.
+#[test]
+fn merged_rounds_apply_each_frame_once_however_they_are_cut() {
+    use clickgate_controlplane::redis_store::*;
+    let cfg = RedisConfig {
+        urls: vec![redis_url()],
+        key_prefix: prefix("rounds"),
+        ..RedisConfig::default()
+    };
+    rt().block_on(async {
+        let stats = std::sync::Arc::new(RedisStats::default());
+        let applier = Applier::new(cfg.clone(), stats.clone());
+        let conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let q = RedisQuery::new(&cfg, stats.clone());
+        let (a1, a2, a3) = (
+            frame_of(0, 1, 0..100),
+            frame_of(0, 2, 100..130),
+            frame_of(0, 3, 130..140),
+        );
+        let (b1, b2) = (frame_of(1, 1, 1000..1200), frame_of(1, 2, 1200..1207));
+        let now = now_ms();
+        // Round 1 reached Redis; its cursor did not move; round 2 is cut longer.
+        assert!(
+            applier
+                .apply_round(&conn, &[&a1[..], &b1[..]], now)
+                .await
+                .unwrap()
+                > 0
+        );
+        assert_eq!(all_5m(&q).await.0, 300);
+        let round2: Vec<&[u8]> = vec![&a1, &b1, &a2, &b2, &a2, &a3];
+        assert!(applier.apply_round(&conn, &round2, now).await.unwrap() > 0);
+        assert!(
+            stats
+                .mixed_groups
+                .load(std::sync::atomic::Ordering::Relaxed)
+                > 0
+        );
+        assert_eq!(
+            stats
+                .duplicate_frames
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        let (clicks, _, users) = all_5m(&q).await;
+        assert_eq!(clicks, 100 + 30 + 10 + 200 + 7);
+        assert!(within_2pct(users, 347), "{users} unique users");
+        // The whole of it again, merged: nothing applies.
+        assert_eq!(applier.apply_round(&conn, &round2, now).await.unwrap(), 0);
+        assert_eq!(all_5m(&q).await.0, 347);
+    });
+}
+
+/// Sketches written as PFADD of crafted elements land on the very registers a PFMERGE
+/// of the whole sketch sets: every key's `PFCOUNT` agrees, and matches the truth.
+#[test]
+fn pfadd_of_registers_equals_pfmerge_of_sketches() {
+    use clickgate_controlplane::redis_store::*;
+    rt().block_on(async {
+        let frames: Vec<_> = (0..4u64)
+            .map(|k| frame_of(k as u32, 1, k * 6000..k * 6000 + 500 + k * 1500))
+            .collect();
+        let bodies: Vec<&[u8]> = frames.iter().map(|f| &f[..]).collect();
+        let mut counts = Vec::new();
+        for (name, registers_max) in [("pfadd", 16_384), ("pfmerge", 0)] {
+            let cfg = RedisConfig {
+                urls: vec![redis_url()],
+                key_prefix: prefix(name),
+                pfadd_registers_max: registers_max,
+                ..RedisConfig::default()
+            };
+            let stats = std::sync::Arc::new(RedisStats::default());
+            let applier = Applier::new(cfg.clone(), stats.clone());
+            let conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5))
+                .await
+                .unwrap();
+            // One frame per round, so keys get several writes each.
+            for b in &bodies {
+                applier.apply_round(&conn, &[*b], now_ms()).await.unwrap();
+            }
+            let s = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
+            if registers_max == 0 {
+                assert_eq!(s(&stats.pfadd_registers), 0);
+            } else {
+                assert_eq!(s(&stats.merged_sketches), 0);
+            }
+            let mut con = redis::Client::open(redis_url().as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let keys: BTreeSet<String> = redis::cmd("KEYS")
+                .arg(format!("{}users:*", cfg.key_prefix))
+                .query(&mut con)
+                .unwrap();
+            assert!(keys.len() >= 15, "{keys:?}");
+            let mut c = Vec::new();
+            for k in &keys {
+                let n: u64 = redis::cmd("PFCOUNT").arg(k).query(&mut con).unwrap();
+                c.push((k[cfg.key_prefix.len()..].to_string(), n));
+            }
+            counts.push(c);
+        }
+        assert_eq!(counts[0], counts[1]);
+        let all = counts[0]
+            .iter()
+            .find(|(k, _)| k.ends_with(":all") && k.contains(":5m:"));
+        assert!(
+            within_2pct(all.unwrap().1, 500 + 2000 + 3500 + 5000),
+            "{all:?}"
+        );
     });
 }
 

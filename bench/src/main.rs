@@ -9,6 +9,7 @@ mod gen;
 mod net;
 mod report;
 mod resp;
+mod soak;
 
 use std::io::IsTerminal;
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
@@ -157,6 +158,27 @@ struct Args {
     /// No live progress line.
     #[arg(long, short)]
     quiet: bool,
+    /// Soak mode: `/metrics` URLs to sample once a second (the dataplane's ingest URL and
+    /// the controlplane's query URL, comma-separated), during the load and after it until
+    /// every stage caught up; see bench/soak.sh.
+    #[arg(long, value_delimiter = ',')]
+    soak_metrics: Vec<String>,
+    /// Soak mode: processes whose RSS and per-thread CPU are reported, `label=pid`
+    /// (comma-separated); this load tool is always reported as `load`.
+    #[arg(long, value_delimiter = ',')]
+    soak_pids: Vec<String>,
+    /// Soak mode: after the load, wait at most this long for every stage to catch up.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    soak_catchup: Duration,
+    /// Soak mode: write the report (samples, per-stage summary, totals) as JSON here.
+    #[arg(long)]
+    soak_json: Option<PathBuf>,
+    /// Soak mode: write the Markdown table here.
+    #[arg(long)]
+    soak_table: Option<PathBuf>,
+    /// Soak mode: write the SVG plot of lag over time here.
+    #[arg(long)]
+    soak_svg: Option<PathBuf>,
 }
 
 /// host:port from `http://host:port[/...]`.
@@ -329,7 +351,40 @@ fn run(args: Args) -> Result<ExitCode> {
         None => None,
     };
 
-    let live = !args.quiet && std::io::stderr().is_terminal();
+    let soak = if args.soak_metrics.is_empty() {
+        None
+    } else {
+        let endpoints = args
+            .soak_metrics
+            .iter()
+            .map(|u| parse_url(u))
+            .collect::<Result<Vec<_>>>()?;
+        let mut pids = vec![("load".to_string(), std::process::id())];
+        for p in &args.soak_pids {
+            let (label, pid) = p
+                .split_once('=')
+                .with_context(|| format!("--soak-pids: {p:?} is not label=pid"))?;
+            let pid: u32 = pid
+                .parse()
+                .with_context(|| format!("--soak-pids: bad pid in {p:?}"))?;
+            pids.push((label.to_string(), pid));
+        }
+        let cfg = soak::SoakCfg {
+            endpoints,
+            pids,
+            start_ns,
+            load_end_ns: end_ns + args.drain.as_nanos() as u64,
+            catchup_max: args.soak_catchup,
+            interval: Duration::from_secs(1),
+            quiet: args.quiet,
+        };
+        Some(
+            std::thread::Builder::new()
+                .name("soak".into())
+                .spawn(move || soak::run(cfg))?,
+        )
+    };
+    let live = !args.quiet && soak.is_none() && std::io::stderr().is_terminal();
     let mut last = (0u64, 0u64, 0u64);
     let mut last_t = start_ns;
     while !handles.iter().all(|h| h.is_finished()) {
@@ -448,6 +503,30 @@ fn run(args: Args) -> Result<ExitCode> {
     }
     if let Some(p) = &args.latency_svg {
         std::fs::write(p, report.svg()).with_context(|| format!("writing {}", p.display()))?;
+    }
+    if let Some(h) = soak {
+        let r = h
+            .join()
+            .map_err(|_| anyhow::anyhow!("the soak thread panicked"))?;
+        let table = r.table();
+        println!("\n{table}");
+        if let Some(p) = &args.soak_json {
+            let mut s = serde_json::to_string(&r)?;
+            s.push('\n');
+            std::fs::write(p, s).with_context(|| format!("writing {}", p.display()))?;
+        }
+        if let Some(p) = &args.soak_table {
+            std::fs::write(p, &table).with_context(|| format!("writing {}", p.display()))?;
+        }
+        if let Some(p) = &args.soak_svg {
+            let title = format!(
+                "{} — lag per stage, {:.0} events/s offered for {:.0} s",
+                args.label.as_deref().unwrap_or("clickgate soak"),
+                args.rate * batch.max(1) as f64,
+                secs
+            );
+            std::fs::write(p, r.svg(&title)).with_context(|| format!("writing {}", p.display()))?;
+        }
     }
     if total.requests == 0 {
         eprintln!(

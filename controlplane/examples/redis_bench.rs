@@ -1,25 +1,29 @@
-//! Redis flush and query figures (bench/REDIS.md): Redis commands per flushed delta,
-//! flush throughput, and query latency from Redis next to the embedded store, on the same
-//! frames.
+//! Redis flush and query figures (bench/REDIS.md): flush throughput in cell updates per
+//! second with the flusher's own code (`Applier::apply_round`), Redis's CPU for it, and
+//! query latency from Redis next to the embedded store, on the same frames.
 //!
-//! `cargo run --release -p clickgate-controlplane --example redis_bench -- redis://127.0.0.1:16379 [frames]`
+//! `cargo run --release -p clickgate-controlplane --example redis_bench -- \
+//!     [redis://127.0.0.1:16379] [frames 64] [clicks per frame 20000] [campaigns 1000]`
 //!
-//! Writes under a fresh key prefix (`bench-<pid>-<ms>:`) and deletes nothing (the keys
-//! expire with their TTLs); never FLUSHALLs.
+//! Frames are what two cores ship at the soak's traffic shape (campaigns Zipf-like,
+//! 20 ads each, 8 countries, 3 devices, 50 publishers, users drawn from 100k), cut into
+//! flush rounds of `flush_frames_max`. Three variants run side by side on the same
+//! frames, each under a fresh key prefix: `per-frame` (rounds of one frame: no merging
+//! across frames), `pfmerge` (rounds merged per key, every sketch sent whole), and
+//! `shipped` (the defaults: merged, small sketches as `PFADD`). A replay of the shipped
+//! rounds must apply nothing. Keys expire by their TTLs; nothing is deleted or flushed.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clickgate_controlplane::redis_store::{
-    calls_for_frame, Applier, RedisConfig, RedisConn, RedisQuery, RedisStats,
+    Applier, RedisConfig, RedisConn, RedisQuery, RedisStats,
 };
 use clickgate_controlplane::store::{Retention, Store};
 use clickgate_core::agg::{AggConfig, Aggregator, Dim};
 use clickgate_core::window::Window;
 use clickgate_proto::frames::{access_delta, aligned, encode_delta, frames_from_delta};
-
-const CAMPAIGNS: u64 = 200;
-const CLICKS_PER_FRAME: u64 = 2_000;
 
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
@@ -28,36 +32,67 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// Frames like a core ships every 500 ms at 4k clicks/s: 2000 clicks over 200 campaigns,
-/// 8 ads each, 4 countries, 3 devices, 5 publishers, fresh users.
-fn frames(n: u64, ts: u64) -> Vec<rkyv::util::AlignedVec> {
-    let mut a = Aggregator::new(AggConfig::default());
-    let mut out = Vec::new();
-    let countries = ["US", "DE", "FR", "JP"];
+/// A small fixed PRNG (splitmix64): the same frames every run.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    /// Zipf-like (s ≈ 1) over `0..n`: `n^u - 1` for uniform `u`.
+    fn skewed(&mut self, n: u64) -> u64 {
+        let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
+        (((n as f64 + 1.0).powf(u) - 1.0) as u64).min(n - 1)
+    }
+}
+
+/// `n` frames alternating between two cores, `clicks` each.
+fn frames(n: u64, clicks: u64, campaigns: u64, ts: u64) -> Vec<rkyv::util::AlignedVec> {
+    let mut cores = [
+        Aggregator::new(AggConfig::default()),
+        Aggregator::new(AggConfig::default()),
+    ];
+    let mut rng = Rng(42);
+    let countries = ["US", "DE", "FR", "JP", "GB", "BR", "IN", "CA"];
     let devices = ["mobile", "desktop", "tablet"];
+    let mut out = Vec::new();
+    let mut next_id = [1u64, 1u64];
+    let mut line = String::new();
     for f in 0..n {
-        for i in 0..CLICKS_PER_FRAME {
-            let x = f * CLICKS_PER_FRAME + i;
-            let line = format!(
-                r#"{{"event_id":"6f1c2f4e-8a3b-4c1d-9e2f-{x:012x}","ts":{ts},"campaign_id":{},"ad_id":{},"publisher_id":{},"advertiser_id":7,"user_id":"u{}","ip":"203.0.113.7","user_agent":"","country":"{}","device":"{}","cost_micros":{}}}"#,
-                x % CAMPAIGNS,
-                x % 8,
-                x % 5,
-                x % 50_000,
-                countries[(x % 4) as usize],
-                devices[(x % 3) as usize],
-                1000 + x % 997,
-            );
+        let core = (f % 2) as usize;
+        for i in 0..clicks {
+            let x = f * clicks + i;
+            let campaign = 1 + rng.skewed(campaigns);
+            line.clear();
+            use std::fmt::Write as _;
+            write!(
+                line,
+                r#"{{"event_id":"6f1c2f4e-8a3b-4c1d-9e2f-{x:012x}","ts":{ts},"campaign_id":{campaign},"ad_id":{},"publisher_id":{},"advertiser_id":7,"user_id":"u{}","ip":"203.0.113.7","user_agent":"","country":"{}","device":"{}","cost_micros":{}}}"#,
+                campaign * 100 + rng.below(20),
+                rng.below(50),
+                rng.below(100_000),
+                countries[rng.below(8) as usize],
+                devices[rng.below(3) as usize],
+                1000 + rng.below(997),
+            )
+            .unwrap();
             let c = clickgate_core::parse::parse_click(line.as_bytes(), ts, 300_000).unwrap();
-            a.add(&c, true, false);
+            cores[core].add(&c, true, false);
         }
         let mut buf = Vec::new();
-        encode_delta(
-            &frames_from_delta(1, 1, 0, f + 1, &a.drain_delta())[0],
-            &mut buf,
-        )
-        .unwrap();
-        out.push(aligned(&buf[4..]));
+        let parts = frames_from_delta(1, 1, core as u32, next_id[core], &cores[core].drain_delta());
+        next_id[core] += parts.len() as u64;
+        for fr in parts {
+            buf.clear();
+            encode_delta(&fr, &mut buf).unwrap();
+            out.push(aligned(&buf[4..]));
+        }
     }
     out
 }
@@ -67,6 +102,69 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
+/// Redis's own CPU seconds so far (`INFO cpu`, user + sys of the server process).
+async fn redis_cpu(conn: &mut RedisConn) -> anyhow::Result<f64> {
+    let mut cmd = redis::cmd("INFO");
+    cmd.arg("cpu");
+    let info: String = match conn {
+        RedisConn::Single(c) => cmd.query_async(c).await?,
+        RedisConn::Cluster(c) => cmd.query_async(c).await?,
+    };
+    let field = |name: &str| -> f64 {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':')?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    Ok(field("used_cpu_user") + field("used_cpu_sys"))
+}
+
+struct Run {
+    label: &'static str,
+    secs: f64,
+    /// Building the plans alone (client CPU), measured in a separate pass.
+    plan_secs: f64,
+    redis_cpu: f64,
+    cell_updates: u64,
+    cells: u64,
+    commands: u64,
+    round_trips: u64,
+}
+
+async fn flush(
+    label: &'static str,
+    cfg: RedisConfig,
+    rounds: &[&[rkyv::util::AlignedVec]],
+    now: u64,
+) -> anyhow::Result<(Run, Applier, RedisConn)> {
+    let stats = Arc::new(RedisStats::default());
+    let applier = Applier::new(cfg.clone(), stats.clone());
+    let mut conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5)).await?;
+    let t = Instant::now();
+    for r in rounds {
+        clickgate_controlplane::redis_store::plan_round(r, &cfg, &applier.keys, now);
+    }
+    let plan_secs = t.elapsed().as_secs_f64();
+    let cpu0 = redis_cpu(&mut conn).await?;
+    let t = Instant::now();
+    for r in rounds {
+        applier.apply_round(&conn, r, now).await?;
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let cpu = redis_cpu(&mut conn).await? - cpu0;
+    let s = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+    let run = Run {
+        label,
+        secs,
+        plan_secs,
+        redis_cpu: cpu,
+        cell_updates: s(&stats.cell_updates),
+        cells: s(&stats.cells_written),
+        commands: s(&stats.commands),
+        round_trips: s(&stats.round_trips),
+    };
+    Ok((run, applier, conn))
+}
+
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
@@ -74,65 +172,100 @@ async fn main() -> anyhow::Result<()> {
         .get(1)
         .cloned()
         .unwrap_or_else(|| "redis://127.0.0.1:16379".into());
-    let n: u64 = args.get(2).map(|s| s.parse()).transpose()?.unwrap_or(100);
+    let arg = |i: usize, d: u64| -> anyhow::Result<u64> {
+        Ok(args.get(i).map(|s| s.parse()).transpose()?.unwrap_or(d))
+    };
+    let (n, clicks, campaigns) = (arg(2, 64)?, arg(3, 20_000)?, arg(4, 1000)?);
     let now = now_ms();
-    let cfg = RedisConfig {
+    let base = RedisConfig {
         urls: RedisConfig::parse_urls(&url),
-        key_prefix: format!("bench-{}-{now}:", std::process::id()),
         ..RedisConfig::default()
     };
-    let fs = frames(n, now);
+    let t = Instant::now();
+    let fs = frames(n, clicks, campaigns, now);
     let entries: usize = fs
         .iter()
         .map(|b| access_delta(b).unwrap().entries.len())
         .sum();
-    let stats = Arc::new(RedisStats::default());
-    let applier = Applier::new(cfg.clone(), stats.clone());
-    let mut conn = RedisConn::connect(&cfg.urls, Duration::from_secs(5)).await?;
-
-    let t = Instant::now();
-    let mut calls = Vec::new();
-    for b in &fs {
-        calls.extend(calls_for_frame(b, &cfg, &applier.keys, now)?.0);
+    println!(
+        "redis: {url}  frames: {} ({n} deltas of {clicks} clicks, 2 cores, {campaigns} campaigns)  5m entries: {entries}  (built in {:.1} s)",
+        fs.len(),
+        t.elapsed().as_secs_f64()
+    );
+    let prefix = |v: &str| format!("bench-{}-{now}-{v}:", std::process::id());
+    let per_frame: Vec<&[rkyv::util::AlignedVec]> = fs.chunks(1).collect();
+    let rounds: Vec<&[rkyv::util::AlignedVec]> = fs.chunks(base.flush_frames_max).collect();
+    let mut runs = Vec::new();
+    let (r, _, _) = flush(
+        "per-frame",
+        RedisConfig {
+            key_prefix: prefix("frame"),
+            ..base.clone()
+        },
+        &per_frame,
+        now,
+    )
+    .await?;
+    runs.push(r);
+    let (r, _, _) = flush(
+        "pfmerge",
+        RedisConfig {
+            key_prefix: prefix("pfmerge"),
+            pfadd_registers_max: 0,
+            ..base.clone()
+        },
+        &rounds,
+        now,
+    )
+    .await?;
+    runs.push(r);
+    let cfg = RedisConfig {
+        key_prefix: prefix("shipped"),
+        ..base.clone()
+    };
+    let (r, applier, conn) = flush("shipped", cfg.clone(), &rounds, now).await?;
+    runs.push(r);
+    println!(
+        "| variant | rounds | cell updates | cells written | commands | round trips | wall s (plans alone) | cell updates/s | Redis CPU s | Redis CPU µs per cell written |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    for r in &runs {
+        let rounds = if r.label == "per-frame" {
+            per_frame.len()
+        } else {
+            rounds.len()
+        };
+        println!(
+            "| {} | {rounds} | {} | {} | {} | {} | {:.2} ({:.2}) | {:.0} | {:.2} | {:.2} |",
+            r.label,
+            r.cell_updates,
+            r.cells,
+            r.commands,
+            r.round_trips,
+            r.secs,
+            r.plan_secs,
+            r.cell_updates as f64 / r.secs,
+            r.redis_cpu,
+            r.redis_cpu * 1e6 / r.cells as f64
+        );
     }
-    let build = t.elapsed();
     let t = Instant::now();
-    // As the flusher does: 256 frames per round at most.
-    applier.apply(&mut conn, &calls).await?;
-    let flush = t.elapsed();
-    let s = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::Relaxed);
-    println!("redis: {url}  frames: {n}  entries (5m, per campaign x dim): {entries}");
+    let mut again = 0;
+    for r in &rounds {
+        again += applier.apply_round(&conn, r, now).await?;
+    }
     println!(
-        "scripts: {}  commands: {}  round trips: {}",
-        calls.len(),
-        s(&stats.commands),
-        s(&stats.round_trips)
-    );
-    println!(
-        "commands per frame: {:.0}  per 5m entry: {:.2} (entry rolled up into 5m+1h+1d, counters + HLL + top)",
-        s(&stats.commands) as f64 / n as f64,
-        s(&stats.commands) as f64 / entries as f64
-    );
-    println!(
-        "build calls: {:.1} ms  flush: {:.1} ms  => {:.0} frames/s, {:.0} entries/s",
-        build.as_secs_f64() * 1e3,
-        flush.as_secs_f64() * 1e3,
-        n as f64 / (build + flush).as_secs_f64(),
-        entries as f64 / (build + flush).as_secs_f64()
-    );
-    let t = Instant::now();
-    let again = applier.apply(&mut conn, &calls).await?;
-    println!(
-        "replay of the same frames: {again} applied, {:.1} ms",
+        "replay of the shipped rounds: {again} scripts applied (must be 0), {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
+    anyhow::ensure!(again == 0, "a replay applied something");
 
     // Queries: the same frames in the embedded store.
     let mut store = Store::new(Retention::default(), 10_000_000);
     for b in &fs {
         store.apply_frame(access_delta(b)?, now)?;
     }
-    let q = RedisQuery::new(&cfg, stats.clone());
+    let q = RedisQuery::new(&cfg, applier.stats.clone());
     let day = 24 * 3600 * 1000;
     for (label, w, from) in [
         ("5m over 24 h (288 buckets)", Window::M5, now - day),
@@ -140,7 +273,7 @@ async fn main() -> anyhow::Result<()> {
     ] {
         let (mut r, mut e) = (Vec::new(), Vec::new());
         for i in 0..1000u64 {
-            let c = i % CAMPAIGNS;
+            let c = 1 + i % campaigns.min(200);
             let t = Instant::now();
             let a = q.series(c, w, Dim::All, from, now + 1).await?;
             r.push(t.elapsed());
@@ -150,6 +283,10 @@ async fn main() -> anyhow::Result<()> {
             assert_eq!(
                 a.iter().map(|x| x.clicks).sum::<u64>(),
                 b.iter().map(|x| x.clicks).sum::<u64>()
+            );
+            assert_eq!(
+                a.iter().map(|x| x.cost_micros).sum::<u64>(),
+                b.iter().map(|x| x.cost_micros).sum::<u64>()
             );
         }
         println!(

@@ -37,6 +37,8 @@ pub(crate) enum Job {
     Frame {
         body: AlignedVec,
         reply: oneshot::Sender<Result<Ack, String>>,
+        /// When the frame was read off the socket (for the apply lag).
+        received: Instant,
     },
     Tick,
     Shutdown(oneshot::Sender<anyhow::Result<()>>),
@@ -111,6 +113,7 @@ pub(crate) fn writer_loop(
             }
         }
         let now = crate::now_ms();
+        let mut oldest: Option<Instant> = None;
         let mut tick = false;
         let mut shutdown = None;
         {
@@ -120,7 +123,12 @@ pub(crate) fn writer_loop(
                     Job::Frame { reply, .. } if failed => {
                         let _ = reply.send(Err("store writer failed".into()));
                     }
-                    Job::Frame { body, reply } => {
+                    Job::Frame {
+                        body,
+                        reply,
+                        received,
+                    } => {
+                        oldest = Some(oldest.map_or(received, |o: Instant| o.min(received)));
                         // The first frame of a dataplane run may reveal counts its
                         // crashed predecessor never shipped: refill them first.
                         if let Ok(f) = access_delta(&body) {
@@ -142,9 +150,18 @@ pub(crate) fn writer_loop(
                                         core: f.core.to_native(),
                                         delta_id: f.delta_id.to_native(),
                                     };
-                                    s.apply_frame(f, now)
-                                        .map(|a| (a, ack))
-                                        .map_err(|e| e.to_string())
+                                    let t = Instant::now();
+                                    let r = s.apply_frame(f, now);
+                                    metrics.store_apply_ns.fetch_add(
+                                        t.elapsed().as_nanos() as u64,
+                                        Ordering::Relaxed,
+                                    );
+                                    if matches!(r, Ok(crate::store::Applied::Applied)) {
+                                        metrics
+                                            .store_applied_entries
+                                            .fetch_add(f.entries.len() as u64, Ordering::Relaxed);
+                                    }
+                                    r.map(|a| (a, ack)).map_err(|e| e.to_string())
                                 });
                         match applied {
                             Ok((crate::store::Applied::Applied, ack)) => {
@@ -182,6 +199,11 @@ pub(crate) fn writer_loop(
                     metrics.set_writer_failed();
                 }
             }
+        }
+        if let Some(o) = oldest {
+            metrics
+                .store_apply_lag_us
+                .store(o.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
         for (reply, ack) in replies.drain(..) {
             let _ = reply.send(if failed {
@@ -321,7 +343,15 @@ async fn serve_connection(
             if pending_tx.send(rx).await.is_err() {
                 anyhow::bail!("ack writer stopped");
             }
-            if jobs.send(Job::Frame { body, reply: tx }).await.is_err() {
+            if jobs
+                .send(Job::Frame {
+                    body,
+                    reply: tx,
+                    received: Instant::now(),
+                })
+                .await
+                .is_err()
+            {
                 anyhow::bail!("store writer gone");
             }
         }

@@ -29,11 +29,12 @@ pub mod ingest;
 pub mod metrics;
 pub mod query;
 pub mod read;
-pub mod redis_hll;
-pub mod redis_outbox;
+#[path = "redis/mod.rs"]
 pub mod redis_store;
+pub use redis_store::{hll as redis_hll, outbox as redis_outbox};
 pub mod refill;
 pub mod serve;
+pub mod stage_lag;
 pub mod store;
 
 use std::net::SocketAddr;
@@ -170,6 +171,8 @@ pub struct Controlplane {
     archiver: archive::ArchiverHandle,
     /// The Redis flusher's stop signal and task: stopped after the writer's last commit.
     redis_flusher: Option<(watch::Sender<bool>, JoinHandle<()>)>,
+    /// Stops the thread counting the log consumers' lag (`stage_lag`).
+    lag_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Controlplane {
@@ -308,6 +311,14 @@ impl Controlplane {
             Some(side) => Arc::new(read::RedisRead::new(side.clone(), store.clone())),
             None => Arc::new(read::EmbeddedRead::new(store.clone())),
         };
+        let lag_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lags =
+            stage_lag::StageLags::spawn(&cfg.data_dir, Duration::from_secs(1), lag_stop.clone())?;
+        metrics
+            .stage_lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(lags.gauges);
         let dashboard = dashboard::router(dashboard::DashState {
             store: store.clone(),
             metrics: metrics.clone(),
@@ -363,6 +374,7 @@ impl Controlplane {
             store,
             archiver,
             redis_flusher,
+            lag_stop,
         })
     }
 
@@ -391,6 +403,8 @@ impl Controlplane {
     /// final snapshot.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
+        self.lag_stop
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
         }

@@ -37,6 +37,16 @@ pub struct Metrics {
     pub queries_campaigns: AtomicU64,
     /// Query API connections closed at accept: over the connection cap or the per-address cap.
     pub query_connections_refused: AtomicU64,
+    /// Time the writer spent in `Store::apply_frame` (ns) and the delta entries applied
+    /// there: the store's apply cost per entry.
+    pub store_apply_ns: AtomicU64,
+    pub store_applied_entries: AtomicU64,
+    /// Receipt on the socket → durable apply (WAL fdatasync) of the slowest frame of the
+    /// writer's last group, in µs: the store apply lag.
+    pub store_apply_lag_us: AtomicU64,
+    /// Lag gauges of other stages (`clickgate_archive_lag_records`, ...), set by whoever
+    /// runs them in this process: `(name, help, value)`.
+    pub stage_lags: std::sync::Mutex<Vec<(&'static str, &'static str, std::sync::Arc<AtomicU64>)>>,
     writer_failed: AtomicBool,
 }
 
@@ -195,6 +205,12 @@ impl Metrics {
             },
         );
         one(
+            "clickgate_store_applied_entries_total",
+            "counter",
+            "Delta entries the store writer applied.",
+            g(&self.store_applied_entries),
+        );
+        one(
             "clickgate_store_writer_failed",
             "gauge",
             "1 when the store writer stopped on an I/O error.",
@@ -242,6 +258,28 @@ impl Metrics {
         );
         let _ = writeln!(out, "# HELP clickgate_query_errors_total Query API requests answered 400.\n# TYPE clickgate_query_errors_total counter");
         let _ = writeln!(out, "clickgate_query_errors_total {}", g(&self.queries_bad));
+        let _ = writeln!(
+            out,
+            "# HELP clickgate_store_apply_seconds_total Time the store writer spent applying delta frames (with clickgate_store_applied_entries_total: the apply cost per entry).\n# TYPE clickgate_store_apply_seconds_total counter\nclickgate_store_apply_seconds_total {}",
+            g(&self.store_apply_ns) as f64 / 1e9
+        );
+        let _ = writeln!(
+            out,
+            "# HELP clickgate_store_apply_lag_seconds Receipt to durable apply of the slowest delta frame of the store writer's last group commit.\n# TYPE clickgate_store_apply_lag_seconds gauge\nclickgate_store_apply_lag_seconds {}",
+            g(&self.store_apply_lag_us) as f64 / 1e6
+        );
+        for (name, help, v) in self
+            .stage_lags
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {}",
+                v.load(Ordering::Relaxed)
+            );
+        }
         out
     }
 }

@@ -455,3 +455,42 @@ fn parse_response(buf: &[u8]) -> Option<(Response, usize)> {
         end + len,
     ))
 }
+
+/// Builds `clickgate-bench` (another package of the workspace) with the cargo running this
+/// test and returns the binary's path, taken from cargo's own build messages, so it is
+/// right whatever the target dir (`CARGO_TARGET_DIR`, `--target-dir`) or profile layout.
+pub fn bench_binary() -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(&cargo)
+        .args([
+            "build",
+            "-p",
+            "clickgate-bench",
+            "--bin",
+            "clickgate-bench",
+            "--message-format=json-render-diagnostics",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cargo} build -p clickgate-bench: {e}"));
+    assert!(
+        out.status.success(),
+        "`{cargo} build -p clickgate-bench` failed ({}); see its output above",
+        out.status
+    );
+    let exe = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == "clickgate-bench")
+        .filter(|m| {
+            m["target"]["kind"]
+                .as_array()
+                .is_some_and(|k| k.iter().any(|k| k == "bin"))
+        })
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .expect("cargo built clickgate-bench but reported no executable for it");
+    assert!(exe.is_file(), "{} does not exist", exe.display());
+    exe
+}

@@ -41,7 +41,14 @@ struct Segments {
     segs: VecDeque<(u64, u64)>,
     /// Where the flusher stands.
     cursor: (u64, u64),
+    /// `(end position, wall-clock ms)` of each commit not yet wholly in Redis, oldest
+    /// first: the flush lag is the age of the first. At most [`COMMITS_TRACKED_MAX`]
+    /// (past it the newest entry's end moves on: the lag reads older, never younger).
+    commits: VecDeque<((u64, u64), u64)>,
 }
+
+/// Commit times kept for the flush lag, at most.
+const COMMITS_TRACKED_MAX: usize = 65_536;
 
 /// Counters exported on `/metrics`.
 #[derive(Debug, Default)]
@@ -49,9 +56,9 @@ pub struct OutboxStats {
     pub bytes: AtomicU64,
     pub dropped_deltas: AtomicU64,
     pub write_errors: AtomicU64,
-    /// Wall-clock ms since when the outbox holds frames not yet in Redis (0: caught
-    /// up): `clickgate_redis_flush_lag_seconds`. Set by the first commit after the
-    /// flusher caught up, cleared when an advance leaves nothing behind.
+    /// Wall-clock ms of the commit of the oldest frame not yet in Redis (0: caught up):
+    /// `clickgate_redis_flush_lag_seconds`. Set by a commit when the flusher had caught
+    /// up, moved on by each advance to the oldest commit still behind.
     pub pending_since_ms: AtomicU64,
     /// Set when a commit dropped frames, cleared by the next commit that fits.
     pub dropping: std::sync::atomic::AtomicBool,
@@ -72,6 +79,13 @@ pub struct OutboxWriter {
     file: Option<File>,
     pending: Vec<u8>,
     pending_frames: u64,
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_millis() as u64)
+        .max(1)
 }
 
 fn seg_path(dir: &Path, seq: u64) -> PathBuf {
@@ -163,14 +177,34 @@ impl Outbox {
         let file = OpenOptions::new()
             .append(true)
             .open(seg_path(dir, segs.back().expect("one segment").0))?;
+        // A backlog left from an earlier run counts as committed now.
+        let mut commits = VecDeque::new();
+        let end = (
+            segs.back().expect("one segment").0,
+            segs.back().expect("one").1,
+        );
+        let backlog = segs
+            .iter()
+            .any(|&(seq, len)| seq > cursor.0 || (seq == cursor.0 && len > cursor.1));
+        let now = wall_ms();
+        if backlog {
+            commits.push_back((end, now));
+        }
         let outbox = Outbox {
             dir: dir.to_path_buf(),
-            shared: Arc::new(Mutex::new(Segments { segs, cursor })),
+            shared: Arc::new(Mutex::new(Segments {
+                segs,
+                cursor,
+                commits,
+            })),
             stats: Arc::new(OutboxStats::default()),
             spill_bytes_max,
             segment_bytes: (spill_bytes_max / 8).clamp(1 << 20, 64 << 20),
         };
         outbox.update_bytes();
+        if backlog {
+            outbox.stats.pending_since_ms.store(now, Ordering::Relaxed);
+        }
         let writer = OutboxWriter {
             outbox: outbox.clone(),
             file: Some(file),
@@ -289,6 +323,11 @@ impl Outbox {
         let stale: Vec<u64> = {
             let mut s = self.lock();
             s.cursor = cursor;
+            while s.commits.front().is_some_and(|&(end, _)| end <= cursor) {
+                s.commits.pop_front();
+            }
+            let oldest = s.commits.front().map_or(0, |&(_, at)| at);
+            self.stats.pending_since_ms.store(oldest, Ordering::Relaxed);
             let mut stale = Vec::new();
             while s.segs.len() > 1 && s.segs[0].0 < cursor.0 {
                 stale.push(s.segs.pop_front().expect("len > 1").0);
@@ -297,9 +336,6 @@ impl Outbox {
         };
         for seq in stale {
             let _ = fs::remove_file(seg_path(&self.dir, seq));
-        }
-        if self.backlog_bytes() == 0 {
-            self.stats.pending_since_ms.store(0, Ordering::Relaxed);
         }
         self.update_bytes();
         Ok(())
@@ -367,10 +403,15 @@ impl OutboxWriter {
         f.write_all(&self.pending)?;
         f.sync_data()?;
         let mut s = ob.lock();
-        s.segs.back_mut().expect("one segment").1 += self.pending.len() as u64;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_millis() as u64);
+        let last = s.segs.back_mut().expect("one segment");
+        last.1 += self.pending.len() as u64;
+        let end = *last;
+        let now = wall_ms();
+        if s.commits.len() < COMMITS_TRACKED_MAX {
+            s.commits.push_back((end, now));
+        } else if let Some(newest) = s.commits.back_mut() {
+            newest.0 = end;
+        }
         let _ = ob.stats.pending_since_ms.compare_exchange(
             0,
             now,
