@@ -45,6 +45,11 @@ pub struct BillingArgs {
     #[arg(long)]
     pub threads: Option<usize>,
 
+    /// Records per sorted run: forces spilling runs to disk whatever the archive's size
+    /// (diagnostics; by default the plan follows --memory-mib)
+    #[arg(long)]
+    pub run_rows: Option<usize>,
+
     /// Another engine's invoices.csv (e.g. the Spark job's) to compare with: every
     /// invoice row of either side with the difference, in engines.csv
     #[arg(long)]
@@ -87,6 +92,7 @@ fn bill(
         cfg.threads = t;
     }
     cfg.compare_invoices = args.compare_invoices.clone();
+    cfg.run_rows = args.run_rows;
     cfg.progress &= !args.no_progress;
     billing::run(&cfg)
 }

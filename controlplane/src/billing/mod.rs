@@ -99,6 +99,9 @@ pub struct BillingConfig {
     pub memory_bytes: u64,
     /// Decoding and sorting threads.
     pub threads: usize,
+    /// Records per sorted run, forcing the spilled plan (tests, diagnostics); `None`:
+    /// planned from `memory_bytes`.
+    pub run_rows: Option<usize>,
     /// Another engine's invoices.csv to compare with (written to engines.csv).
     pub compare_invoices: Option<PathBuf>,
     /// Draw a progress line on stderr.
@@ -118,6 +121,7 @@ impl BillingConfig {
             margin_hours: 1,
             memory_bytes: 1 << 30,
             threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            run_rows: None,
             compare_invoices: None,
             progress: std::io::stderr().is_terminal(),
         }
@@ -207,6 +211,9 @@ impl fmt::Display for Summary {
                 "; no real-time counters found (reconciliation.csv has empty real-time columns)"
             }
         )?;
+        if self.spilled_runs > 0 {
+            write!(f, "; {} sorted runs spilled", self.spilled_runs)?;
+        }
         if let Some(d) = self.engine_diffs {
             write!(
                 f,
@@ -470,6 +477,13 @@ fn plan(
             cfg.threads
         )));
     };
+    if let Some(n) = cfg.run_rows {
+        fs::create_dir_all(spill_dir)?;
+        return Ok(Plan {
+            spill: Some(spill_dir.to_path_buf()),
+            run_recs: n.max(1),
+        });
+    }
     if rows.saturating_mul(MEM_ROW_BYTES) <= budget {
         return Ok(Plan {
             spill: None,
