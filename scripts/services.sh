@@ -4,8 +4,8 @@
 #          on 127.0.0.1:${CLICKGATE_TEST_KAFKA_PORT:-19092}, in-memory storage
 #   Redis  Debian's redis-server: one node on ${CLICKGATE_TEST_REDIS_PORT:-16379} and a
 #          three-node cluster on 17000-17002, no persistence
-#   tools  pyarrow (independent Parquet reader), promtool, systemd-analyze, Chromium +
-#          playwright-core
+#   tools  pyarrow (independent Parquet reader), pyspark + Java (the billing Spark job),
+#          promtool, systemd-analyze, Chromium + playwright-core
 #
 # Each service is started only if its port does not answer already, so a developer's
 # running services are reused. The tests read the addresses from the CLICKGATE_TEST_*
@@ -118,6 +118,19 @@ ensure_pyarrow() {
     export CLICKGATE_TEST_PYTHON="$venv/bin/python"
 }
 
+# Spark in local mode for the billing job's test: pyspark from PyPI into the same venv,
+# a Java runtime from Debian.
+ensure_pyspark() {
+    local venv="$CLICKGATE_TOOLS/pyenv"
+    command -v java >/dev/null || apt_install openjdk-17-jre-headless
+    if ! "$venv/bin/python" -c 'import pyspark' 2>/dev/null; then
+        svc_log "installing pyspark from PyPI into $venv"
+        timeout 600 "$venv/bin/pip" install -q pyspark >"$SERVICES_DIR/pip-pyspark.log" 2>&1 ||
+            { echo "error: pip install pyspark failed; see $SERVICES_DIR/pip-pyspark.log" >&2; exit 1; }
+    fi
+    export CLICKGATE_TEST_PYSPARK="$venv/bin/python"
+}
+
 ensure_promtool() {
     command -v promtool >/dev/null || apt_install prometheus
     export CLICKGATE_TEST_PROMTOOL
@@ -148,6 +161,7 @@ services_start() {
     start_redis
     start_kafka
     ensure_pyarrow
+    ensure_pyspark
     ensure_promtool
     ensure_systemd_analyze
     ensure_browser

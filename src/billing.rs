@@ -1,4 +1,4 @@
-//! `clickgate billing --day YYYY-MM-DD` (contract §7): flags to
+//! `clickgate billing --day YYYY-MM-DD`: flags to
 //! [`clickgate_controlplane::billing::BillingConfig`]; the work is in that module.
 
 use std::path::PathBuf;
@@ -14,11 +14,12 @@ pub struct BillingArgs {
     #[arg(long)]
     pub day: String,
 
-    /// Directory for invoices.csv, adjustments.csv and reconciliation.csv [default: .]
+    /// Directory for invoices.csv, adjustments.csv, reconciliation.csv (and engines.csv)
+    /// [default: .]
     #[arg(long, default_value = ".")]
     pub out: PathBuf,
 
-    /// Fraud rules file (contract §4 format) [default: the box's <data dir>/rules/current.json]
+    /// Fraud rules file (the `clickgate rules` format) [default: the box's <data dir>/rules/current.json]
     #[arg(long)]
     pub rules: Option<PathBuf>,
 
@@ -35,9 +36,24 @@ pub struct BillingArgs {
     #[arg(long, default_value_t = 1)]
     pub margin_hours: u32,
 
-    /// Rows per spill partition, at most: the memory bound (about 360 B per row)
-    #[arg(long, default_value_t = 2_000_000)]
-    pub partition_rows_max: u64,
+    /// Peak memory, at most, in MiB: the day is billed in memory when it fits (about
+    /// 132 B per row read), else in sorted runs spilled next to --out
+    #[arg(long, default_value_t = 1024)]
+    pub memory_mib: u64,
+
+    /// Decoding and sorting threads [default: the number of cores]
+    #[arg(long)]
+    pub threads: Option<usize>,
+
+    /// Records per sorted run: forces spilling runs to disk whatever the archive's size
+    /// (diagnostics; by default the plan follows --memory-mib)
+    #[arg(long)]
+    pub run_rows: Option<usize>,
+
+    /// Another engine's invoices.csv (e.g. the Spark job's) to compare with: every
+    /// invoice row of either side with the difference, in engines.csv
+    #[arg(long)]
+    pub compare_invoices: Option<PathBuf>,
 
     /// Never draw the progress line (it is drawn only when stderr is a terminal anyway)
     #[arg(long)]
@@ -71,7 +87,12 @@ fn bill(
     cfg.batch_checks = args.batch_checks;
     cfg.ip_campaigns_max = args.ip_campaigns_max;
     cfg.margin_hours = args.margin_hours;
-    cfg.partition_rows_max = args.partition_rows_max;
+    cfg.memory_bytes = args.memory_mib.saturating_mul(1 << 20);
+    if let Some(t) = args.threads {
+        cfg.threads = t;
+    }
+    cfg.compare_invoices = args.compare_invoices.clone();
+    cfg.run_rows = args.run_rows;
     cfg.progress &= !args.no_progress;
     billing::run(&cfg)
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -156,6 +156,14 @@ fn generate(day_start: u64) -> Day {
         }
         first.push(e);
     }
+    // IPv6 clicks, and an IPv4-mapped address inside the IPv4 blocklist.
+    for (i, a) in ["2001:db8::7", "2001:db8::7", "2001:db8:1::9"]
+        .iter()
+        .enumerate()
+    {
+        first.push(d.ev(11, h(7) + i as u64 * 1_000, |v| ip(v, *a)));
+    }
+    first.push(d.ev(12, h(7), |v| ip(v, "::ffff:198.51.100.77")));
     // Batch-only check: one IP on four campaigns in the day.
     for (i, c) in [11u64, 12, 21, 31].iter().enumerate() {
         first.push(d.ev(*c, h(20) + i as u64 * MINUTE_MS * 7, |v| ip(v, "10.8.0.1")));
@@ -201,10 +209,12 @@ fn truth(d: &Day, batch_checks: bool) -> Truth {
     };
     for e in clicks {
         let ua = e.s("user_agent").to_ascii_lowercase();
-        let blocked = e
-            .s("ip")
-            .parse::<Ipv4Addr>()
-            .is_ok_and(|a| a.octets()[..3] == [198, 51, 100]);
+        let v4 = match e.s("ip").parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => Some(a),
+            Ok(IpAddr::V6(a)) => a.to_ipv4_mapped(),
+            Err(_) => None,
+        };
+        let blocked = v4.is_some_and(|a| a.octets()[..3] == [198, 51, 100]);
         let fraud = blocked
             || ["bot", "crawler", "headlesschrome"]
                 .iter()
@@ -285,8 +295,8 @@ fn apply_rules(cg: &Clickgate) {
     );
 }
 
-#[test]
-fn a_day_is_billed_exactly_as_the_ground_truth_and_twice_the_same() {
+/// A box that ingested yesterday's generated day over HTTP and stopped cleanly.
+fn ingested_day() -> (Clickgate, Day, String) {
     let mut cg = Clickgate::run(&[
         "--control-token",
         TOKEN,
@@ -309,8 +319,12 @@ fn a_day_is_billed_exactly_as_the_ground_truth_and_twice_the_same() {
         std::thread::sleep(Duration::from_millis(20));
     }
     assert!(cg.sigterm_and_wait().success(), "clean stop");
+    (cg, day, date_of(day_start))
+}
 
-    let date = date_of(day_start);
+#[test]
+fn a_day_is_billed_exactly_as_the_ground_truth_and_twice_the_same() {
+    let (cg, day, date) = ingested_day();
     let out1 = tempfile::tempdir().unwrap();
     let r = billing(
         &cg.data_dir,
@@ -373,6 +387,35 @@ fn a_day_is_billed_exactly_as_the_ground_truth_and_twice_the_same() {
             std::fs::read(out2.path().join(f)).unwrap(),
             "{f}"
         );
+    }
+
+    // Spilled sorted runs (a handful of rows each, any thread count) give the same bytes
+    // as the in-memory plan.
+    for (run_rows, threads) in [("1", "1"), ("7", "3"), ("50", "2")] {
+        let out = tempfile::tempdir().unwrap();
+        let r = billing(
+            &cg.data_dir,
+            &[
+                "--day",
+                &date,
+                "--out",
+                out.path().to_str().unwrap(),
+                "--run-rows",
+                run_rows,
+                "--threads",
+                threads,
+            ],
+        );
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.stdout.contains("sorted runs spilled"), "{}", r.stdout);
+        for f in ["invoices.csv", "reconciliation.csv"] {
+            assert_eq!(
+                std::fs::read(out1.path().join(f)).unwrap(),
+                std::fs::read(out.path().join(f)).unwrap(),
+                "{f} with --run-rows {run_rows} --threads {threads}"
+            );
+        }
+        assert!(!out.path().join(".billing-spill").exists(), "spill removed");
     }
 
     // Batch-only checks: the IP on four campaigns loses its billable clicks, each listed.
@@ -510,4 +553,216 @@ fn bad_arguments_exit_2_naming_the_argument() {
         std::fs::read_to_string(Path::new(out).join("invoices.csv")).unwrap(),
         "advertiser_id,campaign_id,clicks,cost_micros\n"
     );
+}
+
+/// Every rule kind, the model reading most features (the exact per-minute count, IPv6,
+/// a geo table, the user agent) so the two engines' arithmetic is compared on them.
+const RICH_RULES: &str = r#"{"rules":[
+  {"id":"blocklist","kind":"ip_block","cidrs":["198.51.100.0/24","2001:db8:1::/48"]},
+  {"id":"bots","kind":"user_agent","patterns":["bot","crawler","HeadlessChrome"]},
+  {"id":"honeypots","kind":"honeypot","ad_ids":[999001,999002]},
+  {"id":"burst","kind":"ip_rate","max_clicks_per_minute":5},
+  {"id":"risk","kind":"risk_model","threshold":0.5,"model":{"bias":-10.0,
+    "weights":{"cost_units":1.0,"ip_rate":0.25,"ip_v6":2.0,"ua_short":0.5,"hour_night":0.125,
+      "country_mismatch":0.5,"device_ctv":0.0625,"ua_bot":0.75,"ua_device_mismatch":0.3,
+      "ua_empty":0.1,"device_other":0.2},
+    "geo":{"DE":["10.1.0.0/24"]}}}
+]}"#;
+
+/// The Python with pyspark (scripts/services.sh installs it), and a Java runtime.
+fn pyspark() -> String {
+    let py = std::env::var("CLICKGATE_TEST_PYSPARK").unwrap_or_else(|_| {
+        panic!(
+            "CLICKGATE_TEST_PYSPARK is not set: the Spark billing test needs a Python with \
+             pyspark (scripts/services.sh installs one) and a Java runtime"
+        )
+    });
+    let ok = Command::new(&py)
+        .args(["-c", "import pyspark"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "CLICKGATE_TEST_PYSPARK={py} cannot import pyspark");
+    let java = Command::new("java").arg("-version").output();
+    assert!(
+        java.is_ok_and(|o| o.status.success()),
+        "no Java runtime on PATH: the Spark billing test needs one (scripts/services.sh installs it)"
+    );
+    py
+}
+
+/// Runs the Spark job in local mode, bounded by `SPARK_TIMEOUT`.
+fn spark_billing(py: &str, archive: &Path, date: &str, rules: &Path, out: &Path, extra: &[&str]) {
+    const SPARK_TIMEOUT: Duration = Duration::from_secs(300);
+    let job = Path::new(env!("CARGO_MANIFEST_DIR")).join("spark/billing.py");
+    let log = out.with_extension("log");
+    let mut child = Command::new(py)
+        .arg(job)
+        .args([
+            "--master",
+            "local[2]",
+            "--shuffle-partitions",
+            "4",
+            "--archive",
+        ])
+        .arg(archive)
+        .args(["--day", date, "--rules"])
+        .arg(rules)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(log.with_extension("err")).unwrap())
+        .spawn()
+        .expect("start the Spark job");
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if started.elapsed() > SPARK_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "the Spark job ran longer than {SPARK_TIMEOUT:?}: {}",
+                std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(
+        status.success(),
+        "Spark job failed: {}{}",
+        std::fs::read_to_string(&log).unwrap_or_default(),
+        std::fs::read_to_string(log.with_extension("err")).unwrap_or_default()
+    );
+}
+
+#[test]
+fn the_spark_job_bills_the_same_bytes_as_clickgate_billing() {
+    let py = pyspark();
+    let (cg, _day, date) = ingested_day();
+    let archive = cg.data_dir.join("archive");
+    let tmp = tempfile::tempdir().unwrap();
+    let rules = tmp.path().join("rules.json");
+    std::fs::write(&rules, RICH_RULES).unwrap();
+    let rules_arg = rules.to_str().unwrap();
+
+    // Plain, then with the batch check.
+    for (name, extra) in [
+        ("plain", vec![]),
+        ("batch", vec!["--batch-checks", "--ip-campaigns-max", "3"]),
+    ] {
+        let ours = tmp.path().join(format!("{name}-clickgate"));
+        let mut args = vec![
+            "--day",
+            &date,
+            "--out",
+            ours.to_str().unwrap(),
+            "--rules",
+            rules_arg,
+        ];
+        args.extend(extra.iter().copied());
+        let r = billing(&cg.data_dir, &args);
+        assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+        assert!(!r.stdout.contains(" 0 fraud"), "rules fired: {}", r.stdout);
+        let theirs = tmp.path().join(format!("{name}-spark"));
+        spark_billing(&py, &archive, &date, &rules, &theirs, &extra);
+        let a = std::fs::read_to_string(ours.join("invoices.csv")).unwrap();
+        let b = std::fs::read_to_string(theirs.join("invoices.csv")).unwrap();
+        assert_eq!(a, b, "{name}: Spark's invoices differ from clickgate's");
+        assert!(a.lines().count() > 3, "{name}: a real invoice: {a}");
+        if name == "batch" {
+            let lines = |p: &Path| -> BTreeSet<String> {
+                std::fs::read_to_string(p.join("adjustments.csv"))
+                    .unwrap()
+                    .lines()
+                    .map(str::to_string)
+                    .collect()
+            };
+            let (x, y) = (lines(&ours), lines(&theirs));
+            assert_eq!(x.len(), 5, "header and the four clicks of 10.8.0.1: {x:?}");
+            assert_eq!(x, y, "the same adjustments, line for line");
+        }
+
+        // Reconciliation across engines: identical here, and a changed row is named.
+        let cmp = tmp.path().join(format!("{name}-compare"));
+        let mut args2 = args.clone();
+        let cmp_s = cmp.to_str().unwrap().to_string();
+        args2[3] = &cmp_s;
+        let spark_inv = theirs.join("invoices.csv");
+        let spark_inv_s = spark_inv.to_str().unwrap().to_string();
+        args2.extend(["--compare-invoices", &spark_inv_s]);
+        let r = billing(&cg.data_dir, &args2);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        assert!(r.stdout.contains("0 invoice rows differ"), "{}", r.stdout);
+        let engines = std::fs::read_to_string(cmp.join("engines.csv")).unwrap();
+        assert_eq!(engines.lines().count(), a.lines().count());
+        assert!(
+            engines.lines().skip(1).all(|l| l.ends_with(",same")),
+            "{engines}"
+        );
+    }
+
+    // A changed figure in the other engine's invoice is reported, row by row.
+    let ours = std::fs::read_to_string(tmp.path().join("plain-clickgate/invoices.csv")).unwrap();
+    let second = ours.lines().nth(1).unwrap().to_string();
+    let f: Vec<&str> = second.split(',').collect();
+    let changed = format!(
+        "{},{},{},{}",
+        f[0],
+        f[1],
+        f[2].parse::<u64>().unwrap() + 1,
+        f[3]
+    );
+    let bad = tmp.path().join("bad-invoices.csv");
+    std::fs::write(&bad, ours.replacen(&second, &changed, 1)).unwrap();
+    let out = tmp.path().join("bad-compare");
+    let r = billing(
+        &cg.data_dir,
+        &[
+            "--day",
+            &date,
+            "--out",
+            out.to_str().unwrap(),
+            "--rules",
+            rules_arg,
+            "--compare-invoices",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("1 invoice rows differ"), "{}", r.stdout);
+    let engines = std::fs::read_to_string(out.join("engines.csv")).unwrap();
+    let row = format!(
+        "{},{},{},{},1,",
+        f[0],
+        f[1],
+        f[2],
+        changed.split(',').nth(2).unwrap()
+    );
+    assert!(
+        engines
+            .lines()
+            .any(|l| l.starts_with(&row) && l.ends_with(",differs")),
+        "{engines}"
+    );
+    // A malformed one is refused, naming the flag.
+    std::fs::write(
+        &bad,
+        "advertiser_id,campaign_id,clicks,cost_micros\n1,2,x,4\n",
+    )
+    .unwrap();
+    let r = billing(
+        &cg.data_dir,
+        &[
+            "--day",
+            &date,
+            "--out",
+            out.to_str().unwrap(),
+            "--compare-invoices",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("--compare-invoices"), "{}", r.stderr);
 }

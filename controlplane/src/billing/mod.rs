@@ -1,54 +1,83 @@
-//! `clickgate billing --day D` (contract §7): the archive's exact replay into invoices.
+//! `clickgate billing --day D`: the archive's exact replay into invoices.
 //!
 //! ```text
-//! archive hours [D - margin, D + 1 day + margin)
-//!   ─pass 1─▶ spill by hash(event_id) into P files          (P = ⌈rows / partition_rows_max⌉)
-//!   ─pass 2─▶ per file: sort by (event_id, recv_ts, source, lsn), keep the first copy;
-//!             winners with ts in D ─▶ spill by hash(ip) into P files
-//!   ─pass 3─▶ per file: group by ip; per UTC minute count; CompiledRules::evaluate_static
-//!             with that count + every ip_rate rule over it (contract §6, exact);
-//!             optional batch-only checks; the rest is billable
+//! archive hours [D - margin, D + 1 day + margin), footers read once
+//!   ─A─▶ parallel decode of (file, row group) units, 7 columns:
+//!        KeyRec {event_id, recv_ts, source, lsn, file, row, ts, ip, campaign}
+//!        sorted runs by (event_id, recv_ts, source, lsn)
+//!   ─B─▶ k-way merge: the first copy of each event_id wins; winners with ts in D
+//!        ─▶ WinRec {ip, minute, file, row, campaign}, sorted runs by (ip, minute)
+//!   ─C─▶ k-way merge: per ip, clicks per UTC minute (and distinct campaigns for the
+//!        batch check) ─▶ per (file, row) the minute's count
+//!   ─D─▶ parallel decode of each file's rule columns; every winner of the day:
+//!        ip_rate rules on the exact count, CompiledRules::evaluate_static (the
+//!        stream's code) with it, the batch check; the rest is billable
 //!   ─▶ invoices.csv, adjustments.csv (batch checks on), reconciliation.csv
 //! ```
 //!
-//! Memory holds one spill partition at a time: about `partition_rows_max` × 360 B
-//! (measured: the spilled record, its decoded form and the sort key), plus `P` × 16 KiB
-//! of write buffers. For a day of 43 B events with `partition_rows_max` = 4 M: P ≈ 10 750
-//! files, ≈ 1.4 GiB per partition and ≈ 170 MiB of buffers (and `ulimit -n` above P);
-//! disk holds two copies of the day's records (docs/ARCHIVE.md).
+//! Memory: the day is held in memory as fixed-size records (≈ 132 B per row read, see
+//! [`MEM_ROW_BYTES`]) when that fits `memory_bytes`; otherwise every pass writes sorted
+//! runs of a size the setting allows to a spill directory and merges them (one 64 KiB
+//! read buffer per run). Either way peak memory stays under `memory_bytes`, whatever the
+//! archive's size; one IP's deduplicated clicks of the day are held together in pass C
+//! (24 B each), the one thing that grows with the input rather than the setting.
 //!
 //! Exactness and determinism: dedup keeps the earliest received copy, ties broken by
-//! (source, lsn), which are unique; the neighbouring `margin_hours` are read so a copy
-//! whose `ts` was altered across the day boundary still competes. Every output is sorted
-//! or produced in a fixed order (partitions ascending, then ip, ts, event_id), written to
-//! a temporary name and renamed: two runs on the same archive give the same bytes.
+//! (source, lsn), which are unique (then file and row, for a damaged archive holding
+//! a file twice); the neighbouring `margin_hours` are read so a copy whose `ts` was
+//! altered across the day boundary still competes. Outputs are sorted, or in archive
+//! file and row order (adjustments), written to a temporary name and renamed: two runs
+//! give the same bytes, whatever the memory setting or thread count.
 
-pub mod read;
-pub mod spill;
+pub mod runs;
+pub mod scan;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use arrow_array::cast::AsArray;
+use arrow_array::types::{TimestampMillisecondType, UInt64Type};
+use arrow_array::{Array, RecordBatch};
 use clickgate_core::agg::Dim;
 use clickgate_core::fraud::{CompiledRules, RuleSet};
-use clickgate_core::hash::{bytes_hash, event_hash};
 use clickgate_core::window::Window;
+use clickgate_core::{Click, Device, EventId};
 
 use crate::archive::{partition_files, partition_path, Date, DAY_MS};
 use crate::durable::Durable;
 use crate::store::Store;
 use crate::ControlplaneConfig;
+use runs::{Fixed, Merge, Run, RunSet};
+use scan::ArchiveFile;
 
 const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
 /// Largest `margin_hours`.
 pub const MARGIN_HOURS_MAX: u32 = 48;
+/// Memory per row read when the whole day is held in memory: a [`KeyRec`], a
+/// [`WinRec`] and the row's count (4 B).
+pub const MEM_ROW_BYTES: u64 =
+    (std::mem::size_of::<KeyRec>() + std::mem::size_of::<WinRec>() + 4) as u64;
+/// Memory billing needs besides its records: the binary, per-thread Parquet decoding
+/// (one column page and one 8192-row batch per column) and the output maps (measured,
+/// bench/BILLING.md).
+pub const BASE_BYTES: u64 = 48 << 20;
+/// Per decoding thread.
+pub const THREAD_BYTES: u64 = 24 << 20;
+/// Smallest memory setting.
+pub const MEMORY_MIN_BYTES: u64 = 128 << 20;
+/// Distinct `source` values an archive may hold (clickgate writes one per core).
+const SOURCES_MAX: usize = 1 << 16;
+/// Bit of a row's count word: its IP clicked too many campaigns (batch check).
+const MANY_CAMPAIGNS: u32 = 1 << 31;
 
 #[derive(Clone, Debug)]
 pub struct BillingConfig {
@@ -66,8 +95,15 @@ pub struct BillingConfig {
     pub ip_campaigns_max: u32,
     /// Hours read on each side of the day for dedup, 0..=48.
     pub margin_hours: u32,
-    /// Rows per spill partition, at most (the memory bound).
-    pub partition_rows_max: u64,
+    /// Peak memory, at most, in bytes (at least [`MEMORY_MIN_BYTES`]).
+    pub memory_bytes: u64,
+    /// Decoding and sorting threads.
+    pub threads: usize,
+    /// Records per sorted run, forcing the spilled plan (tests, diagnostics); `None`:
+    /// planned from `memory_bytes`.
+    pub run_rows: Option<usize>,
+    /// Another engine's invoices.csv to compare with (written to engines.csv).
+    pub compare_invoices: Option<PathBuf>,
     /// Draw a progress line on stderr.
     pub progress: bool,
 }
@@ -83,12 +119,14 @@ impl BillingConfig {
             batch_checks: false,
             ip_campaigns_max: 20,
             margin_hours: 1,
-            partition_rows_max: 2_000_000,
+            memory_bytes: 1 << 30,
+            threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            run_rows: None,
+            compare_invoices: None,
             progress: std::io::stderr().is_terminal(),
         }
     }
 }
-
 /// A failure: bad input (exit 2, names the argument) or a runtime failure (exit 1).
 #[derive(Debug)]
 pub enum BillingError {
@@ -143,7 +181,10 @@ pub struct Summary {
     pub billable: u64,
     pub cost_micros: u64,
     pub invoice_rows: u64,
-    pub partitions: u64,
+    /// Sorted runs written to disk (0: the day fit in memory).
+    pub spilled_runs: u64,
+    /// Invoice rows that differ from the other engine's (`None`: none given).
+    pub engine_diffs: Option<u64>,
     /// The real-time counters were found and compared.
     pub reconciled: bool,
 }
@@ -169,7 +210,17 @@ impl fmt::Display for Summary {
             } else {
                 "; no real-time counters found (reconciliation.csv has empty real-time columns)"
             }
-        )
+        )?;
+        if self.spilled_runs > 0 {
+            write!(f, "; {} sorted runs spilled", self.spilled_runs)?;
+        }
+        if let Some(d) = self.engine_diffs {
+            write!(
+                f,
+                "; {d} invoice rows differ from the other engine's (engines.csv)"
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -200,6 +251,117 @@ pub fn load_rules(cfg: &BillingConfig) -> Result<CompiledRules, BillingError> {
     CompiledRules::compile(&set).map_err(|e| BillingError::BadInput(format!("rules: {e}")))
 }
 
+/// One row read (pass A): what dedup needs, ordered by the dedup key.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct KeyRec {
+    id: u128,
+    recv: u64,
+    /// Rank of the row's `source` among the archive's sources (their byte order).
+    src: u32,
+    lsn: u64,
+    file: u32,
+    row: u32,
+    ts: u64,
+    ip_v6: bool,
+    ip: u128,
+    campaign: u64,
+}
+
+impl Fixed for KeyRec {
+    const BYTES: usize = 16 + 8 + 4 + 8 + 4 + 4 + 8 + 1 + 16 + 8;
+    fn put(&self, o: &mut [u8]) {
+        o[0..16].copy_from_slice(&self.id.to_le_bytes());
+        o[16..24].copy_from_slice(&self.recv.to_le_bytes());
+        o[24..28].copy_from_slice(&self.src.to_le_bytes());
+        o[28..36].copy_from_slice(&self.lsn.to_le_bytes());
+        o[36..40].copy_from_slice(&self.file.to_le_bytes());
+        o[40..44].copy_from_slice(&self.row.to_le_bytes());
+        o[44..52].copy_from_slice(&self.ts.to_le_bytes());
+        o[52] = self.ip_v6 as u8;
+        o[53..69].copy_from_slice(&self.ip.to_le_bytes());
+        o[69..77].copy_from_slice(&self.campaign.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> KeyRec {
+        KeyRec {
+            id: u128::from_le_bytes(b[0..16].try_into().expect("16")),
+            recv: u64::from_le_bytes(b[16..24].try_into().expect("8")),
+            src: u32::from_le_bytes(b[24..28].try_into().expect("4")),
+            lsn: u64::from_le_bytes(b[28..36].try_into().expect("8")),
+            file: u32::from_le_bytes(b[36..40].try_into().expect("4")),
+            row: u32::from_le_bytes(b[40..44].try_into().expect("4")),
+            ts: u64::from_le_bytes(b[44..52].try_into().expect("8")),
+            ip_v6: b[52] != 0,
+            ip: u128::from_le_bytes(b[53..69].try_into().expect("16")),
+            campaign: u64::from_le_bytes(b[69..77].try_into().expect("8")),
+        }
+    }
+}
+
+/// One winning copy of the day (pass B), ordered by (ip, minute).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct WinRec {
+    ip_v6: bool,
+    ip: u128,
+    minute: u64,
+    file: u32,
+    row: u32,
+    campaign: u64,
+}
+
+impl Fixed for WinRec {
+    const BYTES: usize = 1 + 16 + 8 + 4 + 4 + 8;
+    fn put(&self, o: &mut [u8]) {
+        o[0] = self.ip_v6 as u8;
+        o[1..17].copy_from_slice(&self.ip.to_le_bytes());
+        o[17..25].copy_from_slice(&self.minute.to_le_bytes());
+        o[25..29].copy_from_slice(&self.file.to_le_bytes());
+        o[29..33].copy_from_slice(&self.row.to_le_bytes());
+        o[33..41].copy_from_slice(&self.campaign.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> WinRec {
+        WinRec {
+            ip_v6: b[0] != 0,
+            ip: u128::from_le_bytes(b[1..17].try_into().expect("16")),
+            minute: u64::from_le_bytes(b[17..25].try_into().expect("8")),
+            file: u32::from_le_bytes(b[25..29].try_into().expect("4")),
+            row: u32::from_le_bytes(b[29..33].try_into().expect("4")),
+            campaign: u64::from_le_bytes(b[33..41].try_into().expect("8")),
+        }
+    }
+}
+
+/// A winner's count word (pass C), ordered by (file, row).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct CountRec {
+    file: u32,
+    row: u32,
+    val: u32,
+}
+
+impl Fixed for CountRec {
+    const BYTES: usize = 12;
+    fn put(&self, o: &mut [u8]) {
+        o[0..4].copy_from_slice(&self.file.to_le_bytes());
+        o[4..8].copy_from_slice(&self.row.to_le_bytes());
+        o[8..12].copy_from_slice(&self.val.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> CountRec {
+        CountRec {
+            file: u32::from_le_bytes(b[0..4].try_into().expect("4")),
+            row: u32::from_le_bytes(b[4..8].try_into().expect("4")),
+            val: u32::from_le_bytes(b[8..12].try_into().expect("4")),
+        }
+    }
+}
+
+/// The IP as (is v6, 128-bit value), ordered as its bytes (v4 in the top 32 bits).
+fn ip_parts(ip: IpAddr) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(a) => (false, u128::from(u32::from(a)) << 96),
+        IpAddr::V6(a) => (true, u128::from(a)),
+    }
+}
+
 /// Bills one day. See the module docs.
 pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
     if cfg.margin_hours > MARGIN_HOURS_MAX {
@@ -208,10 +370,18 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
             cfg.margin_hours
         )));
     }
-    if cfg.partition_rows_max == 0 {
-        return Err(BillingError::BadInput(
-            "--partition-rows-max must be greater than 0".into(),
-        ));
+    if cfg.memory_bytes < MEMORY_MIN_BYTES {
+        return Err(BillingError::BadInput(format!(
+            "--memory-mib must be at least {}, got {}",
+            MEMORY_MIN_BYTES >> 20,
+            cfg.memory_bytes >> 20
+        )));
+    }
+    if cfg.threads == 0 || cfg.threads > 256 {
+        return Err(BillingError::BadInput(format!(
+            "--threads must be between 1 and 256, got {}",
+            cfg.threads
+        )));
     }
     if !cfg.archive_dir.is_dir() {
         return Err(BillingError::BadInput(format!(
@@ -219,108 +389,474 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
             cfg.archive_dir.display()
         )));
     }
+    let other = match &cfg.compare_invoices {
+        Some(p) => Some(read_invoices(p).map_err(|e| {
+            BillingError::BadInput(format!("--compare-invoices {}: {e}", p.display()))
+        })?),
+        None => None,
+    };
     let rules = load_rules(cfg)?;
     fs::create_dir_all(&cfg.out_dir)
         .map_err(|e| BillingError::BadInput(format!("--out {}: {e}", cfg.out_dir.display())))?;
     let day_start = cfg.day.start_ms();
     let day_end = day_start + DAY_MS;
     let margin = u64::from(cfg.margin_hours) * HOUR_MS;
-    let mut files = Vec::new();
+    let mut paths = Vec::new();
     let mut hour = day_start.saturating_sub(margin);
     while hour < day_end + margin {
         let dir = cfg.archive_dir.join(partition_path(hour));
         if dir.is_dir() {
-            files.extend(
+            paths.extend(
                 partition_files(&dir).with_context(|| format!("listing {}", dir.display()))?,
             );
         }
         hour += HOUR_MS;
     }
-    let mut sum = Summary {
-        files: files.len() as u64,
-        ..Summary::default()
-    };
-    let mut total = 0u64;
-    for f in &files {
-        total += read::file_rows(f)?;
+    if paths.len() > u32::MAX as usize {
+        return Err(BillingError::BadInput(format!(
+            "{} archive files for one day; at most {}",
+            paths.len(),
+            u32::MAX
+        )));
     }
-    let partitions = total.div_ceil(cfg.partition_rows_max).max(1) as usize;
-    sum.partitions = partitions as u64;
+    let files = scan::parallel(
+        cfg.threads,
+        paths.len(),
+        Vec::new,
+        |out: &mut Vec<(usize, ArchiveFile)>, i| {
+            out.push((i, ArchiveFile::open(&paths[i])?));
+            Ok(())
+        },
+    )?;
+    let mut files: Vec<(usize, ArchiveFile)> = files.into_iter().flatten().collect();
+    files.sort_by_key(|(i, _)| *i);
+    let files: Vec<ArchiveFile> = files.into_iter().map(|(_, f)| f).collect();
+
     let spill_dir = cfg.out_dir.join(".billing-spill");
     if spill_dir.exists() {
         fs::remove_dir_all(&spill_dir)?;
     }
-    fs::create_dir_all(&spill_dir)?;
-    let result = bill(cfg, &rules, &files, total, partitions, &spill_dir, &mut sum);
+    let mut sum = Summary {
+        files: files.len() as u64,
+        ..Summary::default()
+    };
+    let result = bill(cfg, &rules, &files, &spill_dir, other.as_ref(), &mut sum);
     let _ = fs::remove_dir_all(&spill_dir);
     result?;
     Ok(sum)
 }
 
+/// How the passes hold their records.
+struct Plan {
+    /// `None`: everything in memory.
+    spill: Option<PathBuf>,
+    /// Records of the largest kind ([`KeyRec`]) one pass may buffer, in all.
+    run_recs: usize,
+}
+
+fn plan(
+    cfg: &BillingConfig,
+    files: &[ArchiveFile],
+    spill_dir: &Path,
+) -> Result<Plan, BillingError> {
+    let rows: u64 = files.iter().map(|f| f.rows).sum();
+    let largest_file = files.iter().map(|f| f.rows).max().unwrap_or(0);
+    // Count words of the files in flight in pass D (queued, decoding, finished).
+    let in_flight = (2 * cfg.threads as u64 + 1) * largest_file * 4;
+    let fixed = BASE_BYTES + cfg.threads as u64 * THREAD_BYTES + in_flight;
+    let Some(budget) = cfg
+        .memory_bytes
+        .checked_sub(fixed)
+        .filter(|b| *b >= 16 << 20)
+    else {
+        return Err(BillingError::BadInput(format!(
+            "--memory-mib {} is too small for this archive: {} MiB go to decoding {} \
+             threads and the largest file's {largest_file} rows",
+            cfg.memory_bytes >> 20,
+            fixed >> 20,
+            cfg.threads
+        )));
+    };
+    if let Some(n) = cfg.run_rows {
+        fs::create_dir_all(spill_dir)?;
+        return Ok(Plan {
+            spill: Some(spill_dir.to_path_buf()),
+            run_recs: n.max(1),
+        });
+    }
+    if rows.saturating_mul(MEM_ROW_BYTES) <= budget {
+        return Ok(Plan {
+            spill: None,
+            run_recs: rows as usize,
+        });
+    }
+    // Spill: 7/8 of the budget for a pass's buffer, 1/8 for the merge's read buffers.
+    let run_recs = (budget / 8 * 7 / std::mem::size_of::<KeyRec>() as u64) as usize;
+    let runs_max = budget / 8 / runs::RUN_READ_BUFFER_BYTES as u64;
+    // Pass A writes the most runs: each thread one per run_recs / threads records.
+    let runs = rows.div_ceil((run_recs / cfg.threads).max(1) as u64) + cfg.threads as u64;
+    if runs > runs_max {
+        return Err(BillingError::BadInput(format!(
+            "--memory-mib {}: {rows} rows need {runs} sorted runs, more than the {runs_max} \
+             the setting can merge; raise --memory-mib",
+            cfg.memory_bytes >> 20
+        )));
+    }
+    fs::create_dir_all(spill_dir)?;
+    Ok(Plan {
+        spill: Some(spill_dir.to_path_buf()),
+        run_recs,
+    })
+}
+
+/// The distinct `source` values of the archive, in byte order (their rank is the
+/// dedup tie-break). Row-group statistics give them for files written by clickgate
+/// (one source per file); any other row group is decoded.
+fn sources(cfg: &BillingConfig, files: &[ArchiveFile]) -> anyhow::Result<Vec<String>> {
+    let found = scan::parallel(
+        cfg.threads,
+        files.len(),
+        std::collections::BTreeSet::new,
+        |set: &mut std::collections::BTreeSet<String>, i| {
+            let f = &files[i];
+            for g in 0..f.groups.len() {
+                if let Some(s) = f.single_source(g) {
+                    set.insert(s);
+                    continue;
+                }
+                f.read(Some(g), &["source"], |b, _| {
+                    let col = b.column(0).as_string::<i32>();
+                    let mut last = "";
+                    for i in 0..col.len() {
+                        let s = col.value(i);
+                        if s != last || i == 0 {
+                            set.insert(s.to_string());
+                            last = s;
+                        }
+                    }
+                    if set.len() > SOURCES_MAX {
+                        anyhow::bail!(
+                            "{}: more than {SOURCES_MAX} distinct sources in the archive \
+                             (clickgate writes one per dataplane core)",
+                            f.path.display()
+                        );
+                    }
+                    Ok(())
+                })?;
+            }
+            Ok(())
+        },
+    )?;
+    let mut all = std::collections::BTreeSet::new();
+    for s in found {
+        all.extend(s);
+    }
+    Ok(all.into_iter().collect())
+}
+
+/// Counters shared by the threads of a pass.
+#[derive(Default)]
+struct Counters {
+    rows_read: AtomicU64,
+    rows_in_day: AtomicU64,
+}
+
 fn bill(
     cfg: &BillingConfig,
     rules: &CompiledRules,
-    files: &[PathBuf],
-    total: u64,
-    partitions: usize,
+    files: &[ArchiveFile],
     spill_dir: &Path,
+    other: Option<&BTreeMap<(u64, u64), (u64, u64)>>,
     sum: &mut Summary,
 ) -> Result<(), BillingError> {
     let day_start = cfg.day.start_ms();
     let in_day = |ts: u64| ts >= day_start && ts < day_start + DAY_MS;
-    let mut progress = Progress::new(cfg.progress, cfg.day);
+    let plan = plan(cfg, files, spill_dir)?;
+    let progress = Mutex::new(Progress::new(cfg.progress, cfg.day));
+    let total_rows: u64 = files.iter().map(|f| f.rows).sum();
+    let sources = sources(cfg, files)?;
+    let units: Vec<(usize, usize)> = files
+        .iter()
+        .enumerate()
+        .flat_map(|(f, af)| (0..af.groups.len()).map(move |g| (f, g)))
+        .collect();
+    let counters = Counters::default();
 
-    // Pass 1: every row to its event-id partition.
-    let mut by_id = spill::Spill::create(spill_dir, "id", partitions)?;
-    for f in files {
-        read::for_each_row(f, |rec, source, lsn| {
-            sum.rows_read += 1;
-            if in_day(rec.click.ts_ms) {
-                sum.rows_in_day += 1;
-            }
-            progress.tick("read", sum.rows_read, total);
-            by_id.push(event_hash(&rec.click.event_id), rec, source, lsn)
-        })?;
-    }
-    let id_files = by_id.finish()?;
-
-    // Pass 2: exact dedup per partition; the day's winners to their ip partition.
-    let mut by_ip = spill::Spill::create(spill_dir, "ip", partitions)?;
-    for (p, path) in id_files.iter().enumerate() {
-        progress.tick("dedup", p as u64, partitions as u64);
-        let buf = spill::load(path)?;
-        let mut es = spill::entries(&buf)?;
-        es.sort_unstable_by(|a, b| {
-            (a.rec.click.event_id.0, a.rec.recv_ms, a.source, a.lsn).cmp(&(
-                b.rec.click.event_id.0,
-                b.rec.recv_ms,
-                b.source,
-                b.lsn,
-            ))
-        });
-        let mut i = 0;
-        while i < es.len() {
-            let id = es[i].rec.click.event_id;
-            let mut j = i + 1;
-            while j < es.len() && es[j].rec.click.event_id == id {
-                if in_day(es[j].rec.click.ts_ms) {
-                    sum.duplicates += 1;
+    // Pass A: decode the dedup columns of every row into sorted runs.
+    let key_cols = [
+        "event_id",
+        "ts",
+        "recv_ts",
+        "source",
+        "lsn",
+        "ip",
+        "campaign_id",
+    ];
+    let decode_keys = |f: usize,
+                       g: usize,
+                       out: &mut dyn FnMut(KeyRec) -> anyhow::Result<()>|
+     -> anyhow::Result<()> {
+        let af = &files[f];
+        let mut rows = 0u64;
+        let mut in_day_rows = 0u64;
+        af.read(Some(g), &key_cols, |b, at| {
+            let id = b.column(0).as_string::<i32>();
+            let ts = b.column(1).as_primitive::<TimestampMillisecondType>();
+            let recv = b.column(2).as_primitive::<TimestampMillisecondType>();
+            let source = b.column(3).as_string::<i32>();
+            let lsn = b.column(4).as_primitive::<UInt64Type>();
+            let ip = b.column(5).as_string::<i32>();
+            let campaign = b.column(6).as_primitive::<UInt64Type>();
+            let (mut last_src, mut last_rank) = ("", 0u32);
+            for i in 0..b.num_rows() {
+                let bad = |what: &str| {
+                    anyhow::anyhow!("{}: row {}: bad {what}", af.path.display(), at + i as u64)
+                };
+                let eid = EventId::parse(id.value(i)).ok_or_else(|| bad("event_id"))?;
+                let s = source.value(i);
+                if s != last_src || i == 0 {
+                    last_rank = sources
+                        .binary_search_by(|x| x.as_str().cmp(s))
+                        .map_err(|_| bad("source (not seen by the source scan)"))?
+                        as u32;
+                    last_src = s;
                 }
-                j += 1;
+                let addr: IpAddr = ip.value(i).parse().map_err(|_| bad("ip"))?;
+                let (ip_v6, ipv) = ip_parts(addr);
+                let t = ts.value(i).max(0) as u64;
+                rows += 1;
+                in_day_rows += u64::from(in_day(t));
+                out(KeyRec {
+                    id: u128::from_be_bytes(eid.0),
+                    recv: recv.value(i).max(0) as u64,
+                    src: last_rank,
+                    lsn: lsn.value(i),
+                    file: f as u32,
+                    row: (at + i as u64) as u32,
+                    ts: t,
+                    ip_v6,
+                    ip: ipv,
+                    campaign: campaign.value(i),
+                })?;
             }
-            let w = &es[i];
-            if in_day(w.rec.click.ts_ms) {
-                by_ip.push(ip_hash(w.rec.click.ip), &w.rec, w.source, w.lsn)?;
+            Ok(())
+        })?;
+        counters.rows_read.fetch_add(rows, Ordering::Relaxed);
+        counters
+            .rows_in_day
+            .fetch_add(in_day_rows, Ordering::Relaxed);
+        let done = counters.rows_read.load(Ordering::Relaxed);
+        progress
+            .lock()
+            .expect("not poisoned")
+            .tick("read", done, total_rows);
+        Ok(())
+    };
+    let (key_mem, key_runs): (Vec<KeyRec>, Vec<Run>) = match &plan.spill {
+        None => {
+            // One vector of exactly the rows read; each unit fills its own slice.
+            let mut all = vec![KeyRec::default(); plan.run_recs];
+            {
+                let mut slots: Vec<Mutex<Option<&mut [KeyRec]>>> = Vec::new();
+                let mut rest: &mut [KeyRec] = &mut all;
+                for &(f, g) in &units {
+                    let (a, b) = rest.split_at_mut(files[f].groups[g] as usize);
+                    slots.push(Mutex::new(Some(a)));
+                    rest = b;
+                }
+                scan::parallel(
+                    cfg.threads,
+                    units.len(),
+                    || (),
+                    |_, u| {
+                        let slot = slots[u].lock().expect("not poisoned").take().expect("once");
+                        let mut k = 0;
+                        let (f, g) = units[u];
+                        decode_keys(f, g, &mut |r| {
+                            *slot
+                                .get_mut(k)
+                                .ok_or_else(|| anyhow::anyhow!("too many rows"))? = r;
+                            k += 1;
+                            Ok(())
+                        })
+                    },
+                )?;
             }
-            i = j;
+            let lens = runs::sort_chunks(&mut all, cfg.threads);
+            let mut at = 0;
+            let runs = lens
+                .into_iter()
+                .map(|len| {
+                    let r = Run::Mem { start: at, len };
+                    at += len;
+                    r
+                })
+                .collect();
+            (all, runs)
+        }
+        Some(dir) => {
+            let per = (plan.run_recs / cfg.threads).max(1);
+            let worker = AtomicU64::new(0);
+            let sets = scan::parallel(
+                cfg.threads,
+                units.len(),
+                || {
+                    let w = worker.fetch_add(1, Ordering::Relaxed);
+                    RunSet::<KeyRec>::new(per, Some((dir.clone(), format!("key-{w}"))), 1)
+                },
+                |set, u| {
+                    let (f, g) = units[u];
+                    decode_keys(f, g, &mut |r| Ok(set.push(r)?))
+                },
+            )?;
+            let mut all = Vec::new();
+            for s in sets {
+                all.extend(s.finish()?.1);
+            }
+            (Vec::new(), all)
+        }
+    };
+    sum.rows_read = counters.rows_read.load(Ordering::Relaxed);
+    sum.rows_in_day = counters.rows_in_day.load(Ordering::Relaxed);
+    sum.spilled_runs += key_runs
+        .iter()
+        .filter(|r| matches!(r, Run::File { .. }))
+        .count() as u64;
+
+    // Pass B: the first copy of each event id wins; the day's winners by (ip, minute).
+    let win_spill = plan.spill.as_ref().map(|d| (d.clone(), "win".to_string()));
+    let win_cap = match &plan.spill {
+        None => sum.rows_in_day as usize,
+        Some(_) => plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<WinRec>(),
+    };
+    let mut wins = RunSet::<WinRec>::new(win_cap, win_spill, cfg.threads);
+    {
+        let mut m = Merge::new(&key_mem, &key_runs)?;
+        let mut cur: Option<KeyRec> = None;
+        let mut n = 0u64;
+        let emit = |w: KeyRec, wins: &mut RunSet<WinRec>| -> std::io::Result<()> {
+            if in_day(w.ts) {
+                wins.push(WinRec {
+                    ip_v6: w.ip_v6,
+                    ip: w.ip,
+                    minute: w.ts / MINUTE_MS,
+                    file: w.file,
+                    row: w.row,
+                    campaign: w.campaign,
+                })?;
+            }
+            Ok(())
+        };
+        while let Some(r) = m.next()? {
+            n += 1;
+            if n.is_multiple_of(1 << 20) {
+                progress
+                    .lock()
+                    .expect("not poisoned")
+                    .tick("dedup", n, sum.rows_read);
+            }
+            match cur {
+                Some(w) if w.id == r.id => {
+                    if in_day(r.ts) {
+                        sum.duplicates += 1;
+                    }
+                }
+                _ => {
+                    if let Some(w) = cur.take() {
+                        emit(w, &mut wins)?;
+                    }
+                    cur = Some(r);
+                }
+            }
+        }
+        if let Some(w) = cur {
+            emit(w, &mut wins)?;
         }
     }
-    let ip_files = by_ip.finish()?;
-    sum.events = 0;
+    drop(key_mem);
+    let (win_mem, win_runs) = wins.finish()?;
+    sum.spilled_runs += win_runs
+        .iter()
+        .filter(|r| matches!(r, Run::File { .. }))
+        .count() as u64;
 
-    // Pass 3: per ip, the exact per-minute rate rule and the rest of the rules.
-    let mut invoices: BTreeMap<(u64, u64), CampaignTotals> = BTreeMap::new();
-    let mut campaigns: BTreeMap<u64, CampaignTotals> = BTreeMap::new();
+    // Pass C: per ip, the exact count of each minute (and its distinct campaigns).
+    enum Counts {
+        Direct(Vec<Vec<u32>>),
+        Runs(RunSet<CountRec>),
+    }
+    let mut counts = match &plan.spill {
+        None => Counts::Direct(files.iter().map(|f| vec![0u32; f.rows as usize]).collect()),
+        Some(d) => Counts::Runs(RunSet::new(
+            plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<CountRec>() / 2,
+            Some((d.clone(), "count".into())),
+            cfg.threads,
+        )),
+    };
+    {
+        let mut m = Merge::new(&win_mem, &win_runs)?;
+        let mut group: Vec<WinRec> = Vec::new();
+        let mut camps: Vec<u64> = Vec::new();
+        let mut events = 0u64;
+        let mut flush = |group: &mut Vec<WinRec>, counts: &mut Counts| -> std::io::Result<()> {
+            let many = cfg.batch_checks && {
+                camps.clear();
+                camps.extend(group.iter().map(|w| w.campaign));
+                camps.sort_unstable();
+                camps.dedup();
+                camps.len() as u64 > u64::from(cfg.ip_campaigns_max)
+            };
+            let mut k = 0;
+            while k < group.len() {
+                let minute = group[k].minute;
+                let mut e = k;
+                while e < group.len() && group[e].minute == minute {
+                    e += 1;
+                }
+                let val = ((e - k) as u64).min(u64::from(MANY_CAMPAIGNS - 1)) as u32
+                    | if many { MANY_CAMPAIGNS } else { 0 };
+                for w in &group[k..e] {
+                    match counts {
+                        Counts::Direct(v) => v[w.file as usize][w.row as usize] = val,
+                        Counts::Runs(set) => set.push(CountRec {
+                            file: w.file,
+                            row: w.row,
+                            val,
+                        })?,
+                    }
+                }
+                k = e;
+            }
+            group.clear();
+            Ok(())
+        };
+        while let Some(w) = m.next()? {
+            events += 1;
+            if group
+                .last()
+                .is_some_and(|g| (g.ip_v6, g.ip) != (w.ip_v6, w.ip))
+            {
+                flush(&mut group, &mut counts)?;
+            }
+            group.push(w);
+        }
+        flush(&mut group, &mut counts)?;
+        sum.events = events;
+    }
+    drop(win_mem);
+
+    // Pass D: every winner of the day through the rules, file by file in parallel.
+    let (count_mem, count_runs, direct) = match counts {
+        Counts::Direct(v) => (Vec::new(), Vec::new(), Some(v)),
+        Counts::Runs(set) => {
+            let (m, r) = set.finish()?;
+            (m, r, None)
+        }
+    };
+    sum.spilled_runs += count_runs
+        .iter()
+        .filter(|r| matches!(r, Run::File { .. }))
+        .count() as u64;
     let adj_path = cfg.out_dir.join("adjustments.csv");
     let adj_tmp = cfg.out_dir.join(".adjustments.csv.tmp");
     let mut adj = if cfg.batch_checks {
@@ -333,96 +869,33 @@ fn bill(
     } else {
         None
     };
-    let ip_rate = rules.ip_rate_rules();
-    for (p, path) in ip_files.iter().enumerate() {
-        progress.tick("rules", p as u64, partitions as u64);
-        let buf = spill::load(path)?;
-        let mut es = spill::entries(&buf)?;
-        sum.events += es.len() as u64;
-        es.sort_unstable_by(|a, b| {
-            (
-                ip_key(a.rec.click.ip),
-                a.rec.click.ts_ms,
-                a.rec.click.event_id.0,
-            )
-                .cmp(&(
-                    ip_key(b.rec.click.ip),
-                    b.rec.click.ts_ms,
-                    b.rec.click.event_id.0,
-                ))
-        });
-        let mut i = 0;
-        while i < es.len() {
-            let ip = es[i].rec.click.ip;
-            let mut j = i;
-            while j < es.len() && es[j].rec.click.ip == ip {
-                j += 1;
+    let totals = judge(
+        cfg,
+        rules,
+        files,
+        direct,
+        &count_mem,
+        &count_runs,
+        &progress,
+        |text| {
+            if let Some(w) = adj.as_mut() {
+                w.write_all(text)?;
             }
-            let group = &es[i..j];
-            let mut camps: Vec<u64> = group.iter().map(|e| e.rec.click.campaign_id).collect();
-            camps.sort_unstable();
-            camps.dedup();
-            let many_campaigns =
-                cfg.batch_checks && camps.len() as u64 > u64::from(cfg.ip_campaigns_max);
-            // Clicks of the group are sorted by ts: one minute is a contiguous run.
-            let mut k = 0;
-            while k < group.len() {
-                let minute = group[k].rec.click.ts_ms / MINUTE_MS;
-                let mut m = k;
-                while m < group.len() && group[m].rec.click.ts_ms / MINUTE_MS == minute {
-                    m += 1;
-                }
-                let count = (m - k) as u32;
-                let rate_fired = ip_rate.iter().any(|&(_, max)| count > max);
-                for e in &group[k..m] {
-                    let c = &e.rec.click;
-                    campaigns.entry(c.campaign_id).or_default();
-                    let fraud = rate_fired || rules.evaluate_static(c, count).fraud();
-                    if fraud {
-                        sum.fraud += 1;
-                        continue;
-                    }
-                    if many_campaigns {
-                        sum.adjusted += 1;
-                        if let Some(w) = adj.as_mut() {
-                            let mut id = [0u8; 36];
-                            c.event_id.write_text(&mut id);
-                            writeln!(
-                                w,
-                                "{},{},{},{},{},{},{},ip_many_campaigns,ip clicked {} campaigns in the day (max {})",
-                                std::str::from_utf8(&id).expect("ascii"),
-                                c.advertiser_id,
-                                c.campaign_id,
-                                c.ad_id,
-                                c.ts_ms,
-                                c.ip,
-                                c.cost_micros,
-                                camps.len(),
-                                cfg.ip_campaigns_max
-                            )?;
-                        }
-                        continue;
-                    }
-                    let t = invoices
-                        .entry((c.advertiser_id, c.campaign_id))
-                        .or_default();
-                    t.clicks += 1;
-                    t.cost_micros += c.cost_micros;
-                    let t = campaigns.entry(c.campaign_id).or_default();
-                    t.clicks += 1;
-                    t.cost_micros += c.cost_micros;
-                    sum.billable += 1;
-                    sum.cost_micros += c.cost_micros;
-                }
-                k = m;
-            }
-            i = j;
-        }
-    }
-    progress.done();
+            Ok(())
+        },
+    )?;
+    progress.lock().expect("not poisoned").done();
     if let Some(w) = adj {
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         fs::rename(&adj_tmp, &adj_path)?;
+    }
+    sum.fraud = totals.fraud;
+    sum.adjusted = totals.adjusted;
+    let invoices: BTreeMap<(u64, u64), CampaignTotals> = totals.invoices.into_iter().collect();
+    let campaigns: BTreeMap<u64, CampaignTotals> = totals.campaigns.into_iter().collect();
+    for t in invoices.values() {
+        sum.billable += t.clicks;
+        sum.cost_micros += t.cost_micros;
     }
 
     let mut out = String::from("advertiser_id,campaign_id,clicks,cost_micros\n");
@@ -431,6 +904,11 @@ fn bill(
     }
     sum.invoice_rows = invoices.len() as u64;
     write_atomic(&cfg.out_dir.join("invoices.csv"), out.as_bytes())?;
+    if let Some(other) = other {
+        let (text, diffs) = compare_engines(&invoices, other);
+        sum.engine_diffs = Some(diffs);
+        write_atomic(&cfg.out_dir.join("engines.csv"), text.as_bytes())?;
+    }
 
     let realtime = load_realtime(&cfg.data_dir)?;
     sum.reconciled = realtime.is_some();
@@ -458,6 +936,324 @@ fn bill(
     Ok(())
 }
 
+/// What pass D adds up.
+#[derive(Default)]
+struct Totals {
+    invoices: HashMap<(u64, u64), CampaignTotals>,
+    /// Every campaign with a click of the day (fraud included), with its billed totals.
+    campaigns: HashMap<u64, CampaignTotals>,
+    fraud: u64,
+    adjusted: u64,
+}
+
+impl Totals {
+    fn merge(&mut self, o: Totals) {
+        for (k, v) in o.invoices {
+            let t = self.invoices.entry(k).or_default();
+            t.clicks += v.clicks;
+            t.cost_micros += v.cost_micros;
+        }
+        for (k, v) in o.campaigns {
+            let t = self.campaigns.entry(k).or_default();
+            t.clicks += v.clicks;
+            t.cost_micros += v.cost_micros;
+        }
+        self.fraud += o.fraud;
+        self.adjusted += o.adjusted;
+    }
+}
+
+/// Pass D. `direct`: every file's count words (in memory); else the count runs,
+/// merged in (file, row) order. `adjustment` receives each file's adjustments.csv
+/// lines, in file order.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    cfg: &BillingConfig,
+    rules: &CompiledRules,
+    files: &[ArchiveFile],
+    direct: Option<Vec<Vec<u32>>>,
+    count_mem: &[CountRec],
+    count_runs: &[Run],
+    progress: &Mutex<Progress>,
+    mut adjustment: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> Result<Totals, BillingError> {
+    let ip_rate = rules.ip_rate_rules();
+    let mut cols = vec![
+        "ts",
+        "campaign_id",
+        "ad_id",
+        "publisher_id",
+        "advertiser_id",
+        "user_id",
+        "ip",
+        "user_agent",
+        "country",
+        "device",
+        "cost_micros",
+    ];
+    if cfg.batch_checks {
+        cols.push("event_id");
+    }
+    let judge_file = |t: &mut Totals, f: usize, counts: &[u32]| -> anyhow::Result<Vec<u8>> {
+        let af = &files[f];
+        let mut adj = Vec::new();
+        af.read(None, &cols, |b: &RecordBatch, at| {
+            let ts = b.column(0).as_primitive::<TimestampMillisecondType>();
+            let u = |i: usize| b.column(i).as_primitive::<UInt64Type>();
+            let (campaign, ad, publisher, advertiser, cost) = (u(1), u(2), u(3), u(4), u(10));
+            let s = |i: usize| b.column(i).as_string::<i32>();
+            let (user, ip, ua, country, device) = (s(5), s(6), s(7), s(8), s(9));
+            let id = cfg.batch_checks.then(|| s(11));
+            for i in 0..b.num_rows() {
+                let row = at as usize + i;
+                let val = counts[row];
+                if val == 0 {
+                    continue;
+                }
+                let bad = |what: &str| {
+                    anyhow::anyhow!("{}: row {row}: bad {what}", af.path.display())
+                };
+                let count = val & !MANY_CAMPAIGNS;
+                let c = Click {
+                    event_id: match &id {
+                        Some(col) => EventId::parse(col.value(i)).ok_or_else(|| bad("event_id"))?,
+                        None => EventId([0; 16]),
+                    },
+                    ts_ms: ts.value(i).max(0) as u64,
+                    campaign_id: campaign.value(i),
+                    ad_id: ad.value(i),
+                    publisher_id: publisher.value(i),
+                    advertiser_id: advertiser.value(i),
+                    user_id: std::borrow::Cow::Borrowed(user.value(i)),
+                    ip: ip.value(i).parse().map_err(|_| bad("ip"))?,
+                    user_agent: std::borrow::Cow::Borrowed(ua.value(i)),
+                    country: country
+                        .value(i)
+                        .as_bytes()
+                        .try_into()
+                        .map_err(|_| bad("country"))?,
+                    device: Device::parse(device.value(i)).ok_or_else(|| bad("device"))?,
+                    cost_micros: cost.value(i),
+                };
+                let camp = t.campaigns.entry(c.campaign_id).or_default();
+                let rate_fired = ip_rate.iter().any(|&(_, max)| count > max);
+                if rate_fired || rules.evaluate_static(&c, count).fraud() {
+                    t.fraud += 1;
+                    continue;
+                }
+                if val & MANY_CAMPAIGNS != 0 {
+                    t.adjusted += 1;
+                    let mut idt = [0u8; 36];
+                    c.event_id.write_text(&mut idt);
+                    writeln!(
+                        adj,
+                        "{},{},{},{},{},{},{},ip_many_campaigns,ip clicked more than {} campaigns in the day",
+                        std::str::from_utf8(&idt).expect("ascii"),
+                        c.advertiser_id,
+                        c.campaign_id,
+                        c.ad_id,
+                        c.ts_ms,
+                        c.ip,
+                        c.cost_micros,
+                        cfg.ip_campaigns_max
+                    )?;
+                    continue;
+                }
+                camp.clicks += 1;
+                camp.cost_micros += c.cost_micros;
+                let inv = t
+                    .invoices
+                    .entry((c.advertiser_id, c.campaign_id))
+                    .or_default();
+                inv.clicks += 1;
+                inv.cost_micros += c.cost_micros;
+            }
+            Ok(())
+        })?;
+        Ok(adj)
+    };
+
+    // Files go to the workers in order through a bounded queue; results come back
+    // tagged with their file and are released in file order.
+    let threads = cfg.threads.clamp(1, files.len().max(1));
+    let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Vec<u32>)>(threads);
+    let job_rx = Mutex::new(job_rx);
+    let (res_tx, res_rx) = mpsc::channel::<(usize, anyhow::Result<Vec<u8>>)>();
+    let mut totals = Totals::default();
+    std::thread::scope(|s| -> Result<(), BillingError> {
+        let mut workers = Vec::new();
+        for _ in 0..threads {
+            let (job_rx, res_tx, judge_file) = (&job_rx, res_tx.clone(), &judge_file);
+            workers.push(s.spawn(move || {
+                let mut t = Totals::default();
+                loop {
+                    let job = job_rx.lock().expect("not poisoned").recv();
+                    let Ok((f, counts)) = job else { break };
+                    let r = judge_file(&mut t, f, &counts);
+                    if res_tx.send((f, r)).is_err() {
+                        break;
+                    }
+                }
+                t
+            }));
+        }
+        drop(res_tx);
+        let mut pending: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+        // Files sent, in order: their adjustments are released in this order.
+        let mut sent: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
+        let mut error: Option<BillingError> = None;
+        let take = |r: (usize, anyhow::Result<Vec<u8>>),
+                    pending: &mut BTreeMap<usize, Vec<u8>>,
+                    error: &mut Option<BillingError>| {
+            match r.1 {
+                Ok(text) => {
+                    pending.insert(r.0, text);
+                }
+                Err(e) => {
+                    error.get_or_insert(BillingError::Failed(e));
+                }
+            }
+        };
+        let send_all = (|| -> Result<(), BillingError> {
+            let mut merge = if direct.is_none() {
+                Some(Merge::new(count_mem, count_runs)?)
+            } else {
+                None
+            };
+            let mut carry: Option<CountRec> = None;
+            let mut direct = direct;
+            for (f, af) in files.iter().enumerate() {
+                let counts = match (&mut direct, &mut merge) {
+                    (Some(d), _) => std::mem::take(&mut d[f]),
+                    (None, Some(m)) => {
+                        let mut v = vec![0u32; af.rows as usize];
+                        loop {
+                            let r = match carry.take() {
+                                Some(r) => Some(r),
+                                None => m.next()?,
+                            };
+                            match r {
+                                Some(r) if r.file as usize == f => v[r.row as usize] = r.val,
+                                Some(r) => {
+                                    carry = Some(r);
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        v
+                    }
+                    (None, None) => unreachable!("one of the two"),
+                };
+                if counts.iter().all(|&v| v == 0) {
+                    continue;
+                }
+                if job_tx.send((f, counts)).is_err() {
+                    break;
+                }
+                sent.push_back(f);
+                while let Ok(r) = res_rx.try_recv() {
+                    take(r, &mut pending, &mut error);
+                }
+                while let Some(text) = sent.front().and_then(|f| pending.remove(f)) {
+                    adjustment(&text)?;
+                    sent.pop_front();
+                }
+                progress
+                    .lock()
+                    .expect("not poisoned")
+                    .tick("rules", f as u64, files.len() as u64);
+                if error.is_some() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(job_tx);
+        for r in res_rx.iter() {
+            take(r, &mut pending, &mut error);
+        }
+        for w in workers {
+            totals.merge(w.join().expect("billing worker panicked"));
+        }
+        send_all?;
+        if let Some(e) = error {
+            return Err(e);
+        }
+        for text in pending.into_values() {
+            adjustment(&text)?;
+        }
+        Ok(())
+    })?;
+    Ok(totals)
+}
+
+/// Reads an invoices.csv (ours or another engine's): `advertiser_id,campaign_id,
+/// clicks,cost_micros` rows.
+pub fn read_invoices(path: &Path) -> anyhow::Result<BTreeMap<(u64, u64), (u64, u64)>> {
+    let text = fs::read_to_string(path)?;
+    let mut lines = text.lines();
+    let head = lines.next().unwrap_or("");
+    if head.trim() != "advertiser_id,campaign_id,clicks,cost_micros" {
+        anyhow::bail!("header {head:?} is not advertiser_id,campaign_id,clicks,cost_micros");
+    }
+    let mut out = BTreeMap::new();
+    for (n, l) in lines.enumerate() {
+        let f: Vec<&str> = l.trim().split(',').collect();
+        let num = |i: usize| -> anyhow::Result<u64> {
+            f.get(i).and_then(|s| s.parse().ok()).ok_or_else(|| {
+                anyhow::anyhow!("line {}: {l:?} is not four unsigned integers", n + 2)
+            })
+        };
+        if f.len() != 4 {
+            anyhow::bail!("line {}: {l:?} does not have four fields", n + 2);
+        }
+        if out.insert((num(0)?, num(1)?), (num(2)?, num(3)?)).is_some() {
+            anyhow::bail!("line {}: advertiser and campaign listed twice", n + 2);
+        }
+    }
+    Ok(out)
+}
+
+/// engines.csv: every invoice row of either engine with both figures and the
+/// difference (other - ours); returns the text and the rows that differ.
+fn compare_engines(
+    ours: &BTreeMap<(u64, u64), CampaignTotals>,
+    other: &BTreeMap<(u64, u64), (u64, u64)>,
+) -> (String, u64) {
+    let mut keys: Vec<(u64, u64)> = ours.keys().chain(other.keys()).copied().collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut out = String::from(
+        "advertiser_id,campaign_id,clicks,other_clicks,clicks_diff,cost_micros,\
+         other_cost_micros,cost_diff_micros,status\n",
+    );
+    let mut diffs = 0;
+    for k in keys {
+        let a = ours.get(&k).map_or((0, 0), |t| (t.clicks, t.cost_micros));
+        let b = other.get(&k).copied().unwrap_or((0, 0));
+        let status = match (ours.contains_key(&k), other.contains_key(&k)) {
+            (true, false) => "only_ours",
+            (false, true) => "only_other",
+            _ if a == b => "same",
+            _ => "differs",
+        };
+        diffs += u64::from(status != "same");
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{status}\n",
+            k.0,
+            k.1,
+            a.0,
+            b.0,
+            b.0 as i128 - a.0 as i128,
+            a.1,
+            b.1,
+            b.1 as i128 - a.1 as i128
+        ));
+    }
+    (out, diffs)
+}
+
 /// (realtime - invoice) / invoice in percent, 4 decimals; empty when the invoice is 0
 /// and the counters are not.
 fn pct(invoice: u64, realtime: u64) -> String {
@@ -470,25 +1266,6 @@ fn pct(invoice: u64, realtime: u64) -> String {
     }
     let d = realtime as f64 - invoice as f64;
     format!("{:.4}", d * 100.0 / invoice as f64)
-}
-
-fn ip_key(ip: IpAddr) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    match ip {
-        IpAddr::V4(a) => {
-            k[0] = 4;
-            k[1..5].copy_from_slice(&a.octets());
-        }
-        IpAddr::V6(a) => {
-            k[0] = 6;
-            k[1..].copy_from_slice(&a.octets());
-        }
-    }
-    k
-}
-
-fn ip_hash(ip: IpAddr) -> u64 {
-    bytes_hash(&ip_key(ip))
 }
 
 /// The box's counter store, read without writing (`None`: there is none).
