@@ -4,7 +4,10 @@
 #          on 127.0.0.1:${CLICKGATE_TEST_KAFKA_PORT:-19092}, in-memory storage
 #   Redis  Debian's redis-server: one node on ${CLICKGATE_TEST_REDIS_PORT:-16379} and a
 #          three-node cluster on 17000-17002, no persistence
-#   tools  pyarrow (independent Parquet reader), pyspark + Java (the billing Spark job),
+#   S3     moto's server mode (PyPI `moto[server]`, in a venv under $CLICKGATE_TOOLS) on
+#          127.0.0.1:${CLICKGATE_TEST_S3_PORT:-19000}, in-memory, any credentials accepted
+#   tools  pyarrow (independent Parquet reader), protobuf + grpcio-tools (a stock protobuf
+#          runtime and protoc, to read raw_clicks), pyspark + Java (the billing Spark job),
 #          promtool, systemd-analyze, Chromium + playwright-core
 #
 # Each service is started only if its port does not answer already, so a developer's
@@ -110,10 +113,11 @@ start_kafka() {
 
 ensure_pyarrow() {
     local venv="$CLICKGATE_TOOLS/pyenv"
-    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pyarrow' 2>/dev/null; then
-        svc_log "installing pyarrow from PyPI into $venv"
-        python3 -m venv "$venv" && "$venv/bin/pip" install -q pyarrow >"$SERVICES_DIR/pip.log" 2>&1 ||
-            { echo "error: pip install pyarrow failed; see $SERVICES_DIR/pip.log" >&2; exit 1; }
+    if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c 'import pyarrow, google.protobuf, grpc_tools.protoc' 2>/dev/null; then
+        svc_log "installing pyarrow, protobuf and grpcio-tools from PyPI into $venv"
+        { [ -x "$venv/bin/python" ] || python3 -m venv "$venv"; } &&
+            timeout 900 "$venv/bin/pip" install -q pyarrow protobuf grpcio-tools >"$SERVICES_DIR/pip.log" 2>&1 ||
+            { echo "error: pip install pyarrow protobuf grpcio-tools failed; see $SERVICES_DIR/pip.log" >&2; exit 1; }
     fi
     export CLICKGATE_TEST_PYTHON="$venv/bin/python"
 }
@@ -129,6 +133,25 @@ ensure_pyspark() {
             { echo "error: pip install pyspark failed; see $SERVICES_DIR/pip-pyspark.log" >&2; exit 1; }
     fi
     export CLICKGATE_TEST_PYSPARK="$venv/bin/python"
+}
+
+start_s3() {
+    local venv="$CLICKGATE_TOOLS/s3-venv"
+    if [ ! -x "$venv/bin/moto_server" ]; then
+        svc_log "installing moto[server] from PyPI into $venv"
+        python3 -m venv "$venv" && timeout 900 "$venv/bin/pip" install -q "moto[server]" >"$SERVICES_DIR/pip-moto.log" 2>&1 ||
+            { echo "error: pip install moto[server] failed; see $SERVICES_DIR/pip-moto.log" >&2; exit 1; }
+    fi
+    local port=${CLICKGATE_TEST_S3_PORT:-19000}
+    if ! port_open "$port"; then
+        mkdir -p "$SERVICES_DIR/moto"
+        (cd "$SERVICES_DIR/moto" && nohup "$venv/bin/moto_server" -H 127.0.0.1 -p "$port" \
+            >"$SERVICES_DIR/moto/server.log" 2>&1 &)
+        wait_port "$port" "moto S3 server"
+    fi
+    export CLICKGATE_TEST_S3="http://127.0.0.1:$port"
+    export CLICKGATE_TEST_MOTO="$venv/bin/moto_server"
+    svc_log "s3 (moto) $CLICKGATE_TEST_S3"
 }
 
 ensure_promtool() {
@@ -160,6 +183,7 @@ services_start() {
     mkdir -p "$SERVICES_DIR" "$CLICKGATE_TOOLS"
     start_redis
     start_kafka
+    start_s3
     ensure_pyarrow
     ensure_pyspark
     ensure_promtool

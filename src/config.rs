@@ -292,7 +292,7 @@ pub struct Settings {
 
     /// With `--ack memory`, the local log is fdatasync'd at most this long after a write,
     /// in ms (what a power loss can take) [default: 200]
-    #[arg(long, env = "CLICKGATE_LOG_MEMORY_SYNC_INTERVAL_MS", global = true)]
+    #[arg(long, env = "CLICKGATE_LOG_MEMORY_SYNC_INTERVAL_MS", global = true, help_heading = DATAPLANE)]
     pub log_memory_sync_interval_ms: Option<u64>,
 
     /// On SIGTERM/SIGINT, in-flight requests get this long to finish, in ms [default: 10000]
@@ -339,7 +339,7 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_BYTES", global = true, help_heading = ARCHIVE)]
     pub archive_roll_bytes: Option<u64>,
 
-    /// Archive: buffered records are written at most this long after the first one was read, in seconds [default: 300]
+    /// Archive: buffered records are written at most this long after the first one was read, in seconds, 1..=60 [default: 30]
     #[arg(long, env = "CLICKGATE_ARCHIVE_ROLL_SECS", global = true, help_heading = ARCHIVE)]
     pub archive_roll_secs: Option<u64>,
 
@@ -623,14 +623,14 @@ impl Settings {
         Ok(Some(cfg))
     }
 
-    /// The archive's directory and bounds; `s3://` is refused here (exit 2).
+    /// The archive's location (a directory or `s3://`) and bounds; a bad one is exit 2.
     pub fn archive(&self) -> anyhow::Result<clickgate_controlplane::archive::ArchiveConfig> {
         use clickgate_controlplane::archive::{ArchiveConfig, ArchiveLocation};
         let d = ArchiveConfig::default();
         let loc = ArchiveLocation::parse(self.archive_url.as_deref(), &self.data_dir())
             .map_err(anyhow::Error::msg)?;
         let cfg = ArchiveConfig {
-            dir: loc.dir().to_path_buf(),
+            location: loc,
             roll_bytes: self.archive_roll_bytes.unwrap_or(d.roll_bytes),
             roll_secs: self.archive_roll_secs.unwrap_or(d.roll_secs),
             open_files_max: self.archive_open_files_max.unwrap_or(d.open_files_max),

@@ -1,6 +1,7 @@
 //! The `clickgate` binary: parses settings, wires the planes, maps errors to exit codes.
 //! Logic lives in the library crates.
 
+mod archive;
 mod billing;
 mod config;
 mod kafka;
@@ -56,6 +57,10 @@ enum Command {
     /// the stream's dedup and aggregation into the running controlplane's store
     /// (exit 0 ok, 1 failure, 2 bad argument)
     Replay(replay::ReplayArgs),
+    /// A Kafka-fed archiver: `archive --from-kafka` consumes raw_clicks as a consumer
+    /// group member and writes the archive (--archive-url) until SIGTERM (exit 0 clean
+    /// stop, 1 failure, 2 bad settings)
+    Archive(archive::ArchiveArgs),
 }
 
 /// Exit codes: 0 clean stop, 1 runtime failure, 2 bad settings.
@@ -95,6 +100,15 @@ fn main() -> ExitCode {
     if let Command::Billing(args) = &cli.command {
         return ExitCode::from(billing::run(args, &settings));
     }
+    if let Command::Archive(args) = &cli.command {
+        return match archive::run(args, &settings) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("clickgate archive: {e:#}");
+                ExitCode::from(1)
+            }
+        };
+    }
     if let Command::Replay(args) = &cli.command {
         return match replay::run(args, &settings) {
             Ok(()) => ExitCode::SUCCESS,
@@ -108,7 +122,11 @@ fn main() -> ExitCode {
         Command::Run => run_both(&settings),
         Command::Dataplane => run_dataplane(&settings),
         Command::Controlplane => run_controlplane(&settings),
-        Command::Rules(_) | Command::Billing(_) | Command::Tune(_) | Command::Replay(_) => {
+        Command::Rules(_)
+        | Command::Billing(_)
+        | Command::Tune(_)
+        | Command::Replay(_)
+        | Command::Archive(_) => {
             unreachable!("handled above")
         }
     };

@@ -29,8 +29,14 @@ const READER: &str = r#"
 import json, os, sys
 import pyarrow as pa, pyarrow.parquet as pq
 root = sys.argv[1]
-out = {"files": [], "rows": [], "tmp": []}
+out = {"files": [], "rows": [], "tmp": [], "staged": []}
 for dp, dn, fn in os.walk(root):
+    # As dataset readers do (pyarrow, Spark, Hive): names starting with . or _ are not
+    # data (the archiver's staging directory and range intents).
+    if os.path.relpath(dp, root).split(os.sep)[0].startswith((".", "_")):
+        if os.path.relpath(dp, root).startswith(".staging"):
+            out["staged"] += [os.path.join(dp, f) for f in fn]
+        continue
     for f in sorted(fn):
         p = os.path.join(dp, f)
         if not f.endswith(".parquet"):
@@ -107,6 +113,11 @@ fn check_exactly_once(root: &Path, sent: &BTreeMap<String, u64>) -> serde_json::
         a["tmp"],
         json!([]),
         "no temporary or foreign file is left visible"
+    );
+    assert_eq!(
+        a["staged"],
+        json!([]),
+        "nothing is left staged after a clean stop"
     );
     let rows = a["rows"].as_array().unwrap();
     let mut ids = BTreeSet::new();

@@ -353,14 +353,10 @@ impl Controlplane {
             serve_metrics,
             stop_rx,
         )));
-        let mut archive_cfg = cfg.archive.clone();
-        if archive_cfg.dir.as_os_str().is_empty() {
-            archive_cfg.dir = cfg.data_dir.join("archive");
-        }
         let archiver = archive::ArchiverHandle::spawn(
-            archive_cfg,
+            cfg.archive.clone(),
             &cfg.data_dir,
-            archive::LocalLogSource::new(&cfg.data_dir),
+            archive::LocalLogSource::for_location(&cfg.data_dir, &cfg.archive.location)?,
         )?;
         tracing::info!(query_addr = %query_addr, control_addr = %control_addr, control_socket = %socket.display(), "controlplane listening");
         Ok(Controlplane {

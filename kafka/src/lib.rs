@@ -10,6 +10,7 @@
 //! [`topic`] creates and checks the topic at start; [`replay`] consumes it back through
 //! the same aggregation code.
 
+pub mod consumer;
 pub mod forwarder;
 pub mod murmur2;
 pub mod replay;

@@ -1,7 +1,9 @@
 //! clickgate-proto: the formats that cross a process or a disk.
 //!
 //! - [`record`]: the raw record (validated event + what the dataplane decided), the unit
-//!   of the local log, Kafka `raw_clicks` and the archive.
+//!   of the local log and the archive.
+//! - [`raw_pb`]: the same record as Protocol Buffers (`proto/clickgate/raw/v1/
+//!   raw_click.proto`), the value of Kafka `raw_clicks` that any protobuf runtime reads.
 //! - [`segment`]: the local log's segment files: framing, torn-tail detection, reader.
 //! - [`cursor`]: consumer cursors on the local log (Kafka forwarder, archiver), which
 //!   log retention respects.
@@ -17,6 +19,7 @@ pub mod control;
 pub mod control_files;
 pub mod cursor;
 pub mod frames;
+pub mod raw_pb;
 pub mod record;
 pub mod segment;
 

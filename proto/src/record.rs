@@ -97,6 +97,9 @@ pub enum RecordError {
     Utf8(usize),
     #[error("more than {RULES_PER_RECORD_MAX} rules or a rule id over {RULE_ID_BYTES_MAX} bytes")]
     Rules,
+    /// A `raw_clicks` protobuf value that is malformed or out of bounds (`raw_pb`).
+    #[error("protobuf value: {0}")]
+    Protobuf(&'static str),
 }
 
 /// The exact encoded size of a record, so a caller can reserve space before encoding.

@@ -20,13 +20,25 @@
 //! same bytes, so the archive never holds a record twice and never misses one.
 
 pub mod archiver;
+pub mod columns;
 pub mod source;
+pub mod store;
 pub mod writer;
 
 use std::path::{Path, PathBuf};
 
+use clickgate_proto::record::{RawRecord, RecordError};
+
 pub use archiver::{Archiver, ArchiverHandle};
 pub use source::{LocalLogSource, RecordSource};
+pub use store::{ArchiveFile, ArchiveLocation, ArchiveReader, FileData};
+
+/// Decodes a record as a source hands it out: the local log's layout or a `raw_clicks`
+/// protobuf value (`proto::raw_pb`).
+#[inline]
+pub fn decode_value(bytes: &[u8]) -> Result<RawRecord<'_>, RecordError> {
+    clickgate_proto::raw_pb::decode_value(bytes)
+}
 
 /// The consumer name of the archiver's cursors on the local log (`proto::cursor`).
 pub const CURSOR_CONSUMER: &str = "archive";
@@ -37,13 +49,13 @@ pub const DAY_MS: u64 = 24 * HOUR_MS;
 /// The archiver's settings, every bound with its unit last.
 #[derive(Clone, Debug)]
 pub struct ArchiveConfig {
-    /// Where the files go (a local directory; see [`ArchiveLocation`]); empty:
-    /// `<data_dir>/archive`.
-    pub dir: PathBuf,
+    /// Where the files go: a local directory (empty: `<data_dir>/archive`) or S3.
+    pub location: ArchiveLocation,
     /// Raw record bytes a stream buffers before its range is written; also the memory
     /// bound of the archiver per stream (Parquet + Snappy files come out ~3-4x smaller).
     pub roll_bytes: u64,
-    /// A range is written at most this long after its first record was read, in seconds.
+    /// A range is written at most this long after its first record was read, in seconds
+    /// (1..=60: the archive is at most about a minute behind the log).
     pub roll_secs: u64,
     /// Hour partitions one range may touch (files open at once), at most; an older event
     /// beyond it closes the range early.
@@ -57,9 +69,9 @@ pub struct ArchiveConfig {
 impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
-            dir: PathBuf::new(),
+            location: ArchiveLocation::Dir(PathBuf::new()),
             roll_bytes: 128 << 20,
-            roll_secs: 300,
+            roll_secs: 30,
             open_files_max: 48,
             row_group_rows: 1 << 20,
             poll_ms: 200,
@@ -67,14 +79,30 @@ impl Default for ArchiveConfig {
     }
 }
 
+/// Largest `roll_secs`.
+pub const ROLL_SECS_MAX: u64 = 60;
+
 impl ArchiveConfig {
+    /// The location, an empty directory meaning `<data_dir>/archive`.
+    pub fn location_or_default(&self, data_dir: &Path) -> ArchiveLocation {
+        match &self.location {
+            ArchiveLocation::Dir(d) if d.as_os_str().is_empty() => {
+                ArchiveLocation::Dir(data_dir.join("archive"))
+            }
+            l => l.clone(),
+        }
+    }
+
     /// Checks the bounds (a bad one is a settings error naming the setting).
     pub fn validate(&self) -> Result<(), String> {
         if self.roll_bytes == 0 {
             return Err("archive_roll_bytes must be greater than 0".into());
         }
-        if self.roll_secs == 0 {
-            return Err("archive_roll_secs must be greater than 0".into());
+        if !(1..=ROLL_SECS_MAX).contains(&self.roll_secs) {
+            return Err(format!(
+                "archive_roll_secs must be 1..={ROLL_SECS_MAX} (the archive's bound on how far it is behind), got {}",
+                self.roll_secs
+            ));
         }
         if self.open_files_max == 0 {
             return Err("archive_open_files_max must be greater than 0".into());
@@ -86,40 +114,6 @@ impl ArchiveConfig {
             return Err("archive_poll_ms must be between 1 and 60000".into());
         }
         Ok(())
-    }
-}
-
-/// Where the archive lives, from `archive_url`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ArchiveLocation {
-    Dir(PathBuf),
-}
-
-impl ArchiveLocation {
-    /// `None` or empty: `<data_dir>/archive`; a path or `file://` URL: that directory.
-    /// `s3://` is refused with the reason (see docs/ARCHIVE.md).
-    pub fn parse(url: Option<&str>, data_dir: &Path) -> Result<ArchiveLocation, String> {
-        let url = url.map(str::trim).unwrap_or("");
-        if url.is_empty() {
-            return Ok(ArchiveLocation::Dir(data_dir.join("archive")));
-        }
-        if let Some(rest) = url.strip_prefix("file://") {
-            return Ok(ArchiveLocation::Dir(PathBuf::from(rest)));
-        }
-        if let Some((scheme, _)) = url.split_once("://") {
-            return Err(format!(
-                "archive_url {url:?}: scheme {scheme}:// is not supported by this build; \
-                 use a local directory (object storage: sync the directory with a bucket, \
-                 see docs/ARCHIVE.md)"
-            ));
-        }
-        Ok(ArchiveLocation::Dir(PathBuf::from(url)))
-    }
-
-    pub fn dir(&self) -> &Path {
-        match self {
-            ArchiveLocation::Dir(d) => d,
-        }
     }
 }
 
@@ -295,7 +289,29 @@ mod tests {
             ArchiveLocation::parse(Some("file:///a"), d).unwrap(),
             ArchiveLocation::Dir(PathBuf::from("/a"))
         );
-        let e = ArchiveLocation::parse(Some("s3://b/p"), d).unwrap_err();
-        assert!(e.contains("s3://"), "{e}");
+        assert_eq!(
+            ArchiveLocation::parse(Some("s3://my-bucket/a/b/"), d).unwrap(),
+            ArchiveLocation::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "a/b".into()
+            }
+        );
+        assert_eq!(
+            ArchiveLocation::parse(Some("s3://my-bucket"), d).unwrap(),
+            ArchiveLocation::S3 {
+                bucket: "my-bucket".into(),
+                prefix: String::new()
+            }
+        );
+        for bad in [
+            "s3://",
+            "s3://B!/x",
+            "s3://bucket/a//b",
+            "s3://bucket/../x",
+            "gs://b/p",
+        ] {
+            let e = ArchiveLocation::parse(Some(bad), d).unwrap_err();
+            assert!(e.contains("archive_url"), "{e}");
+        }
     }
 }

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use clickgate_proto::cursor;
 use clickgate_proto::segment::{core_dirs, LogReader};
 
-use super::CURSOR_CONSUMER;
+use super::{ArchiveLocation, CURSOR_CONSUMER};
 
 pub trait RecordSource: Send {
     /// The streams there are now (names are `[a-z0-9-]`, used in file names), sorted; the
@@ -28,12 +28,20 @@ pub trait RecordSource: Send {
     fn next(&mut self, stream: &str) -> io::Result<Option<(u64, u64, &[u8])>>;
     /// Durably records that everything of `stream` before `pos` is archived.
     fn commit(&mut self, stream: &str, pos: u64) -> io::Result<()>;
+    /// Streams taken away since the last call (a consumer group's rebalance): the
+    /// archiver drops what it read of them, uncommitted; their new owner redoes it.
+    fn revoked(&mut self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
-/// The local log of every dataplane core: `<data_dir>/log/core-<k>/`.
+/// The local log of every dataplane core: `<data_dir>/log/core-<k>/`, streams
+/// `core-<k>` (or `<box id>-core-<k>` in an archive that boxes share, see
+/// [`LocalLogSource::for_location`]).
 pub struct LocalLogSource {
     data_dir: PathBuf,
     log_root: PathBuf,
+    prefix: String,
     readers: BTreeMap<String, (u32, LogReader)>,
 }
 
@@ -42,13 +50,26 @@ impl LocalLogSource {
         LocalLogSource {
             data_dir: data_dir.to_path_buf(),
             log_root: data_dir.join("log"),
+            prefix: String::new(),
             readers: BTreeMap::new(),
         }
     }
 
-    fn core_of(stream: &str) -> io::Result<u32> {
+    /// For a local directory, streams `core-<k>`; for S3, which many boxes may share,
+    /// `<box id, 16 hex digits>-core-<k>`, so two boxes' files never share a name.
+    pub fn for_location(data_dir: &Path, loc: &ArchiveLocation) -> io::Result<LocalLogSource> {
+        let mut s = LocalLogSource::new(data_dir);
+        if let ArchiveLocation::S3 { .. } = loc {
+            let id = clickgate_proto::box_id::resolve(data_dir, None)?;
+            s.prefix = format!("{id:016x}-");
+        }
+        Ok(s)
+    }
+
+    fn core_of(&self, stream: &str) -> io::Result<u32> {
         stream
-            .strip_prefix("core-")
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|s| s.strip_prefix("core-"))
             .and_then(|k| k.parse().ok())
             .ok_or_else(|| {
                 io::Error::new(
@@ -71,18 +92,18 @@ impl RecordSource for LocalLogSource {
     fn streams(&mut self) -> io::Result<Vec<String>> {
         Ok(core_dirs(&self.log_root)?
             .into_iter()
-            .map(|(k, _)| format!("core-{k}"))
+            .map(|(k, _)| format!("{}core-{k}", self.prefix))
             .collect())
     }
 
     fn committed(&mut self, stream: &str) -> io::Result<u64> {
-        let core = Self::core_of(stream)?;
+        let core = self.core_of(stream)?;
         Ok(cursor::read_cursor(&self.data_dir, CURSOR_CONSUMER, core)?.unwrap_or(0))
     }
 
     fn seek(&mut self, stream: &str, pos: u64) -> io::Result<()> {
-        let core = Self::core_of(stream)?;
-        let reader = LogReader::open(&self.log_root.join(stream), pos)?;
+        let core = self.core_of(stream)?;
+        let reader = LogReader::open(&self.log_root.join(format!("core-{core}")), pos)?;
         self.readers.insert(stream.to_owned(), (core, reader));
         Ok(())
     }
@@ -103,7 +124,7 @@ impl RecordSource for LocalLogSource {
     }
 
     fn commit(&mut self, stream: &str, pos: u64) -> io::Result<()> {
-        let core = Self::core_of(stream)?;
+        let core = self.core_of(stream)?;
         cursor::write_cursor(&self.data_dir, CURSOR_CONSUMER, core, pos)
     }
 }

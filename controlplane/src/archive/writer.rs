@@ -8,20 +8,19 @@
 
 use std::fs::{self, File};
 use std::io::{self, BufWriter};
-use std::net::IpAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use arrow_array::builder::{ListBuilder, StringBuilder};
-use arrow_array::{
-    ArrayRef, BooleanArray, RecordBatch, StringArray, TimestampMillisecondArray, UInt64Array,
-};
+use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use clickgate_proto::record::{self, RawRecord};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
-use parquet::file::properties::WriterProperties;
+use parquet::file::properties::{EnabledStatistics, WriterProperties};
+use parquet::schema::types::ColumnPath;
+
+use super::columns::{Columns, BATCH_ROWS};
 
 /// Column names, in file order.
 pub const COLUMNS: [&str; 18] = [
@@ -49,7 +48,7 @@ fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
-fn rule_item() -> Arc<Field> {
+pub(crate) fn rule_item() -> Arc<Field> {
     Arc::new(Field::new("item", DataType::Utf8, false))
 }
 
@@ -78,129 +77,95 @@ pub fn schema() -> SchemaRef {
     ]))
 }
 
-/// Builds one record batch from raw records `(lsn, encoded record)` of one source stream.
+/// Builds one record batch from raw records `(lsn, encoded record)` of one source stream
+/// (tests and tools; the archiver fills [`Columns`] as it reads).
 pub fn batch<'a>(
     stream: &str,
-    rows: impl ExactSizeIterator<Item = (u64, &'a [u8])> + Clone,
+    rows: impl ExactSizeIterator<Item = (u64, &'a [u8])>,
 ) -> anyhow::Result<RecordBatch> {
-    let n = rows.len();
-    let mut recs: Vec<(u64, RawRecord<'a>)> = Vec::with_capacity(n);
+    let mut cols = Columns::new();
     for (lsn, bytes) in rows {
         let r = record::decode(bytes).with_context(|| format!("{stream}: record at LSN {lsn}"))?;
-        recs.push((lsn, r));
+        cols.push(&r, lsn);
     }
-    let u64s = |f: &dyn Fn(&RawRecord) -> u64| -> ArrayRef {
-        Arc::new(UInt64Array::from_iter_values(
-            recs.iter().map(|(_, r)| f(r)),
-        ))
-    };
-    let ts = |f: &dyn Fn(&RawRecord) -> u64| -> ArrayRef {
-        Arc::new(
-            TimestampMillisecondArray::from_iter_values(recs.iter().map(|(_, r)| f(r) as i64))
-                .with_timezone("UTC"),
-        )
-    };
-    let mut id = [0u8; 36];
-    let mut ids = StringBuilder::with_capacity(n, n * 36);
-    let mut ip = StringBuilder::with_capacity(n, n * 15);
-    let mut text = String::with_capacity(40);
-    let mut rules = ListBuilder::new(StringBuilder::new()).with_field(rule_item());
-    for (_, r) in &recs {
-        r.click.event_id.write_text(&mut id);
-        ids.append_value(std::str::from_utf8(&id).expect("uuid text is ASCII"));
-        text.clear();
-        write_ip(&mut text, r.click.ip);
-        ip.append_value(&text);
-        for id in &r.rules {
-            rules.values().append_value(id);
-        }
-        rules.append(true);
-    }
-    let strs = |f: &dyn Fn(&RawRecord) -> String| -> ArrayRef {
-        Arc::new(StringArray::from_iter_values(
-            recs.iter().map(|(_, r)| f(r)),
-        ))
-    };
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(ids.finish()),
-        ts(&|r| r.click.ts_ms),
-        ts(&|r| r.recv_ms),
-        u64s(&|r| r.click.campaign_id),
-        u64s(&|r| r.click.ad_id),
-        u64s(&|r| r.click.publisher_id),
-        u64s(&|r| r.click.advertiser_id),
-        Arc::new(StringArray::from_iter_values(
-            recs.iter().map(|(_, r)| &*r.click.user_id),
-        )),
-        Arc::new(ip.finish()),
-        Arc::new(StringArray::from_iter_values(
-            recs.iter().map(|(_, r)| &*r.click.user_agent),
-        )),
-        strs(&|r| r.click.country_str().to_owned()),
-        Arc::new(StringArray::from_iter_values(
-            recs.iter().map(|(_, r)| r.click.device.as_str()),
-        )),
-        u64s(&|r| r.click.cost_micros),
-        Arc::new(BooleanArray::from_iter(
-            recs.iter().map(|(_, r)| Some(r.flags.duplicate())),
-        )),
-        Arc::new(BooleanArray::from_iter(
-            recs.iter().map(|(_, r)| Some(r.flags.fraud())),
-        )),
-        Arc::new(rules.finish()),
-        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(
-            stream, n,
-        ))),
-        Arc::new(UInt64Array::from_iter_values(recs.iter().map(|(l, _)| *l))),
-    ];
-    Ok(RecordBatch::try_new(schema(), columns)?)
+    cols.finish(stream)
 }
 
-fn write_ip(out: &mut String, ip: IpAddr) {
-    use std::fmt::Write;
-    let _ = write!(out, "{ip}");
-}
-
-/// Writer settings: Snappy, row groups of at most `row_group_rows`.
+/// Writer settings (chosen by measurement, bench/ARCHIVE.md): Snappy; row groups of at
+/// most `row_group_rows`; no dictionary for the columns of (nearly) unique values, where
+/// building one only to drop it costs time; min/max statistics per column chunk, not per
+/// page (readers prune by row group and by hour partition).
 pub fn properties(row_group_rows: usize) -> WriterProperties {
-    WriterProperties::builder()
+    let mut b = WriterProperties::builder()
         .set_compression(Compression::SNAPPY)
         .set_max_row_group_row_count(Some(row_group_rows))
-        .build()
+        .set_statistics_enabled(EnabledStatistics::Chunk);
+    for c in ["event_id", "lsn", "recv_ts", "ts"] {
+        b = b.set_column_dictionary_enabled(ColumnPath::from(c), false);
+    }
+    b.build()
 }
 
-/// Writes `batches` as `dir/name` atomically and durably: `dir/.name.tmp`, fsync, rename,
-/// fsync of `dir`. Readers never see a partial file (they skip dot-files). Returns the
-/// file's size in bytes.
-pub fn write_file(
-    dir: &Path,
-    name: &str,
-    batches: &[RecordBatch],
-    row_group_rows: usize,
-) -> anyhow::Result<u64> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let mut w = ArrowWriter::try_new(
-        BufWriter::with_capacity(1 << 20, file),
-        schema(),
-        Some(properties(row_group_rows)),
-    )?;
-    for b in batches {
-        w.write(b)?;
+/// One archive file being written: rows go into [`Columns`], every [`BATCH_ROWS`] rows
+/// into the Parquet writer (which cuts row groups), and [`PartFile::finish`] makes the
+/// file durable under its staging name.
+pub struct PartFile {
+    path: PathBuf,
+    w: ArrowWriter<BufWriter<File>>,
+    cols: Columns,
+    rows: u64,
+}
+
+impl PartFile {
+    pub fn create(path: &Path, row_group_rows: usize) -> anyhow::Result<PartFile> {
+        let file = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        let w = ArrowWriter::try_new(
+            BufWriter::with_capacity(1 << 20, file),
+            schema(),
+            Some(properties(row_group_rows)),
+        )?;
+        Ok(PartFile {
+            path: path.to_path_buf(),
+            w,
+            cols: Columns::new(),
+            rows: 0,
+        })
     }
-    let file = w
-        .into_inner()
-        .with_context(|| format!("writing {}", tmp.display()))?
-        .into_inner()
-        .map_err(|e| e.into_error())?;
-    file.sync_all()
-        .with_context(|| format!("fsync {}", tmp.display()))?;
-    let len = file.metadata()?.len();
-    drop(file);
-    let path = dir.join(name);
-    fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
-    sync_dir(dir)?;
-    Ok(len)
+
+    #[inline]
+    pub fn push(&mut self, r: &RawRecord<'_>, lsn: u64, stream: &str) -> anyhow::Result<()> {
+        self.cols.push(r, lsn);
+        self.rows += 1;
+        if self.cols.len() >= BATCH_ROWS {
+            let b = self.cols.finish(stream)?;
+            self.w
+                .write(&b)
+                .with_context(|| format!("writing {}", self.path.display()))?;
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Writes the last rows and the footer, fsyncs; returns (path, bytes).
+    pub fn finish(mut self, stream: &str) -> anyhow::Result<(PathBuf, u64)> {
+        if !self.cols.is_empty() {
+            let b = self.cols.finish(stream)?;
+            self.w.write(&b)?;
+        }
+        let file = self
+            .w
+            .into_inner()
+            .with_context(|| format!("writing {}", self.path.display()))?
+            .into_inner()
+            .map_err(|e| e.into_error())?;
+        file.sync_all()
+            .with_context(|| format!("fsync {}", self.path.display()))?;
+        let len = file.metadata()?.len();
+        Ok((self.path, len))
+    }
 }
 
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
