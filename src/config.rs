@@ -93,7 +93,7 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_REDIS_FLUSH_INTERVAL_MS", global = true)]
     pub redis_flush_interval_ms: Option<u64>,
 
-    /// Redis: commands per pipeline (one round trip), at most (100..=100000) [default: 1000]
+    /// Redis: commands per pipeline (one round trip), at most (100..=100000) [default: 4000]
     #[arg(long, env = "CLICKGATE_REDIS_PIPELINE_COMMANDS_MAX", global = true)]
     pub redis_pipeline_commands_max: Option<usize>,
 
