@@ -134,7 +134,7 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_REDIS_FLUSH_INTERVAL_MS", global = true, help_heading = REDIS)]
     pub redis_flush_interval_ms: Option<u64>,
 
-    /// Redis: commands per pipeline (one round trip), at most (100..=100000) [default: 1000]
+    /// Redis: commands per pipeline (one round trip), at most (100..=100000) [default: 4000]
     #[arg(long, env = "CLICKGATE_REDIS_PIPELINE_COMMANDS_MAX", global = true, help_heading = REDIS)]
     pub redis_pipeline_commands_max: Option<usize>,
 
