@@ -74,6 +74,8 @@ pub const BASE_BYTES: u64 = 48 << 20;
 pub const THREAD_BYTES: u64 = 24 << 20;
 /// Smallest memory setting.
 pub const MEMORY_MIN_BYTES: u64 = 128 << 20;
+/// An invoice: (advertiser_id, campaign_id) → (clicks, cost_micros).
+pub type Invoice = BTreeMap<(u64, u64), (u64, u64)>;
 /// Distinct `source` values an archive may hold (clickgate writes one per core).
 const SOURCES_MAX: usize = 1 << 16;
 /// Bit of a row's count word: its IP clicked too many campaigns (batch check).
@@ -566,7 +568,7 @@ fn bill(
     rules: &CompiledRules,
     files: &[ArchiveFile],
     spill_dir: &Path,
-    other: Option<&BTreeMap<(u64, u64), (u64, u64)>>,
+    other: Option<&Invoice>,
     sum: &mut Summary,
 ) -> Result<(), BillingError> {
     let day_start = cfg.day.start_ms();
@@ -747,7 +749,7 @@ fn bill(
             }
             Ok(())
         };
-        while let Some(r) = m.next()? {
+        while let Some(r) = m.pop()? {
             n += 1;
             if n.is_multiple_of(1 << 20) {
                 progress
@@ -830,7 +832,7 @@ fn bill(
             group.clear();
             Ok(())
         };
-        while let Some(w) = m.next()? {
+        while let Some(w) = m.pop()? {
             events += 1;
             if group
                 .last()
@@ -1130,7 +1132,7 @@ fn judge(
                         loop {
                             let r = match carry.take() {
                                 Some(r) => Some(r),
-                                None => m.next()?,
+                                None => m.pop()?,
                             };
                             match r {
                                 Some(r) if r.file as usize == f => v[r.row as usize] = r.val,
@@ -1190,7 +1192,7 @@ fn judge(
 
 /// Reads an invoices.csv (ours or another engine's): `advertiser_id,campaign_id,
 /// clicks,cost_micros` rows.
-pub fn read_invoices(path: &Path) -> anyhow::Result<BTreeMap<(u64, u64), (u64, u64)>> {
+pub fn read_invoices(path: &Path) -> anyhow::Result<Invoice> {
     let text = fs::read_to_string(path)?;
     let mut lines = text.lines();
     let head = lines.next().unwrap_or("");
@@ -1217,10 +1219,7 @@ pub fn read_invoices(path: &Path) -> anyhow::Result<BTreeMap<(u64, u64), (u64, u
 
 /// engines.csv: every invoice row of either engine with both figures and the
 /// difference (other - ours); returns the text and the rows that differ.
-fn compare_engines(
-    ours: &BTreeMap<(u64, u64), CampaignTotals>,
-    other: &BTreeMap<(u64, u64), (u64, u64)>,
-) -> (String, u64) {
+fn compare_engines(ours: &BTreeMap<(u64, u64), CampaignTotals>, other: &Invoice) -> (String, u64) {
     let mut keys: Vec<(u64, u64)> = ours.keys().chain(other.keys()).copied().collect();
     keys.sort_unstable();
     keys.dedup();

@@ -204,8 +204,9 @@ impl<'a, T: Fixed> Merge<'a, T> {
         Ok(m)
     }
 
+    /// The next record in order (`None`: every run is exhausted).
     #[inline]
-    pub fn next(&mut self) -> io::Result<Option<T>> {
+    pub fn pop(&mut self) -> io::Result<Option<T>> {
         if self.single {
             return self.sources[0].next();
         }
@@ -248,7 +249,7 @@ mod tests {
         let (mem, runs) = set.finish().unwrap();
         let mut m = Merge::new(&mem, &runs).unwrap();
         let mut out = Vec::new();
-        while let Some(r) = m.next().unwrap() {
+        while let Some(r) = m.pop().unwrap() {
             out.push(r);
         }
         out
