@@ -161,7 +161,7 @@ fn generate(day_start: u64) -> Day {
         .iter()
         .enumerate()
     {
-        first.push(d.ev(11, h(7) + i as u64 * 1_000, |v| ip(v, *a)));
+        first.push(d.ev(11, h(7) + i as u64 * 1_000, |v| ip(v, a)));
     }
     first.push(d.ev(12, h(7), |v| ip(v, "::ffff:198.51.100.77")));
     // Batch-only check: one IP on four campaigns in the day.
