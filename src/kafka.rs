@@ -1,4 +1,4 @@
-//! Wiring of the Kafka forwarder (issue #4) around the dataplane: the topic is checked
+//! Wiring of the Kafka forwarder around the dataplane: the topic is checked
 //! before ingest starts, the forwarder threads start once the core logs are open, and
 //! stop after the dataplane drained, delivering what its logs still hold.
 

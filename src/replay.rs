@@ -1,4 +1,4 @@
-//! `clickgate replay`: raw records of a range back into the counter store (issue #4).
+//! `clickgate replay`: raw records of a range back into the counter store.
 //! Glue only; the logic is `clickgate_kafka::replay`.
 
 use clickgate_kafka::replay::{self, Position, ReplayConfig};

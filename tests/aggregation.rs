@@ -1,4 +1,4 @@
-//! Real-time aggregation black-box tests (contract §3): clicks posted over HTTP must come
+//! Real-time aggregation black-box tests (docs/api.md): clicks posted over HTTP must come
 //! back from the query API exactly (clicks, cost) or within 2% (unique users), in aligned
 //! ascending buckets, filtered, ranked, and across a controlplane `kill -9`.
 

@@ -1,5 +1,5 @@
 //! `clickgate billing`, black-box: a day with known ground truth (duplicates, copies with
-//! altered fields, every fraud kind of contract §6, events on hour and day boundaries,
+//! altered fields, every fraud kind of docs/fraud.md, events on hour and day boundaries,
 //! late events) is ingested over HTTP, the box stops cleanly, and the day's invoice must
 //! equal the truth computed here, independently, to the micro-unit; a second run gives
 //! the same bytes.

@@ -1,4 +1,4 @@
-//! The advertiser dashboard in headless Chromium (issue #9): `clickgate run` with API
+//! The advertiser dashboard in headless Chromium: `clickgate run` with API
 //! keys and a known data set (two campaigns of one advertiser, one of another; billable
 //! and honeypot-fraud clicks over three hours), then `tests/browser/dashboard.mjs`
 //! (playwright-core) checks that the page loads without console errors, that its charts,

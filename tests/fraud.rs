@@ -1,4 +1,4 @@
-//! Fraud gate and control API black-box tests (contract §4, §6): the real binary, rules
+//! Fraud gate and control API black-box tests (docs/api.md, docs/fraud.md): the real binary, rules
 //! pushed with the real CLI and over gRPC, verdicts read back from the local log.
 
 mod common;

@@ -1,4 +1,4 @@
-//! Ingest API black-box tests (contract §1, §2): the real binary over real sockets.
+//! Ingest API black-box tests (docs/schema.md, docs/api.md): the real binary over real sockets.
 
 mod common;
 

@@ -1,4 +1,4 @@
-//! The Redis real-time store (issue #5) against real Redis: a single node
+//! The Redis real-time store against real Redis: a single node
 //! (`CLICKGATE_TEST_REDIS`), a 3-node Redis Cluster (`CLICKGATE_TEST_REDIS_CLUSTER`) and
 //! private `redis-server`s started here for outages (`CLICKGATE_TEST_REDIS_SERVER`).
 //! `scripts/test.sh` (scripts/services.sh) provides all three. Every test writes under its

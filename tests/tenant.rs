@@ -1,4 +1,4 @@
-//! Tenant isolation of the query API (issue #9): with API keys configured, an advertiser
+//! Tenant isolation of the query API: with API keys configured, an advertiser
 //! sees only the campaigns its events named it for, through every route; another
 //! advertiser's campaign is 404 (like a campaign that does not exist); admin sees all; no
 //! key is 401; wrong keys are counted and rate-limited per client address; an

@@ -1,5 +1,5 @@
 //! Event parsing: sonic-rs vs simd-json on the same serde struct, plus the shipped
-//! `parse_click` (sonic-rs, hand-written visitor, full contract §1 validation).
+//! `parse_click` (sonic-rs, hand-written visitor, full docs/schema.md validation).
 //!
 //! Run: `cargo bench -p clickgate-bench --bench parse`. Figures go to bench/PARSE.md.
 //!
@@ -23,7 +23,7 @@ use serde::Deserialize;
 const NOW_MS: u64 = 1_764_201_600_123;
 const SKEW_MS: u64 = 300_000;
 
-/// The event of contract §1, verbatim.
+/// The event of docs/schema.md, verbatim.
 const SAMPLE: &str = r#"{
   "event_id": "6f1c2f4e-8a3b-4c1d-9e2f-0a1b2c3d4e5f",
   "ts": 1764201600123,

@@ -58,7 +58,7 @@ pub fn set_generation(lines: &mut Lines, generation: u32) {
     }
 }
 
-/// A rule set of every kind (contract §4), as operators push it.
+/// A rule set of every kind (docs/api.md), as operators push it.
 pub const RULES_JSON: &str = r#"{"rules":[
   {"id":"blocklist","kind":"ip_block","cidrs":["198.51.100.0/24","2001:db8::/32","10.200.0.0/16"]},
   {"id":"bots","kind":"user_agent","patterns":["bot","crawler","headlesschrome"]},

@@ -1,6 +1,6 @@
 //! Freshness probe: while the load runs, one thread posts a single event with a campaign
 //! id of its own every `interval`, and once it is answered 202 polls the query API until
-//! a bucket of that campaign shows it (contract §3: accepted-to-queryable).
+//! a bucket of that campaign shows it (docs/api.md: accepted-to-queryable).
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};

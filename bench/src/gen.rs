@@ -1,5 +1,5 @@
 //! Traffic generation: a fast RNG, a Zipf sampler, unique UUID text and
-//! contract §1 click events written straight into reused byte buffers.
+//! docs/schema.md click events written straight into reused byte buffers.
 
 /// wyrand: tiny, fast, good enough for load shaping (not cryptographic).
 #[derive(Clone, Debug)]

@@ -64,7 +64,7 @@ fn parse_share(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Load generator for clickgate's HTTP ingest API (contract §2).
+/// Load generator for clickgate's HTTP ingest API (docs/api.md).
 #[derive(Parser, Debug)]
 #[command(name = "clickgate-bench", version)]
 struct Args {

@@ -1,4 +1,4 @@
-//! The control API (contract §4): gRPC on `control_addr`, bearer-token auth on every
+//! The control API (docs/api.md): gRPC on `control_addr`, bearer-token auth on every
 //! call, fraud rules and runtime settings.
 //!
 //! A change is validated with the same parser and compiler the dataplane and billing

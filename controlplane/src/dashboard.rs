@@ -1,4 +1,4 @@
-//! The advertiser dashboard and the two query routes it needs beyond contract §3.
+//! The advertiser dashboard and the two query routes it needs beyond docs/api.md.
 //!
 //! - `GET /` and `GET /assets/{dashboard.js,dashboard.css}`: one static page, embedded in
 //!   the binary (`include_str!`, no CDN, no build step). It asks for the API key, keeps it
@@ -11,7 +11,7 @@
 //! - `GET /v1/campaigns/{id}/breakdown?window=..&by=country|device[&from=T][&to=T][&n=N]`:
 //!   the campaign's counters over the range, per country or device, most clicks first:
 //!   `{"campaign_id":..,"window":"1h","by":"country","values":[{"value":"US","clicks":..,
-//!   "cost_micros":..,"fraud_clicks":..}]}`. `from`/`to`/`n` as in contract §3's queries.
+//!   "cost_micros":..,"fraud_clicks":..}]}`. `from`/`to`/`n` as in docs/api.md's queries.
 //!
 //! Both are additions to the contract (old clients are unaffected); tenant checks are
 //! [`crate::auth`]'s extractors, which these handlers take their caller and campaign from.

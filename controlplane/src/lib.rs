@@ -1,5 +1,5 @@
 //! clickgate-controlplane: merges the dataplane cores' aggregate deltas into the embedded
-//! counter store and serves the query API (contract §3).
+//! counter store and serves the query API (docs/api.md).
 //!
 //! ```text
 //! dataplane core k ──DeltaFrame (rkyv, Unix socket)──▶ ingest: validate, queue
@@ -59,7 +59,7 @@ pub struct ControlplaneConfig {
     /// The store lives in `<data_dir>/store/`.
     pub data_dir: PathBuf,
     pub query_addr: SocketAddr,
-    /// The gRPC control API (contract §4).
+    /// The gRPC control API (docs/api.md).
     pub control_addr: SocketAddr,
     /// Bearer token of the control API; `None`: every control call is refused.
     pub control_token: Option<String>,
@@ -97,9 +97,9 @@ pub struct ControlplaneConfig {
     pub top_n_max: usize,
     /// API keys and tenant isolation of the query API and dashboard ([`auth`]).
     pub auth: auth::AuthConfig,
-    /// The Parquet archiver of the local log (issue #7).
+    /// The Parquet archiver of the local log.
     pub archive: archive::ArchiveConfig,
-    /// The Redis real-time store (issue #5); `None`: the embedded store answers queries.
+    /// The Redis real-time store; `None`: the embedded store answers queries.
     pub redis: Option<redis_store::RedisConfig>,
 }
 

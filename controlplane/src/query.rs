@@ -1,4 +1,4 @@
-//! The query API of contract §3: request parsing and validation (pure, table-tested) and
+//! The query API of docs/api.md: request parsing and validation (pure, table-tested) and
 //! the axum routes that read the store.
 //!
 //! - `GET /v1/campaigns/{campaign_id}/metrics?window=5m|1h|1d&from=T&to=T[&filter]`:
@@ -393,7 +393,7 @@ async fn healthz(State(st): State<ApiState>) -> Response {
 }
 
 /// 200 when the store writer works and Redis (if configured) answers or what it has not
-/// taken yet fits the outbox; the body says which (contract §2's `/readyz`).
+/// taken yet fits the outbox; the body says which (docs/api.md's `/readyz`).
 async fn readyz(State(st): State<ApiState>) -> Response {
     let mut body = serde_json::json!({"status": "ready"});
     let mut ready = !st.metrics.writer_failed();

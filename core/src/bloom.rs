@@ -1,4 +1,4 @@
-//! Bloom filters for dedup on `event_id` (contract §2: a retry within the window is a
+//! Bloom filters for dedup on `event_id` (docs/api.md: a retry within the window is a
 //! duplicate).
 //!
 //! `BloomFilter` is the textbook filter: k probes anywhere in the table, by double hashing

@@ -1,4 +1,4 @@
-//! The click event of contract §1, validated.
+//! The click event of docs/schema.md, validated.
 //!
 //! `Click<'a>` borrows its strings from the request buffer: parsing and validating an
 //! event allocates nothing unless a string carries JSON escapes.
@@ -7,11 +7,11 @@ use std::borrow::Cow;
 use std::fmt;
 use std::net::IpAddr;
 
-/// Largest `user_id`, in bytes (contract §1).
+/// Largest `user_id`, in bytes (docs/schema.md).
 pub const USER_ID_BYTES_MAX: usize = 64;
-/// Largest `user_agent`, in bytes (contract §1).
+/// Largest `user_agent`, in bytes (docs/schema.md).
 pub const USER_AGENT_BYTES_MAX: usize = 512;
-/// Largest `cost_micros` (contract §1).
+/// Largest `cost_micros` (docs/schema.md).
 pub const COST_MICROS_MAX: u64 = 1_000_000_000_000;
 
 /// An RFC 4122 UUID in binary form; the dedup key.
@@ -74,7 +74,7 @@ impl fmt::Debug for EventId {
     }
 }
 
-/// The `device` field (contract §1).
+/// The `device` field (docs/schema.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[repr(u8)]
 pub enum Device {
@@ -120,7 +120,7 @@ impl Device {
     }
 }
 
-/// A validated click (contract §1). Strings borrow from the input unless they were
+/// A validated click (docs/schema.md). Strings borrow from the input unless they were
 /// escaped in the JSON text.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Click<'a> {

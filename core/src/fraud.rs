@@ -1,4 +1,4 @@
-//! Fraud rules (contract §4, §6): the rule-set file format, its validation, the compiled
+//! Fraud rules (docs/api.md, docs/fraud.md): the rule-set file format, its validation, the compiled
 //! form every dataplane core and billing evaluate, and the per-IP minute counter.
 //!
 //! - [`RuleSet::parse`] reads the operator's JSON file (the contract's format, plus an
@@ -15,7 +15,7 @@
 //! - [`IpRate`] is the stream's box-wide counter of clicks per (ip, UTC minute of `ts`):
 //!   bounded, evicting the address seen least recently.
 //!
-//! Stream vs billing for `ip_rate` (contract §6): the stream flags the clicks past the
+//! Stream vs billing for `ip_rate` (docs/fraud.md): the stream flags the clicks past the
 //! threshold in their minute as they come ([`CompiledRules::evaluate`] with the running
 //! count from [`IpRate`]); billing, which sees the whole minute, flags every click of an
 //! (ip, minute) whose deduplicated count exceeds the threshold: it calls
@@ -64,7 +64,7 @@ pub const RULE_ID_BYTES_MAX: usize = 64;
 /// Fired rules kept per decision, at most (the raw record's bound). A click that fires
 /// more is fraud all the same; the first ones in file order are kept.
 pub const FIRED_MAX: usize = 16;
-/// `max_clicks_per_minute` of an `ip_rate` rule that does not say (contract §4).
+/// `max_clicks_per_minute` of an `ip_rate` rule that does not say (docs/api.md).
 pub const IP_RATE_DEFAULT_PER_MINUTE: u32 = 100;
 /// Longest user-agent pattern: a longer one could never match a valid click.
 pub const UA_PATTERN_BYTES_MAX: usize = crate::event::USER_AGENT_BYTES_MAX;
@@ -103,7 +103,7 @@ const MOBILE_UA_TOKENS: &[&str] = &["mobile", "android", "iphone", "ipad", "ipod
 // ---------------------------------------------------------------------------------------
 // The file format.
 
-/// A parsed, validated rule set: the contract §4 file plus the version the controlplane
+/// A parsed, validated rule set: the rules file (docs/api.md) plus the version the controlplane
 /// assigns (0 in an operator's file).
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RuleSet {
@@ -940,7 +940,7 @@ impl CompiledRules {
     }
 
     /// `(rule index, max_clicks_per_minute)` of every `ip_rate` rule: billing applies
-    /// contract §6's exact rule with them.
+    /// docs/fraud.md's exact rule with them.
     pub fn ip_rate_rules(&self) -> &[(u16, u32)] {
         &self.ip_rates
     }

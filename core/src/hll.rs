@@ -1,4 +1,4 @@
-//! HyperLogLog distinct counter for `unique_users` (contract §3: within 2%).
+//! HyperLogLog distinct counter for `unique_users` (docs/api.md: within 2%).
 //!
 //! - Precision 14: 16,384 registers, standard error 1.04/√16384 ≈ 0.81%, so 2% is about
 //!   2.5 standard errors at large counts; below a few thousand distinct values the estimate

@@ -1,9 +1,9 @@
-//! Parsing and validating one click event (contract §1) with sonic-rs.
+//! Parsing and validating one click event (docs/schema.md) with sonic-rs.
 //!
 //! Cost per event on a 100-line compact NDJSON body (bench/PARSE.md has the machine, the
 //! method and the caveats; the box is shared, so figures are the minimum over 3000
 //! batches, side by side in one process): sonic-rs into a derived serde struct 685 ns,
-//! `parse_click` (sonic-rs + visitor + every rule of contract §1) 797 ns. Most of the
+//! `parse_click` (sonic-rs + visitor + every rule of docs/schema.md) 797 ns. Most of the
 //! difference is validation the serde struct does not do. The UUID and IPv4 checks have
 //! branch-free / hand-rolled fast paths (std's `IpAddr` parser stays as the IPv6 path).
 //!
@@ -30,7 +30,7 @@ const EXPECTED_U64: &str = "expected an unsigned 64-bit integer";
 const EXPECTED_TS: &str = "expected an unsigned integer (ms since the Unix epoch)";
 const EXPECTED_COST: &str = "expected an unsigned integer (millionths of the currency unit)";
 
-/// Parses and validates one JSON event (contract §1) with SIMD JSON.
+/// Parses and validates one JSON event (docs/schema.md) with SIMD JSON.
 /// `now_ms`: wall clock; events with ts > now_ms + skew_ms are rejected.
 pub fn parse_click(json: &[u8], now_ms: u64, skew_ms: u64) -> Result<Click<'_>, EventError> {
     // Validating UTF-8 up front lets sonic-rs skip its own check and guarantees that
@@ -215,7 +215,7 @@ fn parse_ipv4(b: &[u8]) -> Option<Ipv4Addr> {
 }
 
 impl<'a> Raw<'a> {
-    /// Checks the rules of contract §1 in the contract's field order, so the reported
+    /// Checks the rules of docs/schema.md in the contract's field order, so the reported
     /// field does not depend on the order of keys in the input.
     fn validate(self, now_ms: u64, skew_ms: u64) -> Result<Click<'a>, EventError> {
         let event_id = required(self.event_id, "event_id")?;

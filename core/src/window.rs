@@ -1,4 +1,4 @@
-//! Tumbling windows on event time, aligned to UTC (contract §3).
+//! Tumbling windows on event time, aligned to UTC (docs/api.md).
 //!
 //! A bucket is `[start, start + len)` with `start` a multiple of the window length since
 //! the Unix epoch. Every length divides the next (5 min | 1 h | 1 d), so a 5m bucket lies

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-/// When a 202 may be sent (contract §2).
+/// When a 202 may be sent (docs/api.md).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AckMode {
@@ -40,7 +40,7 @@ pub struct DataplaneConfig {
     /// Publisher networks exempt from the per-address rate limit, as CIDR text.
     pub trusted_cidrs: Vec<String>,
 
-    // --- request limits (contract §2) ---
+    // --- request limits (docs/api.md) ---
     pub batch_events_max: usize,
     pub body_bytes_max: usize,
     pub header_bytes_max: usize,

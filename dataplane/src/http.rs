@@ -20,7 +20,7 @@ pub enum Method {
     Other,
 }
 
-/// The routes of contract §2.
+/// The routes of docs/api.md.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Route {
     Click,

@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use crate::http::Route;
 use crate::response::Status;
 
-/// Fields named in rejections (contract §1), then `body` for JSON syntax errors (no
+/// Fields named in rejections (docs/schema.md), then `body` for JSON syntax errors (no
 /// field), then `other` for anything unexpected.
 pub const REJECT_FIELDS: [&str; 14] = [
     "event_id",

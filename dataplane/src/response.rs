@@ -1,5 +1,5 @@
 //! Responses written by hand into reused buffers: status line, the few headers we send,
-//! and the small JSON bodies of contract §2. No serde and no allocation on this path.
+//! and the small JSON bodies of docs/api.md. No serde and no allocation on this path.
 
 use clickgate_core::EventError;
 

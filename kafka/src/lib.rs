@@ -1,4 +1,4 @@
-//! clickgate-kafka: the Kafka backbone of contract §5.
+//! clickgate-kafka: the Kafka backbone of docs/schema.md.
 //!
 //! The dataplane never talks to Kafka. Every core appends to its local log as always;
 //! one forwarder thread per core ([`forwarder`]) tails that log with `LogReader` from its

@@ -1,4 +1,4 @@
-//! The control API's gRPC code (contract §4), generated at build time from
+//! The control API's gRPC code (docs/api.md), generated at build time from
 //! `proto/clickgate/control/v1/control.proto` (feature `grpc`).
 
 #![allow(clippy::all, missing_docs)]

@@ -1,5 +1,5 @@
 //! The files through which the controlplane hands rules and runtime settings to the
-//! dataplane: `<data_dir>/rules/current.json` (the rule set, contract §4's file format
+//! dataplane: `<data_dir>/rules/current.json` (the rule set, docs/api.md's file format
 //! plus a `version`) and `<data_dir>/rules/runtime.json` ([`RuntimeOverrides`]).
 //!
 //! The controlplane writes them with [`write_atomic`] (temp file, fsync, rename, fsync

@@ -40,7 +40,7 @@ const OWNER_BYTES: usize = 16;
 const _: () =
     assert!(FRAME_ENTRIES_MAX * (ENTRY_BYTES_MAX + OWNER_BYTES) + 4096 <= FRAME_BYTES_MAX as usize);
 
-/// The advertiser a campaign's events name (contract §1 `advertiser_id`).
+/// The advertiser a campaign's events name (docs/schema.md `advertiser_id`).
 #[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CampaignOwner {
     pub campaign_id: u64,

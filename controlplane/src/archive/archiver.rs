@@ -347,7 +347,7 @@ impl ArchiverHandle {
         self.stats.clone()
     }
 
-    /// Writes everything buffered and read so far, commits, and stops (contract §0).
+    /// Writes everything buffered and read so far, commits, and stops (docs/operations.md).
     pub fn shutdown(self) -> anyhow::Result<()> {
         let _ = self.stop.send(());
         self.thread

@@ -1,4 +1,4 @@
-//! The Parquet archive (contract §5): every raw record of the local log, once, in
+//! The Parquet archive (docs/schema.md): every raw record of the local log, once, in
 //! Hive-style hour partitions by event time, for billing and for any SQL engine.
 //!
 //! ```text

@@ -145,7 +145,8 @@ pub struct S3 {
     store: Arc<AmazonS3>,
     prefix: String,
     url: String,
-    rt: tokio::runtime::Runtime,
+    /// `None` only while dropping (see the `Drop` impl).
+    rt: Option<tokio::runtime::Runtime>,
 }
 
 impl S3 {
@@ -196,7 +197,7 @@ impl S3 {
             store: Arc::new(store),
             prefix: prefix.to_owned(),
             url,
-            rt,
+            rt: Some(rt),
         })
     }
 
@@ -235,6 +236,24 @@ impl S3 {
         }
     }
 
+    fn runtime(&self) -> &tokio::runtime::Runtime {
+        self.rt.as_ref().expect("the S3 runtime lives until drop")
+    }
+
+    /// Runs one S3 call on this store's runtime: on its own scoped thread when the caller
+    /// is itself inside a tokio runtime (the controlplane's start), directly otherwise.
+    fn block<T: Send>(&self, f: impl std::future::Future<Output = T> + Send) -> T {
+        if tokio::runtime::Handle::try_current().is_ok() {
+            std::thread::scope(|s| {
+                s.spawn(|| self.runtime().block_on(f))
+                    .join()
+                    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+            })
+        } else {
+            self.runtime().block_on(f)
+        }
+    }
+
     fn bucket(&self) -> &str {
         self.url
             .strip_prefix("s3://")
@@ -245,8 +264,7 @@ impl S3 {
     /// Checks that the bucket answers and takes these credentials (a list of the prefix).
     pub fn check(&self) -> anyhow::Result<()> {
         let key = self.key("_intents");
-        self.rt
-            .block_on(self.store.list_with_delimiter(Some(&key)))
+        self.block(self.store.list_with_delimiter(Some(&key)))
             .map(|_| ())
             .map_err(|e| self.err("listing", &key, e))
     }
@@ -256,7 +274,7 @@ impl S3 {
     pub fn upload(&self, src: &Path, rel: &str) -> anyhow::Result<()> {
         let key = self.key(rel);
         let mut f = File::open(src).with_context(|| format!("opening {}", src.display()))?;
-        self.rt.block_on(async {
+        self.block(async {
             let up = self
                 .store
                 .put_multipart(&key)
@@ -295,8 +313,7 @@ impl S3 {
 
     pub fn put(&self, rel: &str, bytes: Vec<u8>) -> anyhow::Result<()> {
         let key = self.key(rel);
-        self.rt
-            .block_on(self.store.put(&key, PutPayload::from(bytes)))
+        self.block(self.store.put(&key, PutPayload::from(bytes)))
             .map(|_| ())
             .map_err(|e| self.err("writing", &key, e))
     }
@@ -304,7 +321,7 @@ impl S3 {
     /// The object's bytes; `None` when it does not exist.
     pub fn get(&self, rel: &str) -> anyhow::Result<Option<Bytes>> {
         let key = self.key(rel);
-        self.rt.block_on(async {
+        self.block(async {
             match self.store.get(&key).await {
                 Ok(r) => r
                     .bytes()
@@ -328,8 +345,7 @@ impl S3 {
         }];
         while let Some(dir) = todo.pop() {
             let r = self
-                .rt
-                .block_on(self.store.list_with_delimiter(dir.as_ref()))
+                .block(self.store.list_with_delimiter(dir.as_ref()))
                 .map_err(|e| self.err("listing", &root, e))?;
             for o in r.objects {
                 let k = o.location.as_ref();
@@ -349,8 +365,7 @@ impl S3 {
     pub fn list(&self, rel: &str) -> anyhow::Result<Vec<(String, u64)>> {
         let key = self.key(rel);
         let r = self
-            .rt
-            .block_on(self.store.list_with_delimiter(Some(&key)))
+            .block(self.store.list_with_delimiter(Some(&key)))
             .map_err(|e| self.err("listing", &key, e))?;
         let mut out: Vec<(String, u64)> = r
             .objects
@@ -639,6 +654,16 @@ impl parquet::file::reader::ChunkReader for FileData {
         match self {
             FileData::Local(f) => f.get_bytes(start, length),
             FileData::Remote(b) => b.get_bytes(start, length),
+        }
+    }
+}
+
+impl Drop for S3 {
+    /// The store may be dropped inside the controlplane's tokio runtime (a start that
+    /// fails): shut its own runtime down without blocking there.
+    fn drop(&mut self) {
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_background();
         }
     }
 }

@@ -1,6 +1,6 @@
 //! The archive's Arrow schema and one Parquet file written atomically.
 //!
-//! One row per raw record, every field kept (contract §5): the event, the dataplane's
+//! One row per raw record, every field kept (docs/schema.md): the event, the dataplane's
 //! duplicate/fraud flags, the fired rule ids, the receive time, and where the record came
 //! from (`source`, `lsn`) so billing's tie-break between copies received in the same
 //! millisecond is deterministic. Times are `TIMESTAMP(MILLIS, UTC)` and ids `UINT64`, so
