@@ -254,7 +254,7 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_DEDUP_WINDOW_SECS", global = true, help_heading = DATAPLANE)]
     pub dedup_window_secs: Option<u64>,
 
-    /// Peak accepted events/s of the box; sizes the dedup bloom shards [default: 50000]
+    /// Peak accepted events/s of the box; sizes the box's dedup bloom filter [default: 50000]
     #[arg(long, env = "CLICKGATE_DEDUP_PEAK_EVENTS_PER_SEC", global = true, help_heading = DATAPLANE)]
     pub dedup_peak_events_per_sec: Option<u64>,
 
