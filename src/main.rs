@@ -97,6 +97,7 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(settings.log_format.unwrap_or_default());
+    raise_nofile();
     if let Command::Billing(args) = &cli.command {
         return ExitCode::from(billing::run(args, &settings));
     }
@@ -171,6 +172,43 @@ fn command_for(argv: &[std::ffi::OsString]) -> clap::Command {
             a.hide(true)
         }
     })
+}
+
+/// Raises the soft open-files limit to the hard one: the default soft limit (often 1024)
+/// is below what a loaded box holds open (connections, log segments, archive files), and
+/// an EMFILE there turns into refused connections and 503s. The hard limit is the
+/// operator's (the systemd unit sets it); going past it needs privileges we do not ask
+/// for. The limits are logged either way.
+fn raise_nofile() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot read the open-files limit");
+        return;
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            tracing::warn!(
+                soft = before,
+                hard = lim.rlim_max,
+                error = %std::io::Error::last_os_error(),
+                "cannot raise the open-files limit"
+            );
+            return;
+        }
+    }
+    tracing::info!(
+        soft_before = before,
+        soft = lim.rlim_cur,
+        hard = lim.rlim_max,
+        "open-files limit"
+    );
 }
 
 fn init_tracing(format: LogFormat) {

@@ -11,7 +11,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{get_as, metric_sum, Clickgate, BIN};
+use common::{metric_sum, Clickgate, BIN};
 
 /// True once the server has closed `s` (a read returns EOF or an error).
 fn closed_by_server(s: &mut TcpStream) -> bool {
@@ -104,15 +104,21 @@ fn one_address_gets_at_most_its_connections() {
     // Once one is given back, a new one is served again.
     drop(held.pop());
     let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = get_as(addr, "/metrics", None);
-        if r.status == 200 {
-            assert!(metric_sum(&r.body, "clickgate_query_connections_refused_total") >= 1.0);
-            break;
+    // (The server frees the slot when it sees the close, so the first tries may still be
+    // refused: retry on a raw connection until one is served.)
+    let body = loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        if text.starts_with("HTTP/1.1 200") {
+            break text;
         }
         assert!(Instant::now() < deadline, "never served again");
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
+    assert!(metric_sum(&body, "clickgate_query_connections_refused_total") >= 1.0);
 }
 
 fn start_refused(extra: &[&str]) -> String {
@@ -206,4 +212,69 @@ fn wrong_control_tokens_are_throttled_per_address() {
         !ok && err.contains("too many failed token attempts"),
         "{err}"
     );
+}
+
+/// The soft open-files limit is raised to the hard one at start: a process started with
+/// a soft limit of 64 runs with the hard limit.
+#[test]
+fn the_open_files_limit_is_raised_at_start() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["controlplane", "--data-dir"])
+        .arg(tmp.path())
+        .args([
+            "--query-addr",
+            "127.0.0.1:0",
+            "--control-addr",
+            "127.0.0.1:0",
+        ])
+        .env_remove("CLICKGATE_CONTROL_TOKEN")
+        .env_remove("CLICKGATE_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls (getrlimit/setrlimit) between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let mut l = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            l.rlim_cur = 64.min(l.rlim_max);
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let limits = format!("/proc/{}/limits", child.id());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let soft_hard = loop {
+        let text = std::fs::read_to_string(&limits).unwrap_or_default();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .map(|l| {
+                l.split_whitespace()
+                    .skip(3)
+                    .take(2)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            });
+        if let Some(v) = line {
+            if v.len() == 2 && v[0] != "64" {
+                break v;
+            }
+        }
+        assert!(Instant::now() < deadline, "soft limit never raised: {text}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(soft_hard[0], soft_hard[1], "soft = hard");
 }
