@@ -697,26 +697,6 @@ impl Settings {
             }
         };
         in_range(
-            "query_connections_max",
-            cfg.query_serve.connections_max as u64,
-            1_000_000,
-        )?;
-        in_range(
-            "query_connections_per_address_max",
-            cfg.query_serve.connections_per_address_max as u64,
-            1_000_000,
-        )?;
-        in_range(
-            "query_header_timeout_ms",
-            cfg.query_serve.header_timeout_ms,
-            3_600_000,
-        )?;
-        in_range(
-            "query_request_timeout_ms",
-            cfg.query_serve.request_timeout_ms,
-            3_600_000,
-        )?;
-        in_range(
             "control_auth_failures_per_minute_max",
             cfg.control_auth_failures_per_minute_max.into(),
             1_000_000,

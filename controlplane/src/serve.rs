@@ -49,17 +49,30 @@ impl Default for ServeLimits {
 }
 
 impl ServeLimits {
+    /// Each bound in its range, the error naming the setting.
     pub fn validate(&self) -> Result<(), String> {
-        if self.connections_max == 0 {
-            return Err("query_connections_max must be at least 1".into());
-        }
-        if self.connections_per_address_max == 0 {
-            return Err("query_connections_per_address_max must be at least 1".into());
-        }
-        if self.header_timeout_ms == 0 || self.request_timeout_ms == 0 {
-            return Err(
-                "query_header_timeout_ms and query_request_timeout_ms must be at least 1".into(),
-            );
+        let checks = [
+            (
+                "query_connections_max",
+                self.connections_max as u64,
+                1_000_000,
+            ),
+            (
+                "query_connections_per_address_max",
+                self.connections_per_address_max as u64,
+                1_000_000,
+            ),
+            ("query_header_timeout_ms", self.header_timeout_ms, 3_600_000),
+            (
+                "query_request_timeout_ms",
+                self.request_timeout_ms,
+                3_600_000,
+            ),
+        ];
+        for (name, v, hi) in checks {
+            if !(1..=hi).contains(&v) {
+                return Err(format!("{name} must be 1..={hi}, got {v}"));
+            }
         }
         Ok(())
     }
