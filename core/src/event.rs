@@ -14,33 +14,47 @@ pub const USER_AGENT_BYTES_MAX: usize = 512;
 /// Largest `cost_micros` (docs/schema.md).
 pub const COST_MICROS_MAX: u64 = 1_000_000_000_000;
 
+/// Each byte's value as a hex digit (either case), 0xff for any other byte.
+const HEX_VALUE: [u8; 256] = {
+    let mut t = [0xffu8; 256];
+    let mut i = 0;
+    while i < 10 {
+        t[b'0' as usize + i] = i as u8;
+        i += 1;
+    }
+    let mut i = 0;
+    while i < 6 {
+        t[b'a' as usize + i] = 10 + i as u8;
+        t[b'A' as usize + i] = 10 + i as u8;
+        i += 1;
+    }
+    t
+};
+
 /// An RFC 4122 UUID in binary form; the dedup key.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct EventId(pub [u8; 16]);
 
 impl EventId {
     /// Parses the 36-character textual form (8-4-4-4-12 hex digits, either case).
+    /// Branch-free over the digits: a table maps every byte to its value or to 0xff,
+    /// and one test of the or-ed values rejects any non-digit (billing parses every
+    /// archived row's id, the dataplane every click's).
+    #[inline]
     pub fn parse(s: &str) -> Option<EventId> {
-        let b = s.as_bytes();
-        if b.len() != 36 || b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
+        let b: &[u8; 36] = s.as_bytes().try_into().ok()?;
+        if b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
             return None;
         }
+        const POS: [usize; 16] = [0, 2, 4, 6, 9, 11, 14, 16, 19, 21, 24, 26, 28, 30, 32, 34];
         let mut out = [0u8; 16];
-        let mut nibble = 0usize;
-        for (i, &c) in b.iter().enumerate() {
-            if i == 8 || i == 13 || i == 18 || i == 23 {
-                continue;
-            }
-            let v = match c {
-                b'0'..=b'9' => c - b'0',
-                b'a'..=b'f' => c - b'a' + 10,
-                b'A'..=b'F' => c - b'A' + 10,
-                _ => return None,
-            };
-            out[nibble / 2] |= if nibble.is_multiple_of(2) { v << 4 } else { v };
-            nibble += 1;
+        let mut seen = 0u8;
+        for (o, &p) in out.iter_mut().zip(POS.iter()) {
+            let (hi, lo) = (HEX_VALUE[b[p] as usize], HEX_VALUE[b[p + 1] as usize]);
+            seen |= hi | lo;
+            *o = (hi << 4) | (lo & 0x0f);
         }
-        Some(EventId(out))
+        (seen & 0xf0 == 0).then_some(EventId(out))
     }
 
     /// Writes the canonical lowercase 36-character form into `out`.

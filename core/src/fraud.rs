@@ -794,6 +794,17 @@ impl Decision {
     }
 }
 
+/// What the rules read from one user agent ([`CompiledRules::ua_facts`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct UaFacts {
+    /// The `user_agent` rules whose patterns it contains.
+    rules: Decision,
+    /// A bot token of the models.
+    bot: bool,
+    /// A mobile token of the models.
+    mobile: bool,
+}
+
 /// The immutable, compiled form of a [`RuleSet`]: what every core swaps in whole.
 #[derive(Debug)]
 pub struct CompiledRules {
@@ -969,44 +980,73 @@ impl CompiledRules {
     /// exact per-minute rule itself. `ip_clicks` feeds the models' `ip_rate` feature.
     #[inline]
     pub fn evaluate_static(&self, click: &Click<'_>, ip_clicks: u32) -> Decision {
+        self.evaluate_static_with(click, ip_clicks, &self.ua_facts(&click.user_agent))
+    }
+
+    /// What the rules read from a user agent (the `user_agent` rules that match it, the
+    /// models' bot and mobile tokens): the only part of a judgement that scans text.
+    /// A caller judging many clicks of few distinct user agents (billing reads them
+    /// dictionary-encoded) computes it once per user agent and passes it to
+    /// [`CompiledRules::evaluate_static_with`]; the result is the same as scanning
+    /// each click's user agent.
+    pub fn ua_facts(&self, user_agent: &str) -> UaFacts {
+        let mut f = UaFacts::default();
+        let ua = user_agent.as_bytes();
+        if let Some((ac, rule_of)) = &self.ua {
+            if self.ua_rules == 1 {
+                if let Some(m) = ac.find(ua) {
+                    f.rules.fire(rule_of[m.pattern().as_usize()]);
+                }
+            } else {
+                for m in ac.find_overlapping_iter(ua) {
+                    f.rules.fire(rule_of[m.pattern().as_usize()]);
+                }
+            }
+        }
+        if let Some(ac) = &self.model_ua {
+            for m in ac.find_overlapping_iter(ua) {
+                if m.pattern().as_usize() < BOT_UA_TOKENS.len() {
+                    f.bot = true;
+                } else {
+                    f.mobile = true;
+                }
+            }
+        }
+        f
+    }
+
+    /// [`CompiledRules::evaluate_static`] with the click's user-agent facts already
+    /// computed (`ua` must be [`CompiledRules::ua_facts`] of `click.user_agent` under
+    /// this set).
+    #[inline]
+    pub fn evaluate_static_with(
+        &self,
+        click: &Click<'_>,
+        ip_clicks: u32,
+        ua: &UaFacts,
+    ) -> Decision {
         let mut d = Decision::default();
         for (r, bl) in &self.blocklists {
             if bl.contains(click.ip) {
                 d.fire(*r);
             }
         }
-        if let Some((ac, rule_of)) = &self.ua {
-            let ua = click.user_agent.as_bytes();
-            if self.ua_rules == 1 {
-                if let Some(m) = ac.find(ua) {
-                    d.fire(rule_of[m.pattern().as_usize()]);
-                }
-            } else {
-                for m in ac.find_overlapping_iter(ua) {
-                    d.fire(rule_of[m.pattern().as_usize()]);
-                }
-            }
+        // The kept ids are the smallest whatever the order they fire in, and a
+        // truncated set of user-agent rules truncates the decision as well.
+        for &r in ua.rules.fired() {
+            d.fire(r);
         }
+        d.truncated |= ua.rules.truncated;
         for (r, set) in &self.honeypots {
             if set.contains(&click.ad_id) {
                 d.fire(*r);
             }
         }
         if !self.models.is_empty() {
-            let (mut ua_bot, mut ua_mobile) = (false, false);
-            if let Some(ac) = &self.model_ua {
-                for m in ac.find_overlapping_iter(click.user_agent.as_bytes()) {
-                    if m.pattern().as_usize() < BOT_UA_TOKENS.len() {
-                        ua_bot = true;
-                    } else {
-                        ua_mobile = true;
-                    }
-                }
-            }
             let f = Features {
                 click,
-                ua_bot,
-                ua_mobile,
+                ua_bot: ua.bot,
+                ua_mobile: ua.mobile,
                 ip_clicks,
             };
             for (r, m) in &self.models {

@@ -120,64 +120,11 @@ fn missing(field: &'static str) -> EventError {
     EventError::field(field, "missing")
 }
 
-/// The value of each ASCII hex digit; `INVALID_HEX` for every other byte.
-const HEX_VALUE: [u8; 256] = {
-    let mut t = [INVALID_HEX; 256];
-    let mut i = 0;
-    while i < 10 {
-        t[b'0' as usize + i] = i as u8;
-        i += 1;
-    }
-    let mut i = 0;
-    while i < 6 {
-        t[b'a' as usize + i] = 10 + i as u8;
-        t[b'A' as usize + i] = 10 + i as u8;
-        i += 1;
-    }
-    t
-};
-const INVALID_HEX: u8 = 0xff;
-
-/// Where the 32 hex digits of a UUID's 8-4-4-4-12 text form are.
-const UUID_DIGITS: [usize; 32] = {
-    let mut at = [0; 32];
-    let (mut i, mut pos) = (0, 0);
-    while i < 32 {
-        if pos == 8 || pos == 13 || pos == 18 || pos == 23 {
-            pos += 1;
-        }
-        at[i] = pos;
-        i += 1;
-        pos += 1;
-    }
-    at
-};
-
-/// `EventId::parse`, same rules (36 bytes, dashes at 8, 13, 18 and 23, hex digits in
-/// either case), without a branch per digit: on random ids the per-digit `match`
-/// mispredicts, and this was the largest single cost of validation.
-#[inline]
-fn parse_event_id(s: &str) -> Option<EventId> {
-    let b: &[u8; 36] = s.as_bytes().try_into().ok()?;
-    if b[8] != b'-' || b[13] != b'-' || b[18] != b'-' || b[23] != b'-' {
-        return None;
-    }
-    let mut out = [0u8; 16];
-    let mut seen = 0u8;
-    for (i, byte) in out.iter_mut().enumerate() {
-        let hi = HEX_VALUE[b[UUID_DIGITS[2 * i]] as usize];
-        let lo = HEX_VALUE[b[UUID_DIGITS[2 * i + 1]] as usize];
-        seen |= hi | lo;
-        *byte = (hi << 4) | lo;
-    }
-    (seen <= 0xf).then_some(EventId(out))
-}
-
 /// `s.parse::<IpAddr>()` with a fast path for dotted-quad IPv4 (std's parser is generic
 /// over both families and several times slower). The fast path accepts a subset of what
 /// std accepts, with the same value; everything else, IPv6 included, goes to std.
 #[inline]
-fn parse_ip(s: &str) -> Option<IpAddr> {
+pub fn parse_ip(s: &str) -> Option<IpAddr> {
     match parse_ipv4(s.as_bytes()) {
         Some(v4) => Some(IpAddr::V4(v4)),
         None => s.parse().ok(),
@@ -219,7 +166,7 @@ impl<'a> Raw<'a> {
     /// field does not depend on the order of keys in the input.
     fn validate(self, now_ms: u64, skew_ms: u64) -> Result<Click<'a>, EventError> {
         let event_id = required(self.event_id, "event_id")?;
-        let event_id = parse_event_id(&event_id.0).ok_or_else(|| {
+        let event_id = EventId::parse(&event_id.0).ok_or_else(|| {
             EventError::field(
                 "event_id",
                 "must be a 36-character UUID (8-4-4-4-12 hex digits)",
@@ -496,6 +443,29 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use serde_json::{json, Value};
+
+    /// The UUID grammar written plainly, one digit at a time: what `EventId::parse`
+    /// must agree with.
+    fn reference_event_id(s: &str) -> Option<EventId> {
+        let b = s.as_bytes();
+        if b.len() != 36 {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        let mut nibble = 0usize;
+        for (i, &c) in b.iter().enumerate() {
+            if [8, 13, 18, 23].contains(&i) {
+                if c != b'-' {
+                    return None;
+                }
+                continue;
+            }
+            let v = (c as char).to_digit(16)? as u8;
+            out[nibble / 2] |= if nibble.is_multiple_of(2) { v << 4 } else { v };
+            nibble += 1;
+        }
+        Some(EventId(out))
+    }
 
     const NOW: u64 = 1_764_201_600_123;
     const SKEW: u64 = 300_000;
@@ -796,7 +766,7 @@ mod tests {
             "6f1c2f4e-8a3b-4c1d-9e2f-0a1b2c3d4e\u{e9}",
             "------------------------------------",
         ] {
-            assert_eq!(parse_event_id(s), EventId::parse(s), "{s}");
+            assert_eq!(EventId::parse(s), reference_event_id(s), "{s}");
         }
     }
 
@@ -808,7 +778,7 @@ mod tests {
 
         #[test]
         fn event_id_fast_path_agrees(s in "[0-9a-gA-G-]{36}|[0-9a-f]{8}-[0-9a-fA-F]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-fzZ\u{e9}]{12}") {
-            prop_assert_eq!(parse_event_id(&s), EventId::parse(&s));
+            prop_assert_eq!(EventId::parse(&s), reference_event_id(&s));
         }
 
         #[test]

@@ -15,12 +15,14 @@
 //!   ─▶ invoices.csv, adjustments.csv (batch checks on), reconciliation.csv
 //! ```
 //!
-//! Memory: the day is held in memory as fixed-size records (≈ 132 B per row read, see
-//! [`MEM_ROW_BYTES`]) when that fits `memory_bytes`; otherwise every pass writes sorted
+//! Memory: the day is held in memory as fixed-size records (≈ 164 B per row read, see
+//! [`MEM_ROW_BYTES`]) when that fits `memory_bytes`, each pass's records sorted by
+//! hash bucket of their group key, then by record ([`runs::group_sort`]: a group's
+//! records are together and in order, which is all a pass reads); otherwise every pass writes sorted
 //! runs of a size the setting allows to a spill directory and merges them (one 64 KiB
 //! read buffer per run). Either way peak memory stays under `memory_bytes`, whatever the
 //! archive's size; one IP's deduplicated clicks of the day are held together in pass C
-//! (24 B each), the one thing that grows with the input rather than the setting.
+//! (48 B each), the one thing that grows with the input rather than the setting.
 //!
 //! Exactness and determinism: dedup keeps the earliest received copy, ties broken by
 //! (source, lsn), which are unique (then file and row, for a damaged archive holding
@@ -35,19 +37,22 @@ pub mod scan;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use arrow_array::cast::AsArray;
-use arrow_array::types::{TimestampMillisecondType, UInt64Type};
-use arrow_array::{Array, RecordBatch};
+use arrow_array::types::{Int32Type, TimestampMillisecondType, UInt64Type};
+use arrow_array::{Array, ArrayRef, RecordBatch};
 use clickgate_core::agg::Dim;
-use clickgate_core::fraud::{CompiledRules, RuleSet};
+use clickgate_core::fraud::{CompiledRules, RuleSet, UaFacts};
+use clickgate_core::hash::mix64;
+use clickgate_core::parse::parse_ip;
 use clickgate_core::window::Window;
 use clickgate_core::{Click, Device, EventId};
 
@@ -62,10 +67,10 @@ const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
 /// Largest `margin_hours`.
 pub const MARGIN_HOURS_MAX: u32 = 48;
-/// Memory per row read when the whole day is held in memory: a [`KeyRec`], a
-/// [`WinRec`] and the row's count (4 B).
-pub const MEM_ROW_BYTES: u64 =
-    (std::mem::size_of::<KeyRec>() + std::mem::size_of::<WinRec>() + 4) as u64;
+/// Memory per row read when the whole day is held in memory: two [`KeyRec`]s (the
+/// records and the buffer [`runs::group_sort`] scatters them into; later a record and
+/// a [`WinRec`], or two `WinRec`s) and the row's count (4 B).
+pub const MEM_ROW_BYTES: u64 = (2 * std::mem::size_of::<KeyRec>() + 4) as u64;
 /// Memory billing needs besides its records: the binary, per-thread Parquet decoding
 /// (one column page and one 8192-row batch per column) and the output maps (measured,
 /// bench/BILLING.md).
@@ -271,6 +276,9 @@ pub struct KeyRec {
 
 impl Fixed for KeyRec {
     const BYTES: usize = 16 + 8 + 4 + 8 + 4 + 4 + 8 + 1 + 16 + 8;
+    fn group(&self) -> u64 {
+        mix64(self.id as u64 ^ mix64((self.id >> 64) as u64))
+    }
     fn put(&self, o: &mut [u8]) {
         o[0..16].copy_from_slice(&self.id.to_le_bytes());
         o[16..24].copy_from_slice(&self.recv.to_le_bytes());
@@ -312,6 +320,9 @@ pub struct WinRec {
 
 impl Fixed for WinRec {
     const BYTES: usize = 1 + 16 + 8 + 4 + 4 + 8;
+    fn group(&self) -> u64 {
+        mix64(self.ip as u64 ^ mix64((self.ip >> 64) as u64 ^ u64::from(self.ip_v6)))
+    }
     fn put(&self, o: &mut [u8]) {
         o[0] = self.ip_v6 as u8;
         o[1..17].copy_from_slice(&self.ip.to_le_bytes());
@@ -342,6 +353,9 @@ struct CountRec {
 
 impl Fixed for CountRec {
     const BYTES: usize = 12;
+    fn group(&self) -> u64 {
+        mix64(u64::from(self.file) << 32 | u64::from(self.row))
+    }
     fn put(&self, o: &mut [u8]) {
         o[0..4].copy_from_slice(&self.file.to_le_bytes());
         o[4..8].copy_from_slice(&self.row.to_le_bytes());
@@ -623,7 +637,7 @@ fn bill(
                         as u32;
                     last_src = s;
                 }
-                let addr: IpAddr = ip.value(i).parse().map_err(|_| bad("ip"))?;
+                let addr = parse_ip(ip.value(i)).ok_or_else(|| bad("ip"))?;
                 let (ip_v6, ipv) = ip_parts(addr);
                 let t = ts.value(i).max(0) as u64;
                 rows += 1;
@@ -657,7 +671,7 @@ fn bill(
     let (key_mem, key_runs): (Vec<KeyRec>, Vec<Run>) = match &plan.spill {
         None => {
             // One vector of exactly the rows read; each unit fills its own slice.
-            let mut all = vec![KeyRec::default(); plan.run_recs];
+            let mut all = runs::big_vec(plan.run_recs, KeyRec::default());
             {
                 let mut slots: Vec<Mutex<Option<&mut [KeyRec]>>> = Vec::new();
                 let mut rest: &mut [KeyRec] = &mut all;
@@ -684,17 +698,12 @@ fn bill(
                     },
                 )?;
             }
-            let lens = runs::sort_chunks(&mut all, cfg.threads);
-            let mut at = 0;
-            let runs = lens
-                .into_iter()
-                .map(|len| {
-                    let r = Run::Mem { start: at, len };
-                    at += len;
-                    r
-                })
-                .collect();
-            (all, runs)
+            runs::group_sort(&mut all, cfg.threads);
+            let run = Run::Mem {
+                start: 0,
+                len: all.len(),
+            };
+            (all, vec![run])
         }
         Some(dir) => {
             let per = (plan.run_recs / cfg.threads).max(1);
@@ -938,12 +947,33 @@ fn bill(
     Ok(())
 }
 
+/// A hasher for the totals' integer keys (ids an archive holds, summed per key: no
+/// adversary gains from collisions beyond a slower bill).
+#[derive(Default, Clone, Copy)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        clickgate_core::hash::mix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = clickgate_core::hash::mix64(self.0 ^ v);
+    }
+}
+
+type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
 /// What pass D adds up.
 #[derive(Default)]
 struct Totals {
-    invoices: HashMap<(u64, u64), CampaignTotals>,
+    invoices: IdMap<(u64, u64), CampaignTotals>,
     /// Every campaign with a click of the day (fraud included), with its billed totals.
-    campaigns: HashMap<u64, CampaignTotals>,
+    campaigns: IdMap<u64, CampaignTotals>,
     fraud: u64,
     adjusted: u64,
 }
@@ -980,13 +1010,13 @@ fn judge(
     mut adjustment: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<Totals, BillingError> {
     let ip_rate = rules.ip_rate_rules();
+    // `user_id` is not read: no rule judges it (the click carries it empty).
     let mut cols = vec![
         "ts",
         "campaign_id",
         "ad_id",
         "publisher_id",
         "advertiser_id",
-        "user_id",
         "ip",
         "user_agent",
         "country",
@@ -999,13 +1029,25 @@ fn judge(
     let judge_file = |t: &mut Totals, f: usize, counts: &[u32]| -> anyhow::Result<Vec<u8>> {
         let af = &files[f];
         let mut adj = Vec::new();
+        // The user agents arrive dictionary-encoded: their facts are computed once per
+        // dictionary entry (the dictionary of a column chunk is shared by its batches).
+        let mut ua_dict: Option<ArrayRef> = None;
+        let mut ua_facts: Vec<Option<UaFacts>> = Vec::new();
         af.read(None, &cols, |b: &RecordBatch, at| {
             let ts = b.column(0).as_primitive::<TimestampMillisecondType>();
             let u = |i: usize| b.column(i).as_primitive::<UInt64Type>();
-            let (campaign, ad, publisher, advertiser, cost) = (u(1), u(2), u(3), u(4), u(10));
+            let (campaign, ad, publisher, advertiser, cost) = (u(1), u(2), u(3), u(4), u(9));
             let s = |i: usize| b.column(i).as_string::<i32>();
-            let (user, ip, ua, country, device) = (s(5), s(6), s(7), s(8), s(9));
-            let id = cfg.batch_checks.then(|| s(11));
+            let (ip, country, device) = (s(5), s(7), s(8));
+            let ua = b.column(6).as_dictionary::<Int32Type>();
+            let ua_values = ua.values().as_string::<i32>();
+            if !ua_dict.as_ref().is_some_and(|d| Arc::ptr_eq(d, ua.values())) {
+                ua_dict = Some(ua.values().clone());
+                ua_facts.clear();
+                ua_facts.resize(ua_values.len(), None);
+            }
+            let ua_keys = ua.keys();
+            let id = cfg.batch_checks.then(|| s(10));
             for i in 0..b.num_rows() {
                 let row = at as usize + i;
                 let val = counts[row];
@@ -1016,6 +1058,11 @@ fn judge(
                     anyhow::anyhow!("{}: row {row}: bad {what}", af.path.display())
                 };
                 let count = val & !MANY_CAMPAIGNS;
+                let k = usize::try_from(ua_keys.value(i))
+                    .ok()
+                    .filter(|&k| k < ua_values.len() && ua_keys.is_valid(i))
+                    .ok_or_else(|| bad("user_agent"))?;
+                let user_agent = ua_values.value(k);
                 let c = Click {
                     event_id: match &id {
                         Some(col) => EventId::parse(col.value(i)).ok_or_else(|| bad("event_id"))?,
@@ -1026,9 +1073,9 @@ fn judge(
                     ad_id: ad.value(i),
                     publisher_id: publisher.value(i),
                     advertiser_id: advertiser.value(i),
-                    user_id: std::borrow::Cow::Borrowed(user.value(i)),
-                    ip: ip.value(i).parse().map_err(|_| bad("ip"))?,
-                    user_agent: std::borrow::Cow::Borrowed(ua.value(i)),
+                    user_id: std::borrow::Cow::Borrowed(""),
+                    ip: parse_ip(ip.value(i)).ok_or_else(|| bad("ip"))?,
+                    user_agent: std::borrow::Cow::Borrowed(user_agent),
                     country: country
                         .value(i)
                         .as_bytes()
@@ -1037,9 +1084,10 @@ fn judge(
                     device: Device::parse(device.value(i)).ok_or_else(|| bad("device"))?,
                     cost_micros: cost.value(i),
                 };
+                let facts = *ua_facts[k].get_or_insert_with(|| rules.ua_facts(user_agent));
                 let camp = t.campaigns.entry(c.campaign_id).or_default();
                 let rate_fired = ip_rate.iter().any(|&(_, max)| count > max);
-                if rate_fired || rules.evaluate_static(&c, count).fraud() {
+                if rate_fired || rules.evaluate_static_with(&c, count, &facts).fraud() {
                     t.fraud += 1;
                     continue;
                 }

@@ -19,6 +19,9 @@ pub const RUN_READ_BUFFER_BYTES: usize = 64 << 10;
 /// A record with a fixed little-endian encoding.
 pub trait Fixed: Copy + Ord + Send + Sync {
     const BYTES: usize;
+    /// A hash of the record's group key (the records a pass reads together must have
+    /// the same): [`group_sort`] buckets by it.
+    fn group(&self) -> u64;
     fn put(&self, out: &mut [u8]);
     fn get(b: &[u8]) -> Self;
 }
@@ -33,6 +36,103 @@ pub fn sort_chunks<T: Fixed>(v: &mut [T], threads: usize) -> Vec<usize> {
         }
     });
     v.chunks(chunk).map(<[T]>::len).collect()
+}
+
+/// `n` copies of `fill` in a vector whose pages the kernel may back with 2 MiB pages:
+/// the day's record vectors are hundreds of MiB, and faulting them in 4 KiB at a time
+/// cost more than the sort (bench/BILLING.md).
+pub fn big_vec<T: Copy>(n: usize, fill: T) -> Vec<T> {
+    let mut v: Vec<T> = Vec::with_capacity(n);
+    advise_huge_pages(v.as_mut_ptr().cast::<u8>(), n * std::mem::size_of::<T>());
+    v.resize(n, fill);
+    v
+}
+
+/// Asks for transparent huge pages over the page-aligned interior of an allocation
+/// of `len` bytes at `ptr` (advice only: refused or ignored, nothing changes).
+fn advise_huge_pages(ptr: *mut u8, len: usize) {
+    const PAGE: usize = 4096;
+    if len < 4 << 20 {
+        return;
+    }
+    let start = (ptr as usize).next_multiple_of(PAGE);
+    let end = (ptr as usize + len) & !(PAGE - 1);
+    // SAFETY: madvise(MADV_HUGEPAGE) on whole pages inside an allocation this process
+    // owns changes how the kernel backs them, never their contents or validity.
+    unsafe {
+        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
+    }
+}
+
+/// Buckets of [`group_sort`]: 2^16, a few dozen records each at millions of rows, so
+/// each bucket sorts within the cache.
+const GROUP_BITS: u32 = 16;
+
+/// Sorts `v` in memory by (bucket of [`Fixed::group`], record): one counting pass
+/// scatters the records into 2^16 buckets by a hash of their group key, then the
+/// buckets are sorted in parallel, each small enough for the cache. Records of one
+/// group (one event id, one IP) stay together and in their own order, which is all
+/// the passes read; the result is a total order, the same on every run. Needs a
+/// second buffer of `v.len()` records while it scatters.
+pub fn group_sort<T: Fixed + Default>(v: &mut Vec<T>, threads: usize) {
+    let n = v.len();
+    if n < 1 << 15 {
+        v.sort_unstable_by_key(|r| (r.group() >> (64 - GROUP_BITS), *r));
+        return;
+    }
+    let buckets = 1usize << GROUP_BITS;
+    let bucket = |r: &T| (r.group() >> (64 - GROUP_BITS)) as usize;
+    let mut start = vec![0usize; buckets + 1];
+    for r in v.iter() {
+        start[bucket(r) + 1] += 1;
+    }
+    for b in 0..buckets {
+        start[b + 1] += start[b];
+    }
+    let mut out = big_vec(n, T::default());
+    let mut at = start.clone();
+    for r in v.iter() {
+        let b = bucket(r);
+        out[at[b]] = *r;
+        at[b] += 1;
+    }
+    // Contiguous bucket ranges of about n / threads records, one per thread.
+    let threads = threads.max(1);
+    let mut chunks: Vec<&mut [T]> = Vec::with_capacity(threads);
+    let mut rest: &mut [T] = &mut out;
+    let mut cut = 0usize;
+    let mut b = 0usize;
+    for t in 1..=threads {
+        let goal = n * t / threads;
+        while b < buckets && start[b + 1] <= goal {
+            b += 1;
+        }
+        let end = if t == threads { n } else { start[b] };
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(end - cut);
+        chunks.push(head);
+        rest = tail;
+        cut = end;
+    }
+    let start = &start;
+    std::thread::scope(|s| {
+        let mut base = 0usize;
+        for chunk in chunks {
+            let from = base;
+            base += chunk.len();
+            s.spawn(move || {
+                // The buckets inside this chunk: sort each.
+                let mut b = start.partition_point(|&x| x <= from) - 1;
+                let mut at = from;
+                while at < from + chunk.len() {
+                    let end = start[b + 1].min(from + chunk.len());
+                    chunk[at - from..end - from].sort_unstable();
+                    at = end;
+                    b += 1;
+                }
+            });
+        }
+    });
+    *v = out;
 }
 
 /// A sorted run waiting to be merged.
@@ -66,7 +166,7 @@ pub fn write_run<T: Fixed>(dir: &Path, name: &str, recs: &[T]) -> io::Result<Run
 
 /// Collects records into sorted runs: in memory when `spill` is `None`, else in run
 /// files of at most `cap` records under that directory.
-pub struct RunSet<T: Fixed> {
+pub struct RunSet<T: Fixed + Default> {
     pub buf: Vec<T>,
     pub runs: Vec<Run>,
     cap: usize,
@@ -74,11 +174,19 @@ pub struct RunSet<T: Fixed> {
     threads: usize,
 }
 
-impl<T: Fixed> RunSet<T> {
+impl<T: Fixed + Default> RunSet<T> {
     /// `cap`: records in memory at most (in memory mode: the exact number expected).
     pub fn new(cap: usize, spill: Option<(PathBuf, String)>, threads: usize) -> RunSet<T> {
         RunSet {
-            buf: Vec::with_capacity(cap.max(1)),
+            buf: match spill {
+                // In memory the buffer takes the whole pass: large, filled once.
+                None => {
+                    let mut v = big_vec(cap.max(1), T::default());
+                    v.clear();
+                    v
+                }
+                Some(_) => Vec::with_capacity(cap.max(1)),
+            },
             runs: Vec::new(),
             cap: cap.max(1),
             spill,
@@ -101,9 +209,9 @@ impl<T: Fixed> RunSet<T> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let lens = sort_chunks(&mut self.buf, self.threads);
         match &self.spill {
             Some((dir, prefix)) => {
+                let lens = sort_chunks(&mut self.buf, self.threads);
                 let mut at = 0;
                 for len in lens {
                     let name = format!("{prefix}-{:06}", self.runs.len());
@@ -114,25 +222,16 @@ impl<T: Fixed> RunSet<T> {
                 self.buf.clear();
             }
             None => {
-                let mut at = self.runs_mem_end();
-                for len in lens {
-                    self.runs.push(Run::Mem { start: at, len });
-                    at += len;
-                }
+                // In memory the buffer is flushed once: one sorted run, nothing to merge.
+                debug_assert!(self.runs.is_empty(), "an in-memory set is flushed once");
+                group_sort(&mut self.buf, self.threads);
+                self.runs.push(Run::Mem {
+                    start: 0,
+                    len: self.buf.len(),
+                });
             }
         }
         Ok(())
-    }
-
-    fn runs_mem_end(&self) -> usize {
-        self.runs
-            .iter()
-            .map(|r| match r {
-                Run::Mem { start, len } => start + len,
-                Run::File { .. } => 0,
-            })
-            .max()
-            .unwrap_or(0)
     }
 
     /// Flushes and returns the runs with the in-memory records they point into.
@@ -228,11 +327,14 @@ impl<'a, T: Fixed> Merge<'a, T> {
 mod tests {
     use super::*;
 
-    #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Debug)]
     struct R(u64, u32);
 
     impl Fixed for R {
         const BYTES: usize = 12;
+        fn group(&self) -> u64 {
+            clickgate_core::hash::mix64(self.0)
+        }
         fn put(&self, out: &mut [u8]) {
             out[..8].copy_from_slice(&self.0.to_le_bytes());
             out[8..12].copy_from_slice(&self.1.to_le_bytes());
@@ -255,27 +357,40 @@ mod tests {
         out
     }
 
+    /// The in-memory order: by bucket of the group hash, then by record.
+    fn bucket_order(v: &[R]) -> Vec<R> {
+        let mut v = v.to_vec();
+        v.sort_by_key(|r| (r.group() >> (64 - GROUP_BITS), *r));
+        v
+    }
+
     #[test]
-    fn spilled_and_in_memory_runs_merge_to_the_same_sorted_order() {
+    fn spilled_runs_merge_sorted_and_in_memory_sets_come_out_grouped() {
         let dir = tempfile::tempdir().unwrap();
-        let input: Vec<R> = (0..10_007u64)
-            .map(|i| R(clickgate_core::hash::mix64(i) % 997, i as u32))
-            .collect();
-        let mut want = input.clone();
-        want.sort();
-        for threads in [1, 3] {
-            let mut mem = RunSet::new(input.len(), None, threads);
-            for r in &input {
-                mem.push(*r).unwrap();
-            }
-            assert_eq!(all(mem), want);
-            for cap in [1, 7, 1000, 20_000] {
-                let mut sp = RunSet::new(cap, Some((dir.path().into(), "t".into())), threads);
+        // Below and above group_sort's scatter threshold; few groups and many.
+        for (n, modulus) in [(10_007u64, 997u64), (70_001, 5), (70_001, 1 << 40)] {
+            let input: Vec<R> = (0..n)
+                .map(|i| R(clickgate_core::hash::mix64(i) % modulus, i as u32))
+                .collect();
+            let mut want = input.clone();
+            want.sort();
+            for threads in [1, 3] {
+                let mut mem = RunSet::new(input.len(), None, threads);
                 for r in &input {
-                    sp.push(*r).unwrap();
+                    mem.push(*r).unwrap();
                 }
-                assert_eq!(all(sp), want, "cap {cap}");
-                assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+                assert_eq!(all(mem), bucket_order(&input), "n {n} threads {threads}");
+                for cap in [7, 1000, 100_000] {
+                    if n > 20_000 && cap == 7 {
+                        continue;
+                    }
+                    let mut sp = RunSet::new(cap, Some((dir.path().into(), "t".into())), threads);
+                    for r in &input {
+                        sp.push(*r).unwrap();
+                    }
+                    assert_eq!(all(sp), want, "cap {cap}");
+                    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+                }
             }
         }
         assert!(all(RunSet::new(4, None, 2)).is_empty());

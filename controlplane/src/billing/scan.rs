@@ -9,10 +9,11 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use arrow_array::RecordBatch;
+use arrow_schema::{DataType, Field, Schema};
 use parquet::arrow::arrow_reader::{
     ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
 };
@@ -52,6 +53,8 @@ impl ArchiveFile {
                 Err(_) => bail!("{}: column {name} is missing", path.display()),
             }
         }
+        let meta = dictionary_hint(meta)
+            .with_context(|| format!("{}: reading the footer", path.display()))?;
         let groups: Vec<u64> = meta
             .metadata()
             .row_groups()
@@ -156,6 +159,38 @@ impl ArchiveFile {
         }
         Ok(())
     }
+}
+
+/// Columns decoded as dictionaries (keys into the column chunk's dictionary, not one
+/// string per row): few distinct values, judged once per value.
+pub const DICTIONARY_COLUMNS: [&str; 1] = ["user_agent"];
+
+/// The footer again, with [`DICTIONARY_COLUMNS`] read as `Dictionary(Int32, Utf8)`.
+fn dictionary_hint(meta: ArrowReaderMetadata) -> parquet::errors::Result<ArrowReaderMetadata> {
+    let fields: Vec<Field> = meta
+        .schema()
+        .fields()
+        .iter()
+        .map(|f| {
+            if DICTIONARY_COLUMNS.contains(&f.name().as_str()) {
+                Field::new(
+                    f.name(),
+                    DataType::Dictionary(Box::new(DataType::Int32), Box::new(DataType::Utf8)),
+                    f.is_nullable(),
+                )
+            } else {
+                f.as_ref().clone()
+            }
+        })
+        .collect();
+    let schema = Arc::new(Schema::new_with_metadata(
+        fields,
+        meta.schema().metadata().clone(),
+    ));
+    ArrowReaderMetadata::try_new(
+        meta.metadata().clone(),
+        ArrowReaderOptions::new().with_schema(schema),
+    )
 }
 
 /// Runs `work(unit)` for `0..units` on `threads` threads; the first error stops the
