@@ -39,6 +39,7 @@ use std::fmt;
 use std::fs;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufWriter, IsTerminal, Write};
+use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -670,11 +671,13 @@ fn bill(
     };
     let (key_mem, key_runs): (Vec<KeyRec>, Vec<Run>) = match &plan.spill {
         None => {
-            // One vector of exactly the rows read; each unit fills its own slice.
-            let mut all = runs::big_vec(plan.run_recs, KeyRec::default());
+            // One vector of exactly the rows read; each unit fills its own slice (the
+            // pages are first touched, and zeroed by the kernel, by the decoding
+            // threads, in parallel).
+            let mut all: Vec<KeyRec> = runs::huge_capacity(plan.run_recs);
             {
-                let mut slots: Vec<Mutex<Option<&mut [KeyRec]>>> = Vec::new();
-                let mut rest: &mut [KeyRec] = &mut all;
+                let mut slots: Vec<Mutex<Option<&mut [MaybeUninit<KeyRec>]>>> = Vec::new();
+                let mut rest = &mut all.spare_capacity_mut()[..plan.run_recs];
                 for &(f, g) in &units {
                     let (a, b) = rest.split_at_mut(files[f].groups[g] as usize);
                     slots.push(Mutex::new(Some(a)));
@@ -689,15 +692,20 @@ fn bill(
                         let mut k = 0;
                         let (f, g) = units[u];
                         decode_keys(f, g, &mut |r| {
-                            *slot
-                                .get_mut(k)
-                                .ok_or_else(|| anyhow::anyhow!("too many rows"))? = r;
+                            slot.get_mut(k)
+                                .ok_or_else(|| anyhow::anyhow!("too many rows"))?
+                                .write(r);
                             k += 1;
                             Ok(())
-                        })
+                        })?;
+                        anyhow::ensure!(k == slot.len(), "row group decoded short");
+                        Ok(())
                     },
                 )?;
             }
+            // SAFETY: the units' slices tile the first `run_recs` slots and every unit
+            // returned Ok having written each slot of its slice (checked above).
+            unsafe { all.set_len(plan.run_recs) };
             runs::group_sort(&mut all, cfg.threads);
             let run = Run::Mem {
                 start: 0,
