@@ -687,7 +687,7 @@ fn bill(
             // One vector of exactly the rows read; each unit fills its own slice (the
             // pages are first touched, and zeroed by the kernel, by the decoding
             // threads, in parallel).
-            let mut all: Vec<KeyRec> = runs::huge_capacity(plan.run_recs);
+            let mut all: Vec<KeyRec> = Vec::with_capacity(plan.run_recs);
             {
                 let mut slots: Vec<Mutex<Option<&mut [MaybeUninit<KeyRec>]>>> = Vec::new();
                 let mut rest = &mut all.spare_capacity_mut()[..plan.run_recs];

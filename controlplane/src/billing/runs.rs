@@ -38,32 +38,6 @@ pub fn sort_chunks<T: Fixed>(v: &mut [T], threads: usize) -> Vec<usize> {
     v.chunks(chunk).map(<[T]>::len).collect()
 }
 
-/// An empty vector with room for `n` records, its pages left for the kernel to back
-/// with 2 MiB pages when they are first touched: the day's record vectors are
-/// hundreds of MiB, and faulting them in 4 KiB at a time cost more than their sort
-/// (bench/BILLING.md).
-pub fn huge_capacity<T>(n: usize) -> Vec<T> {
-    let mut v: Vec<T> = Vec::with_capacity(n);
-    advise_huge_pages(v.as_mut_ptr().cast::<u8>(), n * std::mem::size_of::<T>());
-    v
-}
-
-/// Asks for transparent huge pages over the page-aligned interior of an allocation
-/// of `len` bytes at `ptr` (advice only: refused or ignored, nothing changes).
-fn advise_huge_pages(ptr: *mut u8, len: usize) {
-    const PAGE: usize = 4096;
-    if len < 4 << 20 {
-        return;
-    }
-    let start = (ptr as usize).next_multiple_of(PAGE);
-    let end = (ptr as usize + len) & !(PAGE - 1);
-    // SAFETY: madvise(MADV_HUGEPAGE) on whole pages inside an allocation this process
-    // owns changes how the kernel backs them, never their contents or validity.
-    unsafe {
-        libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_HUGEPAGE);
-    }
-}
-
 /// Buckets of [`group_sort`]: 2^16, a few dozen records each at millions of rows, so
 /// each bucket sorts within the cache.
 const GROUP_BITS: u32 = 16;
@@ -89,7 +63,7 @@ pub fn group_sort<T: Fixed>(v: &mut Vec<T>, threads: usize) {
     for b in 0..buckets {
         start[b + 1] += start[b];
     }
-    let mut out: Vec<T> = huge_capacity(n);
+    let mut out: Vec<T> = Vec::with_capacity(n);
     {
         let slots = &mut out.spare_capacity_mut()[..n];
         let mut at = start.clone();
@@ -184,11 +158,7 @@ impl<T: Fixed> RunSet<T> {
     /// `cap`: records in memory at most (in memory mode: the exact number expected).
     pub fn new(cap: usize, spill: Option<(PathBuf, String)>, threads: usize) -> RunSet<T> {
         RunSet {
-            buf: match spill {
-                // In memory the buffer takes the whole pass: large, filled once.
-                None => huge_capacity(cap.max(1)),
-                Some(_) => Vec::with_capacity(cap.max(1)),
-            },
+            buf: Vec::with_capacity(cap.max(1)),
             runs: Vec::new(),
             cap: cap.max(1),
             spill,
