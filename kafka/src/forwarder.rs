@@ -27,10 +27,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use clickgate_dataplane::sink::{SinkState, SinkStatus};
 use clickgate_proto::cursor;
 use clickgate_proto::record;
 use clickgate_proto::segment::{self, LogReader, FRAME_HEADER_BYTES};
+use clickgate_proto::sink::{SinkState, SinkStatus};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};

@@ -11,6 +11,8 @@
 //! - [`control_files`]: the rules and runtime-settings files the controlplane hands the
 //!   dataplane through the data directory.
 //! - [`box_id`]: the box's stable id, persisted in the data directory.
+//! - [`sink`]: what the Kafka forwarder (`clickgate-kafka`) tells the dataplane cores
+//!   (acknowledged LSNs, broker state); shared so neither crate depends on the other.
 //! - `control` (feature `grpc`): the control API's generated gRPC client and server.
 
 pub mod box_id;
@@ -22,5 +24,6 @@ pub mod frames;
 pub mod raw_pb;
 pub mod record;
 pub mod segment;
+pub mod sink;
 
 pub use record::{Flags, RawRecord, RecordError};
