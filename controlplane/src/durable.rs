@@ -12,10 +12,11 @@
 //!   the ack of a frame is sent only after that. A torn tail (short or bad CRC) is cut
 //!   off at start-up: those frames were never acked, the dataplane resends them.
 //! - `store/snapshot`: `CGSNAP01` then records of the same shape holding store chunks
-//!   (the first carries the applied-delta marks). Written to `snapshot.tmp`, fsync'd,
-//!   renamed, directory fsync'd, then the WAL is truncated. A crash between rename and
-//!   truncation is harmless: replaying a WAL frame already in the snapshot is a
-//!   duplicate by its delta id (the marks are in the snapshot).
+//!   (the first carries the applied-delta marks). Written to `.snapshot.tmp`, fsync'd,
+//!   renamed, directory fsync'd (`proto::fsutil::write_atomic`), then the WAL is
+//!   truncated. A crash between rename and truncation is harmless: replaying a WAL frame
+//!   already in the snapshot is a duplicate by its delta id (the marks are in the
+//!   snapshot).
 //! - Start-up: snapshot (if any), then WAL replay, both through the same idempotent apply.
 
 use std::fs::{self, File, OpenOptions};
@@ -24,6 +25,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clickgate_proto::frames::{access_delta, access_store_chunk, aligned, encode_store_chunk};
+use clickgate_proto::fsutil::write_atomic;
 
 use crate::store::Store;
 
@@ -73,10 +75,6 @@ fn records(buf: &[u8]) -> (Vec<&[u8]>, usize) {
         at = end;
     }
     (out, at)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
 }
 
 impl Durable {
@@ -212,15 +210,8 @@ impl Durable {
             encode_store_chunk(&chunk, &mut body)?;
             put_record(&body[4..], &mut out); // drop the frame length prefix: the record has its own
         }
-        let tmp = self.dir.join("snapshot.tmp");
-        {
-            let mut f =
-                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(&out)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, self.dir.join("snapshot"))?;
-        sync_dir(&self.dir)?;
+        let snap = self.dir.join("snapshot");
+        write_atomic(&snap, &out).with_context(|| format!("writing {}", snap.display()))?;
         self.wal.set_len(0)?;
         self.wal.sync_all()?;
         self.wal_bytes = 0;

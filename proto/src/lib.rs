@@ -10,6 +10,7 @@
 //! - [`frames`]: aggregate delta frames from dataplane cores to the controlplane.
 //! - [`control_files`]: the rules and runtime-settings files the controlplane hands the
 //!   dataplane through the data directory.
+//! - [`fsutil`]: durable atomic file replacement ([`fsutil::write_atomic`]).
 //! - [`box_id`]: the box's stable id, persisted in the data directory.
 //! - [`sink`]: what the Kafka forwarder (`clickgate-kafka`) tells the dataplane cores
 //!   (acknowledged LSNs, broker state); shared so neither crate depends on the other.
@@ -21,6 +22,7 @@ pub mod control;
 pub mod control_files;
 pub mod cursor;
 pub mod frames;
+pub mod fsutil;
 pub mod raw_pb;
 pub mod record;
 pub mod segment;

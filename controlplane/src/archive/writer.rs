@@ -168,9 +168,7 @@ impl PartFile {
     }
 }
 
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use clickgate_proto::fsutil::sync_dir;
 
 /// Creates `root/rel` and fsyncs every directory it created and its parent, so the new
 /// partition survives a crash along with the file renamed into it.

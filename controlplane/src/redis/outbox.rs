@@ -317,9 +317,10 @@ impl Outbox {
     /// Records that everything before `cursor` is in Redis: persists the cursor and
     /// deletes segments wholly behind it.
     pub fn advance(&self, cursor: (u64, u64)) -> anyhow::Result<()> {
-        let tmp = self.dir.join("cursor.tmp");
-        fs::write(&tmp, format!("{} {}\n", cursor.0, cursor.1))?;
-        fs::rename(&tmp, self.dir.join("cursor"))?;
+        clickgate_proto::fsutil::write_atomic(
+            &self.dir.join("cursor"),
+            format!("{} {}\n", cursor.0, cursor.1).as_bytes(),
+        )?;
         let stale: Vec<u64> = {
             let mut s = self.lock();
             s.cursor = cursor;
