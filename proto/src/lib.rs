@@ -4,6 +4,8 @@
 //!   of the local log and the archive.
 //! - [`raw_pb`]: the same record as Protocol Buffers (`proto/clickgate/raw/v1/
 //!   raw_click.proto`), the value of Kafka `raw_clicks` that any protobuf runtime reads.
+//! - [`framing`]: the length + CRC record framing of every record file (log segments,
+//!   store WAL and snapshot, Redis outbox), torn-tail detection.
 //! - [`segment`]: the local log's segment files: framing, torn-tail detection, reader.
 //! - [`cursor`]: consumer cursors on the local log (Kafka forwarder, archiver), which
 //!   log retention respects.
@@ -22,6 +24,7 @@ pub mod control;
 pub mod control_files;
 pub mod cursor;
 pub mod frames;
+pub mod framing;
 pub mod fsutil;
 pub mod raw_pb;
 pub mod record;
