@@ -586,7 +586,7 @@ impl Settings {
             kafka_ack_poll_us: self.kafka_ack_poll_us.unwrap_or(d.kafka_ack_poll_us),
             ..d
         };
-        validate_dataplane(&cfg)?;
+        cfg.validate().map_err(anyhow::Error::msg)?;
         Ok(cfg)
     }
 }
@@ -616,7 +616,9 @@ impl Settings {
             start_timeout_ms: self.kafka_start_timeout_ms.unwrap_or(d.start_timeout_ms),
         };
         cfg.validate().map_err(anyhow::Error::msg)?;
-        let poll = self.kafka_ack_poll_us.unwrap_or(250);
+        let poll = self
+            .kafka_ack_poll_us
+            .unwrap_or(DataplaneConfig::default().kafka_ack_poll_us);
         if !(1..=100_000).contains(&poll) {
             bail!("kafka_ack_poll_us must be 1..=100000, got {poll}");
         }
@@ -685,39 +687,7 @@ impl Settings {
             auth: self.query_auth()?,
             ..d
         };
-        clickgate_controlplane::auth::check_bind(cfg.query_addr, &cfg.auth)
-            .map_err(anyhow::Error::msg)?;
-        clickgate_controlplane::check_control_bind(&cfg)?;
-        cfg.query_serve.validate().map_err(anyhow::Error::msg)?;
-        let in_range = |name: &str, v: u64, hi: u64| {
-            if (1..=hi).contains(&v) {
-                Ok(())
-            } else {
-                Err(anyhow::anyhow!("{name} must be 1..={hi}, got {v}"))
-            }
-        };
-        in_range(
-            "control_auth_failures_per_minute_max",
-            cfg.control_auth_failures_per_minute_max.into(),
-            1_000_000,
-        )?;
-        in_range(
-            "control_requests_concurrent_max",
-            cfg.control_requests_concurrent_max as u64,
-            100_000,
-        )?;
-        in_range(
-            "control_request_timeout_ms",
-            cfg.control_request_timeout_ms,
-            3_600_000,
-        )?;
-        // 5m buckets are answerable for at least 24 h.
-        if cfg.retention_5m_secs < 24 * 3600 {
-            bail!("retention_5m_secs must be at least 86400 (5m buckets are answerable for 24 h)");
-        }
-        if cfg.store_cells_max == 0 {
-            bail!("store_cells_max must be greater than 0");
-        }
+        cfg.validate()?;
         Ok(cfg)
     }
 }
@@ -738,11 +708,6 @@ impl Settings {
         let urls = RedisConfig::parse_urls(self.redis_url.as_deref().unwrap_or(""));
         if urls.is_empty() {
             return Ok(None);
-        }
-        for u in &urls {
-            if !(u.starts_with("redis://") || u.starts_with("unix://")) {
-                bail!("redis_url: {u:?} is not a redis:// URL");
-            }
         }
         let d = RedisConfig::default();
         let c = RedisConfig {
@@ -765,110 +730,9 @@ impl Settings {
             timeout_ms: self.redis_timeout_ms.unwrap_or(d.timeout_ms),
             ..d
         };
-        let range = |name: &str, v: u64, lo: u64, hi: u64| {
-            if v < lo || v > hi {
-                bail!("{name} must be in {lo}..={hi}, got {v}");
-            }
-            Ok(())
-        };
-        range("redis_flush_interval_ms", c.flush_interval_ms, 1, 1000)?;
-        range(
-            "redis_pipeline_commands_max",
-            c.pipeline_commands_max as u64,
-            100,
-            100_000,
-        )?;
-        range(
-            "redis_ttl_5m_secs",
-            c.ttl_5m_secs,
-            24 * 3600,
-            u64::MAX / 1000,
-        )?;
-        range("redis_ttl_1h_secs", c.ttl_1h_secs, 1, u64::MAX / 1000)?;
-        range("redis_ttl_1d_secs", c.ttl_1d_secs, 1, u64::MAX / 1000)?;
-        range(
-            "redis_spill_bytes_max",
-            c.spill_bytes_max,
-            1 << 20,
-            u64::MAX,
-        )?;
-        range(
-            "redis_retry_backoff_min_ms",
-            c.retry_backoff_min_ms,
-            1,
-            c.retry_backoff_max_ms,
-        )?;
-        range(
-            "redis_retry_backoff_max_ms",
-            c.retry_backoff_max_ms,
-            1,
-            3_600_000,
-        )?;
-        range("redis_timeout_ms", c.timeout_ms, 1, 600_000)?;
+        c.validate().map_err(anyhow::Error::msg)?;
         Ok(Some(c))
     }
-}
-
-/// Largest `agg_keys_max` the aggregator's table indexes (it uses u32 slots).
-const AGG_KEYS_MAX_LIMIT: usize = 100_000_000;
-
-fn validate_dataplane(c: &DataplaneConfig) -> anyhow::Result<()> {
-    let positive = [
-        ("batch_events_max", c.batch_events_max as u64),
-        ("body_bytes_max", c.body_bytes_max as u64),
-        ("header_bytes_max", c.header_bytes_max as u64),
-        (
-            "connections_per_core_max",
-            c.connections_per_core_max as u64,
-        ),
-        (
-            "rate_limit_events_per_sec",
-            c.rate_limit_events_per_sec as u64,
-        ),
-        (
-            "rate_limit_addresses_max",
-            c.rate_limit_addresses_max as u64,
-        ),
-        ("dedup_window_secs", c.dedup_window_secs),
-        ("dedup_peak_events_per_sec", c.dedup_peak_events_per_sec),
-        ("xcore_channel_capacity", c.xcore_channel_capacity as u64),
-        ("log_buffer_bytes_max", c.log_buffer_bytes_max as u64),
-        ("log_segment_bytes", c.log_segment_bytes),
-        ("log_memory_sync_interval_ms", c.log_memory_sync_interval_ms),
-        ("agg_flush_interval_ms", c.agg_flush_interval_ms),
-        ("agg_keys_max", c.agg_keys_max as u64),
-        ("ship_unacked_frames_max", c.ship_unacked_frames_max as u64),
-    ];
-    for (name, v) in positive {
-        if v == 0 {
-            bail!("{name} must be greater than 0");
-        }
-    }
-    if !(c.dedup_fp_rate > 0.0 && c.dedup_fp_rate < 1.0) {
-        bail!("dedup_fp_rate must be in (0, 1), got {}", c.dedup_fp_rate);
-    }
-    if c.dedup_generations < 2 {
-        bail!(
-            "dedup_generations must be at least 2, got {}",
-            c.dedup_generations
-        );
-    }
-    if c.agg_keys_max > AGG_KEYS_MAX_LIMIT {
-        bail!(
-            "agg_keys_max must be at most {AGG_KEYS_MAX_LIMIT}, got {}",
-            c.agg_keys_max
-        );
-    }
-    if c.agg_flush_interval_ms > 1000 {
-        bail!("agg_flush_interval_ms must be at most 1000 (deltas ship at least every second)");
-    }
-    if c.log_segment_bytes < 1 << 20 {
-        bail!(
-            "log_segment_bytes must be at least 1 MiB, got {}",
-            c.log_segment_bytes
-        );
-    }
-    Ok(())
 }
 
 fn online_cpus() -> usize {

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clickgate_dataplane::sink::SinkStatus;
 use clickgate_dataplane::{Dataplane, DataplaneConfig};
 use clickgate_kafka::forwarder::Forwarder;
 use clickgate_kafka::KafkaConfig;
+use clickgate_proto::sink::SinkStatus;
 
 /// Checks the topic (bounded by `kafka_start_timeout_ms`) and gives the dataplane the
 /// status it reads for `ack = kafka` and `/readyz`.

@@ -368,10 +368,7 @@ fn on_signal(handle: clickgate_dataplane::ShutdownHandle) -> anyhow::Result<()> 
 /// Writes `<data_dir>/run/<name>` atomically, so scripts and tests find the bound
 /// address when they asked for port 0.
 fn write_addr_file(data_dir: &Path, name: &str, text: &str) -> anyhow::Result<()> {
-    let dir = data_dir.join("run");
-    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, dir.join(name)).context("cannot publish the address file")?;
-    Ok(())
+    let path = data_dir.join("run").join(name);
+    clickgate_proto::fsutil::write_atomic(&path, text.as_bytes())
+        .with_context(|| format!("cannot publish the address file {}", path.display()))
 }

@@ -1,4 +1,5 @@
-//! Minimal HTTP/1.1 response parsing: status line, Content-Length, body skip.
+//! HTTP/1.1 response framing for the load generator: the head by `httparse`, then
+//! Content-Length, body skip.
 //! Plus a cheap scan of the 202 body counters.
 
 use std::ops::Range;
@@ -34,13 +35,8 @@ impl std::fmt::Display for ParseError {
 
 /// Largest head we accept before calling the response malformed.
 const MAX_HEAD: usize = 64 * 1024;
-
-fn eq_ignore_case(a: &[u8], lower: &[u8]) -> bool {
-    a.len() == lower.len()
-        && a.iter()
-            .zip(lower)
-            .all(|(x, y)| x.to_ascii_lowercase() == *y)
-}
+/// Headers a response may carry.
+const MAX_HEADERS: usize = 32;
 
 fn trim(mut s: &[u8]) -> &[u8] {
     while let [b' ' | b'\t', rest @ ..] = s {
@@ -52,62 +48,48 @@ fn trim(mut s: &[u8]) -> &[u8] {
     s
 }
 
-/// Parses one response at the start of `buf`. `Ok(None)`: need more bytes.
+/// Parses one response at the start of `buf` (head by `httparse`). `Ok(None)`: need more
+/// bytes.
 pub fn parse_response(buf: &[u8]) -> Result<Option<Response>, ParseError> {
-    // Status line: "HTTP/1.x NNN ..."
-    if buf.len() < 12 {
-        if !b"HTTP/1.".starts_with(&buf[..buf.len().min(7)]) {
-            return Err(ParseError::BadStatusLine);
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut head = httparse::Response::new(&mut headers);
+    let pos = match head.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Err(if head.code.is_some() {
+                ParseError::BadHeader
+            } else {
+                ParseError::BadStatusLine
+            })
         }
-        return Ok(None);
-    }
-    if &buf[..7] != b"HTTP/1." || buf[8] != b' ' || !buf[9..12].iter().all(u8::is_ascii_digit) {
-        return Err(ParseError::BadStatusLine);
-    }
-    let status =
-        (buf[9] - b'0') as u16 * 100 + (buf[10] - b'0') as u16 * 10 + (buf[11] - b'0') as u16;
-    let mut pos = match memchr::memchr(b'\n', &buf[12..]) {
-        Some(i) => 12 + i + 1,
-        None if buf.len() > MAX_HEAD => return Err(ParseError::BadStatusLine),
-        None => return Ok(None),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::Version | httparse::Error::Status) => {
+            return Err(ParseError::BadStatusLine)
+        }
+        Err(_) => return Err(ParseError::BadHeader),
     };
+    let status = head.code.ok_or(ParseError::BadStatusLine)?;
     let mut content_length: Option<usize> = None;
-    let mut close = buf[7] == b'0'; // HTTP/1.0 closes by default
-    loop {
-        let rest = &buf[pos..];
-        let nl = match memchr::memchr(b'\n', rest) {
-            Some(i) => i,
-            None if buf.len() > MAX_HEAD => return Err(ParseError::BadHeader),
-            None => return Ok(None),
-        };
-        let line = &rest[..nl];
-        pos += nl + 1;
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.is_empty() {
-            break;
-        }
-        let colon = memchr::memchr(b':', line).ok_or(ParseError::BadHeader)?;
-        let (name, value) = (&line[..colon], trim(&line[colon + 1..]));
-        match name.len() {
-            14 if eq_ignore_case(name, b"content-length") => {
-                if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 18 {
-                    return Err(ParseError::BadHeader);
-                }
-                content_length = Some(
-                    value
-                        .iter()
-                        .fold(0usize, |acc, d| acc * 10 + (d - b'0') as usize),
-                );
+    let mut close = head.version == Some(0); // HTTP/1.0 closes by default
+    for h in head.headers.iter() {
+        let value = trim(h.value);
+        if h.name.eq_ignore_ascii_case("content-length") {
+            if value.is_empty() || !value.iter().all(u8::is_ascii_digit) || value.len() > 18 {
+                return Err(ParseError::BadHeader);
             }
-            10 if eq_ignore_case(name, b"connection") => {
-                if eq_ignore_case(value, b"close") {
-                    close = true;
-                } else if eq_ignore_case(value, b"keep-alive") {
-                    close = false;
-                }
+            content_length = Some(
+                value
+                    .iter()
+                    .fold(0usize, |acc, d| acc * 10 + (d - b'0') as usize),
+            );
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            if value.eq_ignore_ascii_case(b"close") {
+                close = true;
+            } else if value.eq_ignore_ascii_case(b"keep-alive") {
+                close = false;
             }
-            17 if eq_ignore_case(name, b"transfer-encoding") => return Err(ParseError::Chunked),
-            _ => {}
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err(ParseError::Chunked);
         }
     }
     let body_len = match content_length {

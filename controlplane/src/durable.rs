@@ -7,15 +7,17 @@
 //! every event. The frames are already validated, self-describing rkyv archives, so the
 //! WAL stores them verbatim.
 //!
-//! - `store/wal`: records `u32 len | u32 crc32c(body) | body` (body: a delta frame
-//!   archive). Frames of one group commit are written together and fdatasync'd once;
-//!   the ack of a frame is sent only after that. A torn tail (short or bad CRC) is cut
-//!   off at start-up: those frames were never acked, the dataplane resends them.
+//! - `store/wal`: records `u32 len | u32 crc32c(body) | body` (`proto::framing`, body: a
+//!   delta frame archive). Frames of one group commit are written together and
+//!   fdatasync'd once; the ack of a frame is sent only after that. A torn tail (short or
+//!   bad CRC) is cut off at start-up: those frames were never acked, the dataplane
+//!   resends them.
 //! - `store/snapshot`: `CGSNAP01` then records of the same shape holding store chunks
-//!   (the first carries the applied-delta marks). Written to `snapshot.tmp`, fsync'd,
-//!   renamed, directory fsync'd, then the WAL is truncated. A crash between rename and
-//!   truncation is harmless: replaying a WAL frame already in the snapshot is a
-//!   duplicate by its delta id (the marks are in the snapshot).
+//!   (the first carries the applied-delta marks). Written to `.snapshot.tmp`, fsync'd,
+//!   renamed, directory fsync'd (`proto::fsutil::write_atomic`), then the WAL is
+//!   truncated. A crash between rename and truncation is harmless: replaying a WAL frame
+//!   already in the snapshot is a duplicate by its delta id (the marks are in the
+//!   snapshot).
 //! - Start-up: snapshot (if any), then WAL replay, both through the same idempotent apply.
 
 use std::fs::{self, File, OpenOptions};
@@ -24,11 +26,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clickgate_proto::frames::{access_delta, access_store_chunk, aligned, encode_store_chunk};
+use clickgate_proto::framing::{self, Crc};
+use clickgate_proto::fsutil::write_atomic;
 
 use crate::store::Store;
 
 const SNAPSHOT_MAGIC: &[u8; 8] = b"CGSNAP01";
-const RECORD_HEADER_BYTES: usize = 8;
 
 pub struct Durable {
     dir: PathBuf,
@@ -47,36 +50,12 @@ pub struct Recovery {
 }
 
 fn put_record(body: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-    out.extend_from_slice(body);
+    framing::encode(Crc::Body, body, out);
 }
 
 /// Splits `buf` into records; returns them and the length of the valid prefix.
 fn records(buf: &[u8]) -> (Vec<&[u8]>, usize) {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while buf.len() - at >= RECORD_HEADER_BYTES {
-        let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
-        let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4"));
-        let Some(end) = (at + RECORD_HEADER_BYTES)
-            .checked_add(len)
-            .filter(|&e| e <= buf.len())
-        else {
-            break;
-        };
-        let body = &buf[at + RECORD_HEADER_BYTES..end];
-        if crc32c::crc32c(body) != crc {
-            break;
-        }
-        out.push(body);
-        at = end;
-    }
-    (out, at)
-}
-
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    framing::split(Crc::Body, buf)
 }
 
 impl Durable {
@@ -212,15 +191,8 @@ impl Durable {
             encode_store_chunk(&chunk, &mut body)?;
             put_record(&body[4..], &mut out); // drop the frame length prefix: the record has its own
         }
-        let tmp = self.dir.join("snapshot.tmp");
-        {
-            let mut f =
-                File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-            f.write_all(&out)?;
-            f.sync_all()?;
-        }
-        fs::rename(&tmp, self.dir.join("snapshot"))?;
-        sync_dir(&self.dir)?;
+        let snap = self.dir.join("snapshot");
+        write_atomic(&snap, &out).with_context(|| format!("writing {}", snap.display()))?;
         self.wal.set_len(0)?;
         self.wal.sync_all()?;
         self.wal_bytes = 0;

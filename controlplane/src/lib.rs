@@ -136,6 +136,48 @@ impl Default for ControlplaneConfig {
 }
 
 impl ControlplaneConfig {
+    /// Checks every bound and the bind rules (query auth, control token); the error names
+    /// the setting. The binary calls it before starting anything (a bad setting is exit 2).
+    pub fn validate(&self) -> anyhow::Result<()> {
+        crate::auth::check_bind(self.query_addr, &self.auth).map_err(anyhow::Error::msg)?;
+        check_control_bind(self)?;
+        self.query_serve.validate().map_err(anyhow::Error::msg)?;
+        let in_range = |name: &str, v: u64, hi: u64| {
+            if (1..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(anyhow::anyhow!("{name} must be 1..={hi}, got {v}"))
+            }
+        };
+        in_range(
+            "control_auth_failures_per_minute_max",
+            self.control_auth_failures_per_minute_max.into(),
+            1_000_000,
+        )?;
+        in_range(
+            "control_requests_concurrent_max",
+            self.control_requests_concurrent_max as u64,
+            100_000,
+        )?;
+        in_range(
+            "control_request_timeout_ms",
+            self.control_request_timeout_ms,
+            3_600_000,
+        )?;
+        // 5m buckets are answerable for at least 24 h.
+        if self.retention_5m_secs < 24 * 3600 {
+            bail!("retention_5m_secs must be at least 86400 (5m buckets are answerable for 24 h)");
+        }
+        if self.store_cells_max == 0 {
+            bail!("store_cells_max must be greater than 0");
+        }
+        self.archive.validate().map_err(anyhow::Error::msg)?;
+        if let Some(r) = &self.redis {
+            r.validate().map_err(anyhow::Error::msg)?;
+        }
+        Ok(())
+    }
+
     pub fn control_socket_path(&self) -> PathBuf {
         self.control_socket
             .clone()

@@ -14,6 +14,23 @@ pub const USER_AGENT_BYTES_MAX: usize = 512;
 /// Largest `cost_micros` (docs/schema.md).
 pub const COST_MICROS_MAX: u64 = 1_000_000_000_000;
 
+/// The raw event's fields (docs/schema.md), in schema order: the one list the rejection
+/// counters, the archive's columns and the tests take them from.
+pub const FIELDS: [&str; 12] = [
+    "event_id",
+    "ts",
+    "campaign_id",
+    "ad_id",
+    "publisher_id",
+    "advertiser_id",
+    "user_id",
+    "ip",
+    "user_agent",
+    "country",
+    "device",
+    "cost_micros",
+];
+
 /// Each byte's value as a hex digit (either case), 0xff for any other byte.
 const HEX_VALUE: [u8; 256] = {
     let mut t = [0xffu8; 256];

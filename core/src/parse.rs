@@ -597,20 +597,7 @@ mod tests {
         for (field, value) in table {
             check(&with(field, value), Some(field));
         }
-        for field in [
-            "event_id",
-            "ts",
-            "campaign_id",
-            "ad_id",
-            "publisher_id",
-            "advertiser_id",
-            "user_id",
-            "ip",
-            "user_agent",
-            "country",
-            "device",
-            "cost_micros",
-        ] {
+        for field in crate::event::FIELDS {
             check(&without(field), Some(field));
         }
         // u64 overflow is an ill-typed id, not bad JSON.

@@ -30,6 +30,15 @@ impl std::str::FromStr for AckMode {
     }
 }
 
+/// Longest `agg_flush_interval_ms`: deltas ship at least every second.
+pub const AGG_FLUSH_INTERVAL_MS_MAX: u64 = 1000;
+/// Largest `agg_keys_max` the aggregator's table indexes (it uses u32 slots).
+pub const AGG_KEYS_MAX_LIMIT: usize = 100_000_000;
+/// Smallest `log_segment_bytes`.
+pub const LOG_SEGMENT_BYTES_MIN: u64 = 1 << 20;
+
+/// The dataplane's settings: [`Default`] holds every default, [`DataplaneConfig::validate`]
+/// every bound; the binary maps its flags onto them.
 #[derive(Clone, Debug)]
 pub struct DataplaneConfig {
     pub ingest_addr: SocketAddr,
@@ -106,7 +115,8 @@ pub struct DataplaneConfig {
     /// Stable id of this box, carried in every delta frame (`clickgate_proto::box_id`):
     /// two boxes flushing to one Redis must not share it. 0 only in tests.
     pub box_id: u64,
-    /// Each core ships its aggregate delta this often (at most 1000 ms).
+    /// Each core ships its aggregate delta this often (at most
+    /// [`AGG_FLUSH_INTERVAL_MS_MAX`] ms).
     pub agg_flush_interval_ms: u64,
     /// Aggregate keys a core holds between two flushes; past it new keys are counted as
     /// overflow (the events stay in the log and can be replayed).
@@ -171,9 +181,106 @@ impl Default for DataplaneConfig {
 }
 
 impl DataplaneConfig {
+    /// Checks every bound; the error names the setting. [`crate::Dataplane::start`] calls
+    /// it, and so does the binary before starting anything (a bad setting is exit 2).
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("batch_events_max", self.batch_events_max as u64),
+            ("body_bytes_max", self.body_bytes_max as u64),
+            ("header_bytes_max", self.header_bytes_max as u64),
+            (
+                "connections_per_core_max",
+                self.connections_per_core_max as u64,
+            ),
+            (
+                "rate_limit_events_per_sec",
+                self.rate_limit_events_per_sec as u64,
+            ),
+            (
+                "rate_limit_addresses_max",
+                self.rate_limit_addresses_max as u64,
+            ),
+            ("dedup_window_secs", self.dedup_window_secs),
+            ("dedup_peak_events_per_sec", self.dedup_peak_events_per_sec),
+            ("xcore_channel_capacity", self.xcore_channel_capacity as u64),
+            ("log_buffer_bytes_max", self.log_buffer_bytes_max as u64),
+            ("log_segment_bytes", self.log_segment_bytes),
+            (
+                "log_memory_sync_interval_ms",
+                self.log_memory_sync_interval_ms,
+            ),
+            ("agg_flush_interval_ms", self.agg_flush_interval_ms),
+            ("agg_keys_max", self.agg_keys_max as u64),
+            (
+                "ship_unacked_frames_max",
+                self.ship_unacked_frames_max as u64,
+            ),
+        ];
+        for (name, v) in positive {
+            if v == 0 {
+                return Err(format!("{name} must be greater than 0"));
+            }
+        }
+        if !(self.dedup_fp_rate > 0.0 && self.dedup_fp_rate < 1.0) {
+            return Err(format!(
+                "dedup_fp_rate must be in (0, 1), got {}",
+                self.dedup_fp_rate
+            ));
+        }
+        if self.dedup_generations < 2 {
+            return Err(format!(
+                "dedup_generations must be at least 2, got {}",
+                self.dedup_generations
+            ));
+        }
+        if self.agg_keys_max > AGG_KEYS_MAX_LIMIT {
+            return Err(format!(
+                "agg_keys_max must be at most {AGG_KEYS_MAX_LIMIT}, got {}",
+                self.agg_keys_max
+            ));
+        }
+        if self.agg_flush_interval_ms > AGG_FLUSH_INTERVAL_MS_MAX {
+            return Err(format!(
+                "agg_flush_interval_ms must be at most {AGG_FLUSH_INTERVAL_MS_MAX} (deltas ship at least every second)"
+            ));
+        }
+        if self.log_segment_bytes < LOG_SEGMENT_BYTES_MIN {
+            return Err(format!(
+                "log_segment_bytes must be at least 1 MiB, got {}",
+                self.log_segment_bytes
+            ));
+        }
+        Ok(())
+    }
+
     pub fn control_socket_path(&self) -> PathBuf {
         self.control_socket
             .clone()
             .unwrap_or_else(|| self.data_dir.join("control.sock"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_defaults_are_valid_and_each_bound_is_checked() {
+        let d = DataplaneConfig::default();
+        assert_eq!(d.validate(), Ok(()));
+        let bad = |f: fn(&mut DataplaneConfig)| {
+            let mut c = DataplaneConfig::default();
+            f(&mut c);
+            c.validate().unwrap_err()
+        };
+        assert!(bad(|c| c.agg_flush_interval_ms = 0).contains("agg_flush_interval_ms"));
+        assert!(
+            bad(|c| c.agg_flush_interval_ms = AGG_FLUSH_INTERVAL_MS_MAX + 1)
+                .contains("agg_flush_interval_ms must be at most 1000")
+        );
+        assert!(bad(|c| c.agg_keys_max = AGG_KEYS_MAX_LIMIT + 1).contains("agg_keys_max"));
+        assert!(bad(|c| c.log_segment_bytes = LOG_SEGMENT_BYTES_MIN - 1).contains("1 MiB"));
+        assert!(bad(|c| c.dedup_generations = 1).contains("dedup_generations"));
+        assert!(bad(|c| c.dedup_fp_rate = 1.0).contains("dedup_fp_rate"));
     }
 }

@@ -13,9 +13,11 @@ mod rules;
 mod server;
 mod shard;
 pub mod ship;
-pub mod sink;
 #[cfg(test)]
 mod tests_e2e;
 
+/// The sink status lives in `clickgate-proto` (the Kafka forwarder writes it); re-exported
+/// under its old path.
+pub use clickgate_proto::sink;
 pub use config::{AckMode, DataplaneConfig};
 pub use server::{Dataplane, ShutdownHandle};

@@ -11,27 +11,24 @@ use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 
+use clickgate_core::event::FIELDS;
+
 use crate::http::Route;
 use crate::response::Status;
 
-/// Fields named in rejections (docs/schema.md), then `body` for JSON syntax errors (no
-/// field), then `other` for anything unexpected.
-pub const REJECT_FIELDS: [&str; 14] = [
-    "event_id",
-    "ts",
-    "campaign_id",
-    "ad_id",
-    "publisher_id",
-    "advertiser_id",
-    "user_id",
-    "ip",
-    "user_agent",
-    "country",
-    "device",
-    "cost_micros",
-    "body",
-    "other",
-];
+/// Fields named in rejections (`clickgate_core::event::FIELDS`), then `body` for JSON
+/// syntax errors (no field), then `other` for anything unexpected.
+pub const REJECT_FIELDS: [&str; FIELDS.len() + 2] = {
+    let mut out = [""; FIELDS.len() + 2];
+    let mut i = 0;
+    while i < FIELDS.len() {
+        out[i] = FIELDS[i];
+        i += 1;
+    }
+    out[FIELDS.len()] = "body";
+    out[FIELDS.len() + 1] = "other";
+    out
+};
 
 pub fn reject_field_index(field: Option<&str>) -> usize {
     match field {
@@ -624,5 +621,6 @@ mod tests {
         assert_eq!(REJECT_FIELDS[reject_field_index(Some("ip"))], "ip");
         assert_eq!(REJECT_FIELDS[reject_field_index(None)], "body");
         assert_eq!(REJECT_FIELDS[reject_field_index(Some("zzz"))], "other");
+        assert_eq!(&REJECT_FIELDS[..FIELDS.len()], &FIELDS);
     }
 }

@@ -25,7 +25,7 @@ use crate::metrics::CoreMetrics;
 use crate::pipeline::BoxState;
 use crate::rules::{self, CoreRules};
 use crate::shard::{wall_ms, Shard};
-use crate::ship::{spawn_shipper, ShipConfig, FLUSH_INTERVAL_MS_MAX};
+use crate::ship::{spawn_shipper, ShipConfig};
 
 /// glommio refuses to start with less locked memory than this.
 const MEMLOCK_BYTES_MIN: u64 = 512 << 10;
@@ -78,6 +78,7 @@ impl Dataplane {
     /// Checks io_uring and memlock, opens logs, binds listeners on every core, and
     /// returns once all cores accept. Err with a clear message otherwise.
     pub fn start(mut cfg: DataplaneConfig) -> anyhow::Result<Dataplane> {
+        cfg.validate().map_err(anyhow::Error::msg)?;
         if cfg.ack == AckMode::Kafka && cfg.sink.is_none() {
             bail!("ack mode `kafka` needs Kafka brokers (--kafka-brokers): use `disk` or `memory` (--ack)");
         }
@@ -459,7 +460,7 @@ async fn poll_control_files(shard: Rc<Shard>, mut hot: rules::HotSettings) {
 
 fn ship_config(cfg: &DataplaneConfig) -> ShipConfig {
     ShipConfig {
-        flush_interval_ms: cfg.agg_flush_interval_ms.min(FLUSH_INTERVAL_MS_MAX),
+        flush_interval_ms: cfg.agg_flush_interval_ms,
         unacked_frames_max: cfg.ship_unacked_frames_max,
         box_id: cfg.box_id,
         ..ShipConfig::new(cfg.control_socket_path())

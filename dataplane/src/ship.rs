@@ -46,8 +46,8 @@ use glommio::channels::local_channel::{self, LocalSender};
 use glommio::net::UnixStream;
 use glommio::Task;
 
-/// Longest flush interval: the freshness promise is ≤ 1 s.
-pub const FLUSH_INTERVAL_MS_MAX: u64 = 1000;
+use crate::config::{DataplaneConfig, AGG_FLUSH_INTERVAL_MS_MAX};
+
 /// Largest ack frame a shipper reads.
 const ACK_BYTES_MAX: u32 = 4096;
 
@@ -61,7 +61,7 @@ pub struct ShipConfig {
     pub instance_id: u64,
     /// The core's log LSN when this run opened its log (see `DeltaFrame::start_lsn`).
     pub start_lsn: u64,
-    /// ≤ [`FLUSH_INTERVAL_MS_MAX`].
+    /// ≤ [`AGG_FLUSH_INTERVAL_MS_MAX`] (the freshness promise is ≤ 1 s).
     pub flush_interval_ms: u64,
     pub unacked_frames_max: usize,
     /// Keys a never-sent pending delta may grow to by merging.
@@ -75,14 +75,16 @@ pub struct ShipConfig {
 }
 
 impl ShipConfig {
+    /// The defaults; the interval and the unacked bound are [`DataplaneConfig`]'s.
     pub fn new(socket_path: PathBuf) -> ShipConfig {
+        let d = DataplaneConfig::default();
         ShipConfig {
             socket_path,
             box_id: 0,
             instance_id: Self::fresh_instance_id(),
             start_lsn: 0,
-            flush_interval_ms: 500,
-            unacked_frames_max: 64,
+            flush_interval_ms: d.agg_flush_interval_ms,
+            unacked_frames_max: d.ship_unacked_frames_max,
             pending_entries_max: 200_000,
             reconnect_backoff_min_ms: 50,
             reconnect_backoff_max_ms: 2_000,
@@ -171,7 +173,7 @@ impl ShipperHandle {
 /// Starts core `core`'s shipper on the current glommio executor.
 pub fn spawn_shipper(core: usize, agg: Rc<RefCell<Aggregator>>, cfg: ShipConfig) -> ShipperHandle {
     assert!(
-        cfg.flush_interval_ms > 0 && cfg.flush_interval_ms <= FLUSH_INTERVAL_MS_MAX,
+        cfg.flush_interval_ms > 0 && cfg.flush_interval_ms <= AGG_FLUSH_INTERVAL_MS_MAX,
         "flush_interval_ms"
     );
     assert!(cfg.unacked_frames_max > 0, "unacked_frames_max");

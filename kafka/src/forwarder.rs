@@ -27,10 +27,10 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
-use clickgate_dataplane::sink::{SinkState, SinkStatus};
 use clickgate_proto::cursor;
 use clickgate_proto::record;
 use clickgate_proto::segment::{self, LogReader, FRAME_HEADER_BYTES};
+use clickgate_proto::sink::{SinkState, SinkStatus};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -101,19 +101,6 @@ impl Forwarder {
             }
         }
     }
-}
-
-fn write_durable(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let dir = path.parent().expect("has a parent");
-    fs::create_dir_all(dir)?;
-    let tmp = path.with_extension("tmp");
-    {
-        let mut f = fs::File::create(&tmp)?;
-        io::Write::write_all(&mut f, bytes)?;
-        f.sync_data()?;
-    }
-    fs::rename(&tmp, path)?;
-    fs::File::open(dir)?.sync_all()
 }
 
 struct Delivery {
@@ -329,7 +316,7 @@ impl CoreForwarder {
             );
         }
         self.scan_from = ends;
-        write_durable(
+        clickgate_proto::fsutil::write_atomic(
             &self.offsets_path(),
             format_offsets(&self.scan_from).as_bytes(),
         )?;
@@ -601,7 +588,7 @@ impl CoreForwarder {
             self.acked,
         )?;
         // After the cursor: a stale offsets file only makes the next recovery read more.
-        write_durable(
+        clickgate_proto::fsutil::write_atomic(
             &self.offsets_path(),
             format_offsets(&self.scan_from).as_bytes(),
         )

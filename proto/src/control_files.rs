@@ -9,7 +9,6 @@
 //! no connection between the planes, keeps working while the controlplane is down, and
 //! the same files carry the rules across restarts of either plane.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use clickgate_core::fraud::{RuleError, RuleSet};
@@ -119,24 +118,8 @@ fn read_optional(path: &Path) -> Result<Option<String>, LoadError> {
     }
 }
 
-/// Replaces `path` with `bytes` atomically and durably: write a temp file beside it,
-/// fsync it, rename it over `path`, fsync the directory.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp"));
-    {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-    }
-    std::fs::rename(&tmp, path)?;
-    std::fs::File::open(dir)?.sync_all()
-}
+/// The one atomic-write helper, re-exported here for the callers of this module.
+pub use crate::fsutil::write_atomic;
 
 #[cfg(test)]
 mod tests {

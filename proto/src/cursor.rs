@@ -6,14 +6,14 @@
 //! ```
 //!
 //! The LSN is the position *after* the last consumed frame (the `from_lsn` to resume
-//! with). A cursor is written atomically (temporary file, fdatasync, rename, fsync of the
-//! directory), so after any crash it holds either the old or the new position, never a
-//! torn one. The dataplane's log retention never deletes a segment that a registered
-//! consumer has not passed (see [`min_cursor`]); a consumer registers by writing its
-//! first cursor, and unregisters by removing its directory.
+//! with). A cursor is written atomically ([`crate::fsutil::write_atomic`]: temporary
+//! file, fsync, rename, fsync of the directory), so after any crash it holds either the
+//! old or the new position, never a torn one. The dataplane's log retention never deletes
+//! a segment that a registered consumer has not passed (see [`min_cursor`]); a consumer
+//! registers by writing its first cursor, and unregisters by removing its directory.
 
-use std::fs::{self, File};
-use std::io::{self, Write};
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 /// The directory holding every consumer's cursors.
@@ -68,16 +68,7 @@ pub fn write_cursor(data_dir: &Path, consumer: &str, core: u32, lsn: u64) -> io:
         ));
     }
     let path = cursor_path(data_dir, consumer, core);
-    let dir = path.parent().expect("cursor path has a parent");
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".core-{core}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        writeln!(f, "{lsn}")?;
-        f.sync_data()?;
-    }
-    fs::rename(&tmp, &path)?;
-    File::open(dir)?.sync_all()
+    crate::fsutil::write_atomic(&path, format!("{lsn}\n").as_bytes())
 }
 
 /// The lowest cursor on `core` over every registered consumer: the log must keep every

@@ -40,14 +40,16 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+use crate::framing::{self, Crc, Torn};
+
 pub const MAGIC: &[u8; 8] = b"CGLOG001";
 pub const SEGMENT_VERSION: u32 = 1;
 /// The header block; frames start at this file offset. A multiple of any O_DIRECT alignment.
 pub const HEADER_BYTES: u64 = 4096;
 /// The writer's I/O unit: it writes whole blocks at block-aligned offsets.
 pub const BLOCK_BYTES: usize = 4096;
-/// `u32 len | u32 crc`.
-pub const FRAME_HEADER_BYTES: usize = 8;
+/// `u32 len | u32 crc` ([`crate::framing`]).
+pub const FRAME_HEADER_BYTES: usize = framing::HEADER_BYTES;
 /// The largest payload of one frame; a larger `len` is a torn or corrupt frame.
 pub const FRAME_PAYLOAD_MAX: usize = 16 << 20;
 /// What the reader reads from a file at once.
@@ -151,16 +153,15 @@ pub fn core_dirs(log_root: &Path) -> io::Result<Vec<(usize, PathBuf)>> {
     Ok(out)
 }
 
-/// crc32c of a frame: covers the 4 `len` bytes then the payload.
+/// crc32c of a frame: covers the 4 `len` bytes then the payload ([`Crc::LenAndBody`]).
 pub fn frame_crc(payload: &[u8]) -> u32 {
-    let len = (payload.len() as u32).to_le_bytes();
-    crc32c::crc32c_append(crc32c::crc32c(&len), payload)
+    Crc::LenAndBody.of(payload)
 }
 
 /// Writes the 8-byte frame header for `payload` into `header`.
+#[inline]
 pub fn put_frame_header(header: &mut [u8], payload: &[u8]) {
-    header[0..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    header[4..8].copy_from_slice(&frame_crc(payload).to_le_bytes());
+    framing::put_header(Crc::LenAndBody, header, payload);
 }
 
 /// Appends one frame (for tests and tools; the dataplane writer frames in place).
@@ -169,10 +170,7 @@ pub fn encode_frame(payload: &[u8], out: &mut Vec<u8>) {
         !payload.is_empty() && payload.len() <= FRAME_PAYLOAD_MAX,
         "frame payload size"
     );
-    let at = out.len();
-    out.resize(at + FRAME_HEADER_BYTES, 0);
-    put_frame_header(&mut out[at..], payload);
-    out.extend_from_slice(payload);
+    framing::encode(Crc::LenAndBody, payload, out);
 }
 
 /// What the bytes at a frame position hold.
@@ -197,21 +195,15 @@ pub fn check_frame(avail: &[u8]) -> FrameCheck {
             FrameCheck::Torn
         };
     }
-    let len = u32::from_le_bytes(avail[0..4].try_into().expect("4")) as usize;
-    if len == 0 {
-        return FrameCheck::End;
+    match framing::body_len(avail) {
+        Some(0) => return FrameCheck::End,
+        Some(len) if len > FRAME_PAYLOAD_MAX => return FrameCheck::Torn,
+        _ => {}
     }
-    if len > FRAME_PAYLOAD_MAX {
-        return FrameCheck::Torn;
-    }
-    let Some(frame) = avail.get(..FRAME_HEADER_BYTES + len) else {
-        return FrameCheck::NeedMore(len);
-    };
-    let crc = u32::from_le_bytes(avail[4..8].try_into().expect("4"));
-    if crc == frame_crc(&frame[FRAME_HEADER_BYTES..]) {
-        FrameCheck::Frame(len)
-    } else {
-        FrameCheck::Torn
+    match framing::decode(Crc::LenAndBody, avail) {
+        Ok((payload, _)) => FrameCheck::Frame(payload.len()),
+        Err(Torn::ShortBody { len }) => FrameCheck::NeedMore(len),
+        Err(Torn::ShortHeader(_) | Torn::BadCrc) => FrameCheck::Torn,
     }
 }
 

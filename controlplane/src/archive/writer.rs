@@ -14,6 +14,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use arrow_array::RecordBatch;
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use clickgate_core::event::FIELDS;
 use clickgate_proto::record::{self, RawRecord};
 use parquet::arrow::ArrowWriter;
 use parquet::basic::Compression;
@@ -22,27 +23,32 @@ use parquet::schema::types::ColumnPath;
 
 use super::columns::{Columns, BATCH_ROWS};
 
-/// Column names, in file order.
-pub const COLUMNS: [&str; 18] = [
-    "event_id",
-    "ts",
-    "recv_ts",
-    "campaign_id",
-    "ad_id",
-    "publisher_id",
-    "advertiser_id",
-    "user_id",
-    "ip",
-    "user_agent",
-    "country",
-    "device",
-    "cost_micros",
-    "duplicate",
-    "fraud",
-    "rules",
-    "source",
-    "lsn",
-];
+/// What the dataplane added to the event, the last columns.
+const DECISION_COLUMNS: [&str; 5] = ["duplicate", "fraud", "rules", "source", "lsn"];
+
+/// Column names, in file order: the event's fields (`clickgate_core::event::FIELDS`) with
+/// `recv_ts` after `ts`, then [`DECISION_COLUMNS`].
+pub const COLUMNS: [&str; FIELDS.len() + 1 + DECISION_COLUMNS.len()] = {
+    let mut out = [""; FIELDS.len() + 1 + DECISION_COLUMNS.len()];
+    let (mut i, mut at) = (0, 0);
+    while i < FIELDS.len() {
+        out[at] = FIELDS[i];
+        at += 1;
+        if i == 1 {
+            // `recv_ts` follows `ts`, FIELDS[1].
+            out[at] = "recv_ts";
+            at += 1;
+        }
+        i += 1;
+    }
+    i = 0;
+    while i < DECISION_COLUMNS.len() {
+        out[at] = DECISION_COLUMNS[i];
+        at += 1;
+        i += 1;
+    }
+    out
+};
 
 fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
@@ -168,9 +174,7 @@ impl PartFile {
     }
 }
 
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
+pub use clickgate_proto::fsutil::sync_dir;
 
 /// Creates `root/rel` and fsyncs every directory it created and its parent, so the new
 /// partition survives a crash along with the file renamed into it.
@@ -189,4 +193,19 @@ pub fn create_partition_dir(root: &Path, rel: &Path) -> io::Result<()> {
         d = parent;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn columns_are_the_event_fields_then_the_decision_and_name_the_schema() {
+        assert_eq!(&COLUMNS[..3], &["event_id", "ts", "recv_ts"]);
+        assert_eq!(&COLUMNS[3..FIELDS.len() + 1], &FIELDS[2..]);
+        assert_eq!(&COLUMNS[FIELDS.len() + 1..], &DECISION_COLUMNS);
+        let schema = schema();
+        let names: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        assert_eq!(names, COLUMNS);
+    }
 }

@@ -55,6 +55,56 @@ impl Default for RedisConfig {
 }
 
 impl RedisConfig {
+    /// Checks every bound; the error names the setting as configured (`redis_*`).
+    pub fn validate(&self) -> Result<(), String> {
+        for u in &self.urls {
+            if !(u.starts_with("redis://") || u.starts_with("unix://")) {
+                return Err(format!("redis_url: {u:?} is not a redis:// URL"));
+            }
+        }
+        let range = |name: &str, v: u64, lo: u64, hi: u64| {
+            if v < lo || v > hi {
+                return Err(format!("{name} must be in {lo}..={hi}, got {v}"));
+            }
+            Ok(())
+        };
+        range("redis_flush_interval_ms", self.flush_interval_ms, 1, 1000)?;
+        range(
+            "redis_pipeline_commands_max",
+            self.pipeline_commands_max as u64,
+            100,
+            100_000,
+        )?;
+        range(
+            "redis_ttl_5m_secs",
+            self.ttl_5m_secs,
+            24 * 3600,
+            u64::MAX / 1000,
+        )?;
+        range("redis_ttl_1h_secs", self.ttl_1h_secs, 1, u64::MAX / 1000)?;
+        range("redis_ttl_1d_secs", self.ttl_1d_secs, 1, u64::MAX / 1000)?;
+        range(
+            "redis_spill_bytes_max",
+            self.spill_bytes_max,
+            1 << 20,
+            u64::MAX,
+        )?;
+        range(
+            "redis_retry_backoff_min_ms",
+            self.retry_backoff_min_ms,
+            1,
+            self.retry_backoff_max_ms,
+        )?;
+        range(
+            "redis_retry_backoff_max_ms",
+            self.retry_backoff_max_ms,
+            1,
+            3_600_000,
+        )?;
+        range("redis_timeout_ms", self.timeout_ms, 1, 600_000)?;
+        Ok(())
+    }
+
     /// `redis_url` as configured: one URL or a comma-separated list.
     pub fn parse_urls(s: &str) -> Vec<String> {
         s.split(',')
@@ -100,5 +150,28 @@ mod tests {
             ["redis://a:1", "redis://b:2"]
         );
         assert!(RedisConfig::parse_urls("").is_empty());
+    }
+
+    #[test]
+    fn the_defaults_are_valid_and_bounds_name_their_setting() {
+        let ok = RedisConfig {
+            urls: vec!["redis://127.0.0.1:6379".into()],
+            ..RedisConfig::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let e = RedisConfig {
+            flush_interval_ms: 1001,
+            ..ok.clone()
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("redis_flush_interval_ms"), "{e}");
+        let e = RedisConfig {
+            urls: vec!["http://x".into()],
+            ..ok
+        }
+        .validate()
+        .unwrap_err();
+        assert!(e.contains("redis_url"), "{e}");
     }
 }

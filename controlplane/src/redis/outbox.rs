@@ -13,9 +13,10 @@
 //! before this commit loses nothing (no ack went out).
 //!
 //! Layout: `<data_dir>/redis/outbox-<seq>.seg` segments of records
-//! `u32 len | u32 crc32c(body) | body` (body: a delta frame archive, as in the WAL), and
-//! `cursor` (`<seq> <offset>`: everything before it is in Redis), replaced atomically
-//! after each successful flush; a stale cursor only replays frames Redis skips.
+//! `u32 len | u32 crc32c(body) | body` (`proto::framing`; body: a delta frame archive, as
+//! in the WAL), and `cursor` (`<seq> <offset>`: everything before it is in Redis),
+//! replaced atomically after each successful flush; a stale cursor only replays frames
+//! Redis skips.
 //!
 //! Bound: `spill_bytes_max` bytes of segments. Past it new frames are not written here
 //! (the store still has them; billing still counts them): they are counted in
@@ -32,7 +33,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Context;
 use rkyv::util::AlignedVec;
 
-const HEADER_BYTES: usize = 8;
+use clickgate_proto::framing::{self, Crc, HEADER_BYTES};
 
 /// State shared by the writer (appends) and the flusher (reads, trims).
 #[derive(Debug)]
@@ -94,25 +95,7 @@ fn seg_path(dir: &Path, seq: u64) -> PathBuf {
 
 /// Splits `buf` into records; returns them and the length of the valid prefix.
 fn records(buf: &[u8]) -> (Vec<&[u8]>, usize) {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while buf.len() - at >= HEADER_BYTES {
-        let len = u32::from_le_bytes(buf[at..at + 4].try_into().expect("4")) as usize;
-        let crc = u32::from_le_bytes(buf[at + 4..at + 8].try_into().expect("4"));
-        let Some(end) = (at + HEADER_BYTES)
-            .checked_add(len)
-            .filter(|&e| e <= buf.len())
-        else {
-            break;
-        };
-        let body = &buf[at + HEADER_BYTES..end];
-        if crc32c::crc32c(body) != crc {
-            break;
-        }
-        out.push(body);
-        at = end;
-    }
-    (out, at)
+    framing::split(Crc::Body, buf)
 }
 
 impl Outbox {
@@ -285,7 +268,13 @@ impl Outbox {
                 }
                 if at == 0 && out.is_empty() && !buf.is_empty() {
                     // A record longer than what we read: read it whole.
-                    let len = u32::from_le_bytes(buf[..4].try_into().expect("4")) as usize;
+                    let Some(len) = framing::body_len(&buf) else {
+                        anyhow::bail!(
+                            "redis outbox segment {} is corrupt at byte {}",
+                            seq,
+                            cursor.1
+                        );
+                    };
                     let mut one = vec![0u8; HEADER_BYTES + len];
                     f.seek(SeekFrom::Start(cursor.1))?;
                     f.read_exact(&mut one)?;
@@ -317,9 +306,10 @@ impl Outbox {
     /// Records that everything before `cursor` is in Redis: persists the cursor and
     /// deletes segments wholly behind it.
     pub fn advance(&self, cursor: (u64, u64)) -> anyhow::Result<()> {
-        let tmp = self.dir.join("cursor.tmp");
-        fs::write(&tmp, format!("{} {}\n", cursor.0, cursor.1))?;
-        fs::rename(&tmp, self.dir.join("cursor"))?;
+        clickgate_proto::fsutil::write_atomic(
+            &self.dir.join("cursor"),
+            format!("{} {}\n", cursor.0, cursor.1).as_bytes(),
+        )?;
         let stale: Vec<u64> = {
             let mut s = self.lock();
             s.cursor = cursor;
@@ -345,11 +335,7 @@ impl Outbox {
 impl OutboxWriter {
     /// Buffers one applied frame for the next [`OutboxWriter::commit`].
     pub fn append(&mut self, body: &[u8]) {
-        self.pending
-            .extend_from_slice(&(body.len() as u32).to_le_bytes());
-        self.pending
-            .extend_from_slice(&crc32c::crc32c(body).to_le_bytes());
-        self.pending.extend_from_slice(body);
+        framing::encode(Crc::Body, body, &mut self.pending);
         self.pending_frames += 1;
     }
 

@@ -1,10 +1,11 @@
 use std::borrow::Cow;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use proptest::prelude::*;
 
 use super::*;
-use crate::EventId;
+use crate::cidr::mask128;
+use crate::{Click, Device, EventId};
 
 const T0: u64 = 1_764_201_600_000; // 2025-11-27T00:00:00Z: a minute boundary, UTC hour 0
 

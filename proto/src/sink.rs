@@ -82,7 +82,7 @@ impl SinkStatus {
         self.state.store(s as u8, Ordering::Release);
     }
 
-    /// The Kafka metrics, in the Prometheus text format of `crate::metrics`.
+    /// The Kafka metrics, in the Prometheus text format of the dataplane's `/metrics`.
     pub fn render(&self, cores: usize, out: &mut String) {
         use std::fmt::Write;
         let counters = [
