@@ -920,6 +920,7 @@ fn bill(
     if let Some(w) = adj {
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         fs::rename(&adj_tmp, &adj_path)?;
+        clickgate_proto::fsutil::sync_dir(&cfg.out_dir)?;
     }
     sum.fraud = totals.fraud;
     sum.adjusted = totals.adjusted;
@@ -1033,19 +1034,15 @@ fn judge(
     mut adjustment: impl FnMut(&[u8]) -> std::io::Result<()>,
 ) -> Result<Totals, BillingError> {
     let ip_rate = rules.ip_rate_rules();
-    // `user_id` is not read: no rule judges it (the click carries it empty).
-    let mut cols = vec![
-        "ts",
-        "campaign_id",
-        "ad_id",
-        "publisher_id",
-        "advertiser_id",
-        "ip",
-        "user_agent",
-        "country",
-        "device",
-        "cost_micros",
-    ];
+    // The event's fields but `event_id` (read only for adjustments, last) and
+    // `user_id`, which no rule judges (the click carries it empty); the indices below
+    // follow this order.
+    let mut cols: Vec<&str> = clickgate_core::event::FIELDS
+        .into_iter()
+        .filter(|f| !matches!(*f, "event_id" | "user_id"))
+        .collect();
+    debug_assert_eq!(cols[0], "ts");
+    debug_assert_eq!(cols[9], "cost_micros");
     if cfg.batch_checks {
         cols.push("event_id");
     }
