@@ -616,12 +616,6 @@ impl Settings {
             start_timeout_ms: self.kafka_start_timeout_ms.unwrap_or(d.start_timeout_ms),
         };
         cfg.validate().map_err(anyhow::Error::msg)?;
-        let poll = self
-            .kafka_ack_poll_us
-            .unwrap_or(DataplaneConfig::default().kafka_ack_poll_us);
-        if !(1..=100_000).contains(&poll) {
-            bail!("kafka_ack_poll_us must be 1..=100000, got {poll}");
-        }
         Ok(Some(cfg))
     }
 

@@ -36,6 +36,8 @@ pub const AGG_FLUSH_INTERVAL_MS_MAX: u64 = 1000;
 pub const AGG_KEYS_MAX_LIMIT: usize = 100_000_000;
 /// Smallest `log_segment_bytes`.
 pub const LOG_SEGMENT_BYTES_MIN: u64 = 1 << 20;
+/// Largest `kafka_ack_poll_us` (0.1 s).
+pub const KAFKA_ACK_POLL_US_MAX: u64 = 100_000;
 
 /// The dataplane's settings: [`Default`] holds every default, [`DataplaneConfig::validate`]
 /// every bound; the binary maps its flags onto them.
@@ -248,6 +250,12 @@ impl DataplaneConfig {
             return Err(format!(
                 "log_segment_bytes must be at least 1 MiB, got {}",
                 self.log_segment_bytes
+            ));
+        }
+        if !(1..=KAFKA_ACK_POLL_US_MAX).contains(&self.kafka_ack_poll_us) {
+            return Err(format!(
+                "kafka_ack_poll_us must be 1..={KAFKA_ACK_POLL_US_MAX}, got {}",
+                self.kafka_ack_poll_us
             ));
         }
         Ok(())
