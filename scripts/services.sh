@@ -8,6 +8,7 @@
 #          127.0.0.1:${CLICKGATE_TEST_S3_PORT:-19000}, in-memory, any credentials accepted
 #   tools  pyarrow (independent Parquet reader), protobuf + grpcio-tools (a stock protobuf
 #          runtime and protoc, to read raw_clicks), pyspark + Java (the billing Spark job),
+#          xgboost + numpy (trains the models the tree-scoring test compares against),
 #          promtool, systemd-analyze, Chromium + playwright-core
 #
 # Each service is started only if its port does not answer already, so a developer's
@@ -135,6 +136,18 @@ ensure_pyspark() {
     export CLICKGATE_TEST_PYSPARK="$venv/bin/python"
 }
 
+# XGBoost for the model-scoring test (tests/gbt.rs): xgboost and numpy from PyPI into the
+# same venv.
+ensure_xgboost() {
+    local venv="$CLICKGATE_TOOLS/pyenv"
+    if ! "$venv/bin/python" -c 'import xgboost, numpy' 2>/dev/null; then
+        svc_log "installing xgboost and numpy from PyPI into $venv"
+        timeout 600 "$venv/bin/pip" install -q xgboost numpy >"$SERVICES_DIR/pip-xgboost.log" 2>&1 ||
+            { echo "error: pip install xgboost numpy failed; see $SERVICES_DIR/pip-xgboost.log" >&2; exit 1; }
+    fi
+    export CLICKGATE_TEST_XGBOOST="$venv/bin/python"
+}
+
 start_s3() {
     local venv="$CLICKGATE_TOOLS/s3-venv"
     if [ ! -x "$venv/bin/moto_server" ]; then
@@ -186,6 +199,7 @@ services_start() {
     start_s3
     ensure_pyarrow
     ensure_pyspark
+    ensure_xgboost
     ensure_promtool
     ensure_systemd_analyze
     ensure_browser

@@ -8,6 +8,7 @@ pub mod cidr;
 pub mod civil;
 pub mod event;
 pub mod fraud;
+pub mod gbt;
 pub mod hash;
 pub mod hll;
 pub mod parse;
