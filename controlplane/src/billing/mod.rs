@@ -5,10 +5,12 @@
 //!   ─A─▶ parallel decode of (file, row group) units, 7 columns:
 //!        KeyRec {event_id, recv_ts, source, lsn, file, row, ts, ip, campaign}
 //!        sorted runs by (event_id, recv_ts, source, lsn)
-//!   ─B─▶ k-way merge: the first copy of each event_id wins; winners with ts in D
+//!   ─B─▶ k-way merge (in memory: one sorted vector cut between event ids, every
+//!        thread a chunk): the first copy of each event_id wins; winners with ts in D
 //!        ─▶ WinRec {ip, minute, file, row, campaign}, sorted runs by (ip, minute)
-//!   ─C─▶ k-way merge: per ip, clicks per UTC minute (and distinct campaigns for the
-//!        batch check) ─▶ per (file, row) the minute's count
+//!   ─C─▶ k-way merge (in memory: cut between IPs, every thread a chunk): per ip,
+//!        clicks per UTC minute (and distinct campaigns for the batch check)
+//!        ─▶ per (file, row) the minute's count
 //!   ─D─▶ parallel decode of each file's rule columns; every winner of the day:
 //!        ip_rate rules on the exact count, CompiledRules::evaluate_static (the
 //!        stream's code) with it, the batch check; the rest is billable
@@ -42,7 +44,7 @@ use std::io::{BufWriter, IsTerminal, Write};
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -761,52 +763,63 @@ fn bill(
         None => sum.rows_in_day as usize,
         Some(_) => plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<WinRec>(),
     };
-    let mut wins = RunSet::<WinRec>::new(win_cap, win_spill, cfg.threads);
-    {
-        let mut m = Merge::new(&key_mem, &key_runs)?;
-        let mut cur: Option<KeyRec> = None;
-        let mut n = 0u64;
-        let emit = |w: KeyRec, wins: &mut RunSet<WinRec>| -> std::io::Result<()> {
-            if in_day(w.ts) {
-                wins.push(WinRec {
-                    ip_v6: w.ip_v6,
-                    ip: w.ip,
-                    minute: w.ts / MINUTE_MS,
-                    file: w.file,
-                    row: w.row,
-                    campaign: w.campaign,
-                })?;
-            }
-            Ok(())
-        };
-        while let Some(r) = m.pop()? {
-            n += 1;
-            if n.is_multiple_of(1 << 20) {
-                progress
-                    .lock()
-                    .expect("not poisoned")
-                    .tick("dedup", n, sum.rows_read);
-            }
-            match cur {
-                Some(w) if w.id == r.id => {
-                    if in_day(r.ts) {
-                        sum.duplicates += 1;
+    let (win_mem, win_runs) = if plan.spill.is_none() {
+        // In memory: the sorted keys are cut between event ids and deduplicated on
+        // every thread at once.
+        let (mut wins, dups) = dedup_in_memory(&key_mem, cfg.threads, &in_day);
+        sum.duplicates += dups;
+        drop(key_mem);
+        runs::group_sort(&mut wins, cfg.threads);
+        let len = wins.len();
+        (wins, vec![Run::Mem { start: 0, len }])
+    } else {
+        let mut wins = RunSet::<WinRec>::new(win_cap, win_spill, cfg.threads);
+        {
+            let mut m = Merge::new(&key_mem, &key_runs)?;
+            let mut cur: Option<KeyRec> = None;
+            let mut n = 0u64;
+            let emit = |w: KeyRec, wins: &mut RunSet<WinRec>| -> std::io::Result<()> {
+                if in_day(w.ts) {
+                    wins.push(WinRec {
+                        ip_v6: w.ip_v6,
+                        ip: w.ip,
+                        minute: w.ts / MINUTE_MS,
+                        file: w.file,
+                        row: w.row,
+                        campaign: w.campaign,
+                    })?;
+                }
+                Ok(())
+            };
+            while let Some(r) = m.pop()? {
+                n += 1;
+                if n.is_multiple_of(1 << 20) {
+                    progress
+                        .lock()
+                        .expect("not poisoned")
+                        .tick("dedup", n, sum.rows_read);
+                }
+                match cur {
+                    Some(w) if w.id == r.id => {
+                        if in_day(r.ts) {
+                            sum.duplicates += 1;
+                        }
+                    }
+                    _ => {
+                        if let Some(w) = cur.take() {
+                            emit(w, &mut wins)?;
+                        }
+                        cur = Some(r);
                     }
                 }
-                _ => {
-                    if let Some(w) = cur.take() {
-                        emit(w, &mut wins)?;
-                    }
-                    cur = Some(r);
-                }
+            }
+            if let Some(w) = cur {
+                emit(w, &mut wins)?;
             }
         }
-        if let Some(w) = cur {
-            emit(w, &mut wins)?;
-        }
-    }
-    drop(key_mem);
-    let (win_mem, win_runs) = wins.finish()?;
+        drop(key_mem);
+        wins.finish()?
+    };
     sum.spilled_runs += win_runs
         .iter()
         .filter(|r| matches!(r, Run::File { .. }))
@@ -817,64 +830,48 @@ fn bill(
         Direct(Vec<Vec<u32>>),
         Runs(RunSet<CountRec>),
     }
-    let mut counts = match &plan.spill {
-        None => Counts::Direct(files.iter().map(|f| vec![0u32; f.rows as usize]).collect()),
-        Some(d) => Counts::Runs(RunSet::new(
-            plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<CountRec>() / 2,
-            Some((d.clone(), "count".into())),
-            cfg.threads,
-        )),
-    };
-    {
-        let mut m = Merge::new(&win_mem, &win_runs)?;
-        let mut group: Vec<WinRec> = Vec::new();
-        let mut camps: Vec<u64> = Vec::new();
-        let mut events = 0u64;
-        let mut flush = |group: &mut Vec<WinRec>, counts: &mut Counts| -> std::io::Result<()> {
-            let many = cfg.batch_checks && {
-                camps.clear();
-                camps.extend(group.iter().map(|w| w.campaign));
-                camps.sort_unstable();
-                camps.dedup();
-                camps.len() as u64 > u64::from(cfg.ip_campaigns_max)
-            };
-            let mut k = 0;
-            while k < group.len() {
-                let minute = group[k].minute;
-                let mut e = k;
-                while e < group.len() && group[e].minute == minute {
-                    e += 1;
-                }
-                let val = ((e - k) as u64).min(u64::from(MANY_CAMPAIGNS - 1)) as u32
-                    | if many { MANY_CAMPAIGNS } else { 0 };
-                for w in &group[k..e] {
-                    match counts {
-                        Counts::Direct(v) => v[w.file as usize][w.row as usize] = val,
-                        Counts::Runs(set) => set.push(CountRec {
-                            file: w.file,
-                            row: w.row,
-                            val,
-                        })?,
-                    }
-                }
-                k = e;
-            }
-            group.clear();
-            Ok(())
-        };
-        while let Some(w) = m.pop()? {
-            events += 1;
-            if group
-                .last()
-                .is_some_and(|g| (g.ip_v6, g.ip) != (w.ip_v6, w.ip))
-            {
-                flush(&mut group, &mut counts)?;
-            }
-            group.push(w);
+    let many_max = cfg.batch_checks.then_some(cfg.ip_campaigns_max);
+    let counts = match &plan.spill {
+        None => {
+            // In memory: cut between IPs, every thread at once, each count word
+            // written once.
+            let (direct, events) = count_in_memory(&win_mem, files, cfg.threads, many_max);
+            sum.events = events;
+            Counts::Direct(direct)
         }
-        flush(&mut group, &mut counts)?;
-        sum.events = events;
-    }
+        Some(d) => {
+            let mut set = RunSet::new(
+                plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<CountRec>() / 2,
+                Some((d.clone(), "count".into())),
+                cfg.threads,
+            );
+            let mut m = Merge::new(&win_mem, &win_runs)?;
+            let mut group: Vec<WinRec> = Vec::new();
+            let mut camps: Vec<u64> = Vec::new();
+            let mut events = 0u64;
+            let mut put = |w: &WinRec, val: u32| {
+                set.push(CountRec {
+                    file: w.file,
+                    row: w.row,
+                    val,
+                })
+            };
+            while let Some(w) = m.pop()? {
+                events += 1;
+                if group
+                    .last()
+                    .is_some_and(|g| (g.ip_v6, g.ip) != (w.ip_v6, w.ip))
+                {
+                    count_ip(&group, many_max, &mut camps, &mut put)?;
+                    group.clear();
+                }
+                group.push(w);
+            }
+            count_ip(&group, many_max, &mut camps, &mut put)?;
+            sum.events = events;
+            Counts::Runs(set)
+        }
+    };
     drop(win_mem);
 
     // Pass D: every winner of the day through the rules, file by file in parallel.
@@ -991,6 +988,165 @@ impl Hasher for IdHasher {
 }
 
 type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+
+/// Cut points `0 = c0 ≤ c1 ≤ … ≤ n` of `v` into about `parts` chunks, never between
+/// two records of one group (`same`).
+fn group_cuts<T>(v: &[T], parts: usize, same: impl Fn(&T, &T) -> bool) -> Vec<usize> {
+    let n = v.len();
+    let mut cuts = vec![0];
+    for t in 1..parts.max(1) {
+        let mut c = (n * t / parts).max(cuts[cuts.len() - 1]);
+        while c > 0 && c < n && same(&v[c - 1], &v[c]) {
+            c += 1;
+        }
+        cuts.push(c);
+    }
+    cuts.push(n);
+    cuts
+}
+
+/// Pass B in memory: `keys` sorted by group ([`runs::group_sort`]); the first copy of
+/// each event id wins. Returns the winners of the day and the duplicates of the day.
+/// Each thread writes its chunk's winners into its own region of one vector (a chunk
+/// has at most as many winners as records), then the regions are moved together.
+fn dedup_in_memory(
+    keys: &[KeyRec],
+    threads: usize,
+    in_day: &(impl Fn(u64) -> bool + Sync),
+) -> (Vec<WinRec>, u64) {
+    let cuts = group_cuts(keys, threads, |a, b| a.id == b.id);
+    let mut wins: Vec<WinRec> = Vec::with_capacity(keys.len());
+    let mut written = Vec::with_capacity(cuts.len() - 1);
+    let mut dups = 0u64;
+    {
+        let mut rest = &mut wins.spare_capacity_mut()[..keys.len()];
+        std::thread::scope(|s| {
+            let mut handles = Vec::new();
+            for t in 0..cuts.len() - 1 {
+                let chunk = &keys[cuts[t]..cuts[t + 1]];
+                let (region, tail) = std::mem::take(&mut rest).split_at_mut(chunk.len());
+                rest = tail;
+                handles.push(s.spawn(move || {
+                    let (mut k, mut dups) = (0usize, 0u64);
+                    let mut i = 0;
+                    while i < chunk.len() {
+                        let w = chunk[i];
+                        let mut j = i + 1;
+                        while j < chunk.len() && chunk[j].id == w.id {
+                            dups += u64::from(in_day(chunk[j].ts));
+                            j += 1;
+                        }
+                        if in_day(w.ts) {
+                            region[k].write(WinRec {
+                                ip_v6: w.ip_v6,
+                                ip: w.ip,
+                                minute: w.ts / MINUTE_MS,
+                                file: w.file,
+                                row: w.row,
+                                campaign: w.campaign,
+                            });
+                            k += 1;
+                        }
+                        i = j;
+                    }
+                    (k, dups)
+                }));
+            }
+            for h in handles {
+                let (k, d) = h.join().expect("dedup thread panicked");
+                written.push(k);
+                dups += d;
+            }
+        });
+    }
+    let room = wins.spare_capacity_mut();
+    let mut to = 0;
+    for (t, &k) in written.iter().enumerate() {
+        room.copy_within(cuts[t]..cuts[t] + k, to);
+        to += k;
+    }
+    // SAFETY: chunk t wrote slots cuts[t]..cuts[t] + written[t]; they were moved, in
+    // chunk order, to 0..to, so the first `to` slots hold written records.
+    unsafe { wins.set_len(to) };
+    (wins, dups)
+}
+
+/// Pass C for one IP's winners (sorted by minute): each click's count word is its
+/// minute's click count, with [`MANY_CAMPAIGNS`] set when `many_max` is given and the
+/// IP clicked more distinct campaigns than that.
+fn count_ip(
+    group: &[WinRec],
+    many_max: Option<u32>,
+    camps: &mut Vec<u64>,
+    mut put: impl FnMut(&WinRec, u32) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    let many = many_max.is_some_and(|max| {
+        camps.clear();
+        camps.extend(group.iter().map(|w| w.campaign));
+        camps.sort_unstable();
+        camps.dedup();
+        camps.len() as u64 > u64::from(max)
+    });
+    let mut k = 0;
+    while k < group.len() {
+        let minute = group[k].minute;
+        let mut e = k;
+        while e < group.len() && group[e].minute == minute {
+            e += 1;
+        }
+        let val = ((e - k) as u64).min(u64::from(MANY_CAMPAIGNS - 1)) as u32
+            | if many { MANY_CAMPAIGNS } else { 0 };
+        for w in &group[k..e] {
+            put(w, val)?;
+        }
+        k = e;
+    }
+    Ok(())
+}
+
+/// Pass C in memory: `wins` sorted by group (IP); returns every file's count words
+/// and the number of winners. Threads take chunks cut between IPs; each row's word is
+/// written once, by the thread holding its IP.
+fn count_in_memory(
+    wins: &[WinRec],
+    files: &[ArchiveFile],
+    threads: usize,
+    many_max: Option<u32>,
+) -> (Vec<Vec<u32>>, u64) {
+    let words: Vec<Vec<AtomicU32>> = files
+        .iter()
+        .map(|f| (0..f.rows).map(|_| AtomicU32::new(0)).collect())
+        .collect();
+    let cuts = group_cuts(wins, threads, |a, b| (a.ip_v6, a.ip) == (b.ip_v6, b.ip));
+    std::thread::scope(|s| {
+        for t in 0..cuts.len() - 1 {
+            let chunk = &wins[cuts[t]..cuts[t + 1]];
+            let words = &words;
+            s.spawn(move || {
+                let mut camps = Vec::new();
+                let mut i = 0;
+                while i < chunk.len() {
+                    let mut j = i + 1;
+                    while j < chunk.len()
+                        && (chunk[j].ip_v6, chunk[j].ip) == (chunk[i].ip_v6, chunk[i].ip)
+                    {
+                        j += 1;
+                    }
+                    let _ = count_ip(&chunk[i..j], many_max, &mut camps, |w, val| {
+                        words[w.file as usize][w.row as usize].store(val, Ordering::Relaxed);
+                        Ok(())
+                    });
+                    i = j;
+                }
+            });
+        }
+    });
+    let direct = words
+        .into_iter()
+        .map(|v| v.into_iter().map(AtomicU32::into_inner).collect())
+        .collect();
+    (direct, wins.len() as u64)
+}
 
 /// What pass D adds up.
 #[derive(Default)]
@@ -1393,6 +1549,80 @@ impl Progress {
     fn done(&mut self) {
         if self.on {
             eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_cuts_cover_the_slice_and_never_split_a_group() {
+        for (n, groups, parts) in [
+            (0usize, 1u64, 2usize),
+            (1, 1, 3),
+            (10, 1, 4),
+            (1000, 7, 3),
+            (1000, 1000, 8),
+        ] {
+            let v: Vec<u64> = (0..n as u64)
+                .map(|i| i * groups / n.max(1) as u64)
+                .collect();
+            let cuts = group_cuts(&v, parts, |a, b| a == b);
+            assert_eq!(cuts.len(), parts + 1);
+            assert_eq!((cuts[0], cuts[parts]), (0, n));
+            assert!(cuts.windows(2).all(|w| w[0] <= w[1]), "{cuts:?}");
+            for &c in &cuts[1..parts] {
+                assert!(
+                    c == 0 || c == n || v[c - 1] != v[c],
+                    "cut {c} splits a group"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn in_memory_dedup_keeps_the_first_copy_whatever_the_thread_count() {
+        let day = 0..DAY_MS;
+        let in_day = |ts: u64| day.contains(&ts);
+        let mut keys: Vec<KeyRec> = (0..5000u32)
+            .map(|i| KeyRec {
+                id: u128::from(mix64(u64::from(i % 3100))),
+                recv: mix64(u64::from(i)) % 1000,
+                row: i,
+                ts: if i % 11 == 0 {
+                    DAY_MS + 5
+                } else {
+                    u64::from(i) * 1000
+                },
+                ip: u128::from(i % 97),
+                campaign: u64::from(i % 5),
+                ..KeyRec::default()
+            })
+            .collect();
+        runs::group_sort(&mut keys, 2);
+        let mut want: BTreeMap<u128, KeyRec> = BTreeMap::new();
+        for k in &keys {
+            let e = want.entry(k.id).or_insert(*k);
+            if k < e {
+                *e = *k;
+            }
+        }
+        let want_dups = keys.iter().filter(|k| in_day(k.ts)).count() as u64
+            - want.values().filter(|k| in_day(k.ts)).count() as u64;
+        let mut want_rows: Vec<u32> = want
+            .values()
+            .filter(|k| in_day(k.ts))
+            .map(|k| k.row)
+            .collect();
+        want_rows.sort_unstable();
+        for threads in [1, 2, 3, 8] {
+            let (wins, dups) = dedup_in_memory(&keys, threads, &in_day);
+            let mut rows: Vec<u32> = wins.iter().map(|w| w.row).collect();
+            rows.sort_unstable();
+            assert_eq!(rows, want_rows, "threads {threads}");
+            assert_eq!(dups, want_dups, "threads {threads}");
         }
     }
 }
