@@ -335,10 +335,17 @@ pub fn access_store_chunk(body: &[u8]) -> Result<&ArchivedStoreChunk, FrameError
 /// An archived entry's key and counters, checked; the sketch is validated too (decoded
 /// into a scratch sketch and dropped), so a later `merge_bytes` cannot fail midway.
 pub fn entry_parts(e: &ArchivedDeltaEntry) -> Result<(Key, Counters), FrameError> {
+    let parts = entry_counters(e)?;
+    Hll::from_bytes(e.users.as_slice())?;
+    Ok(parts)
+}
+
+/// [`entry_parts`] without decoding the entry's user sketch: for a reader of the
+/// counters only (billing's reconciliation), which never touches the sketch.
+pub fn entry_counters(e: &ArchivedDeltaEntry) -> Result<(Key, Counters), FrameError> {
     let window = Window::from_u8(e.window).ok_or(FrameError::Window(e.window))?;
     let (kind, value) = (e.dim_kind, e.dim_value.to_native());
     let dim = Dim::from_parts(kind, value).ok_or(FrameError::Dim(kind, value))?;
-    Hll::from_bytes(e.users.as_slice())?;
     let key = Key {
         campaign_id: e.campaign_id.to_native(),
         window,
