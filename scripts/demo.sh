@@ -16,13 +16,14 @@ ingest=127.0.0.1:${DEMO_INGEST_PORT:-8080}
 
 echo "== building (release)"
 cargo build --release --locked -p clickgate -p clickgate-bench
+bin=${CARGO_TARGET_DIR:-target}/release
 
 echo "== starting clickgate run (data dir $data, ingest $ingest, query 127.0.0.1:8081)"
 mkdir -p "$data"
 rm -f "$data/run/query.addr" "$data/run/ingest.addr"
 # The load generator sends far more than 1000 events/s from loopback: trust it, as a
 # publisher network would be.
-target/release/clickgate run --data-dir "$data" --ingest-addr "$ingest" \
+"$bin/clickgate" run --data-dir "$data" --ingest-addr "$ingest" \
     --trusted-cidrs 127.0.0.0/8 >"$data/clickgate.log" 2>&1 &
 pid=$!
 trap 'kill -TERM $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' EXIT
@@ -40,7 +41,7 @@ show() {
 }
 
 echo "== load: ${secs}s of 100-event batches (Zipf campaigns, 2% duplicates, 1% invalid lines)"
-target/release/clickgate-bench --url "http://$ingest" --mode batch --batch-size 100 \
+"$bin/clickgate-bench" --url "http://$ingest" --mode batch --batch-size 100 \
     --connections 16 --duration "${secs}s" --warmup 0s --dup-share 0.02 --invalid-share 0.01 -q \
     >"$data/bench.txt" &
 bench=$!
