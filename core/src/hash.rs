@@ -14,6 +14,31 @@ pub fn mix64(mut x: u64) -> u64 {
     x
 }
 
+/// A fixed, unseeded hasher for integer keys (ids, tuples of ids): each `u64` written is
+/// folded into the state through [`mix64`], and the state is mixed once more at the
+/// end. A single id hashes to `mix64(id)`. For tables whose keys are already integers
+/// (the fraud rules' ad ids, billing's per-campaign totals), several times cheaper than
+/// SipHash; collisions only ever cost time.
+#[derive(Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        mix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = mix64(self.0) ^ v;
+    }
+}
+
+/// `BuildHasher` of [`IdHasher`], for `HashMap<K, V, IdBuildHasher>`.
+pub type IdBuildHasher = std::hash::BuildHasherDefault<IdHasher>;
+
 /// The event id's 64-bit hash: both halves of the UUID folded and mixed. UUID bits are
 /// mostly random already; the mix guards against ids with structured (e.g. v1/v7) bits.
 #[inline]
@@ -46,6 +71,15 @@ pub fn bytes_hash(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_id_hasher_gives_one_id_its_mix_and_tells_swapped_pairs_apart() {
+        use std::hash::BuildHasher;
+        let h = IdBuildHasher::default();
+        assert_eq!(h.hash_one(42u64), mix64(42));
+        assert_ne!(h.hash_one((1u64, 2u64)), h.hash_one((2u64, 1u64)));
+        assert_ne!(h.hash_one((7u64, 7u64)), h.hash_one((9u64, 9u64)));
+    }
 
     #[test]
     fn shard_for_stays_in_range_and_spreads() {

@@ -39,7 +39,6 @@ pub mod scan;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::io::{BufWriter, IsTerminal, Write};
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
@@ -759,11 +758,6 @@ fn bill(
         .count() as u64;
 
     // Pass B: the first copy of each event id wins; the day's winners by (ip, minute).
-    let win_spill = plan.spill.as_ref().map(|d| (d.clone(), "win".to_string()));
-    let win_cap = match &plan.spill {
-        None => sum.rows_in_day as usize,
-        Some(_) => plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<WinRec>(),
-    };
     let (win_mem, win_runs) = if plan.spill.is_none() {
         // In memory: the sorted keys are cut between event ids and deduplicated on
         // every thread at once.
@@ -774,6 +768,8 @@ fn bill(
         let len = wins.len();
         (wins, vec![Run::Mem { start: 0, len }])
     } else {
+        let win_spill = plan.spill.as_ref().map(|d| (d.clone(), "win".to_string()));
+        let win_cap = plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<WinRec>();
         let mut wins = RunSet::<WinRec>::new(win_cap, win_spill, cfg.threads);
         {
             let mut m = Merge::new(&key_mem, &key_runs)?;
@@ -969,26 +965,7 @@ fn bill(
     Ok(())
 }
 
-/// A hasher for the totals' integer keys (ids an archive holds, summed per key: no
-/// adversary gains from collisions beyond a slower bill).
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        clickgate_core::hash::mix64(self.0)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 = clickgate_core::hash::mix64(self.0 ^ v);
-    }
-}
-
-type IdMap<K, V> = HashMap<K, V, BuildHasherDefault<IdHasher>>;
+type IdMap<K, V> = HashMap<K, V, clickgate_core::hash::IdBuildHasher>;
 
 /// Cut points `0 = c0 ≤ c1 ≤ … ≤ n` of `v` into about `parts` chunks, never between
 /// two records of one group (`same`).

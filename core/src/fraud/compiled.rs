@@ -2,37 +2,18 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::hash::{BuildHasherDefault, Hasher};
 
 use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind, MatchKind};
 
 use crate::cidr::CidrSet;
-use crate::hash::mix64;
+use crate::hash::IdBuildHasher;
 use crate::Click;
 
 use super::risk::contains_any_ci;
 use super::spec::check_spec;
 use super::*;
 
-/// A fixed hasher for ad ids (already well spread after mixing).
-#[derive(Default, Clone, Copy)]
-struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        mix64(self.0)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ b as u64;
-        }
-    }
-    fn write_u64(&mut self, v: u64) {
-        self.0 ^= v;
-    }
-}
-
-type IdSet = HashSet<u64, BuildHasherDefault<IdHasher>>;
+type IdSet = HashSet<u64, IdBuildHasher>;
 
 /// What one click was judged: fraud or not, and the rules that fired (indices into the
 /// set, in file order, at most [`FIRED_MAX`]).
