@@ -234,6 +234,22 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_IDLE_TIMEOUT_MS", global = true, help_heading = DATAPLANE)]
     pub idle_timeout_ms: Option<u64>,
 
+    /// A request head must arrive whole within this many ms of its first byte; past it the connection is closed [default: 10000]
+    #[arg(long, env = "CLICKGATE_HEADER_TIMEOUT_MS", global = true, help_heading = DATAPLANE)]
+    pub header_timeout_ms: Option<u64>,
+
+    /// A request body must arrive whole within this many ms of its head; past it the connection is closed [default: 30000]
+    #[arg(long, env = "CLICKGATE_BODY_TIMEOUT_MS", global = true, help_heading = DATAPLANE)]
+    pub body_timeout_ms: Option<u64>,
+
+    /// Connections one client address may hold per dataplane core (trusted_cidrs exempt); past it: 503 and close [default: 256]
+    #[arg(long, env = "CLICKGATE_CONNECTIONS_PER_ADDRESS_MAX", global = true, help_heading = DATAPLANE)]
+    pub connections_per_address_max: Option<usize>,
+
+    /// Request bytes per dataplane core buffered beyond each connection's first 16 KiB (bodies being received), at most; past it: 503 and close [default: 67108864]
+    #[arg(long, env = "CLICKGATE_INFLIGHT_BODY_BYTES_MAX", global = true, help_heading = DATAPLANE)]
+    pub inflight_body_bytes_max: Option<usize>,
+
     /// Retry-After sent with 429 and 503, in seconds [default: 1]
     #[arg(long, env = "CLICKGATE_RETRY_AFTER_SECS", global = true, help_heading = DATAPLANE)]
     pub retry_after_secs: Option<u32>,
@@ -465,6 +481,10 @@ impl Settings {
                 header_bytes_max,
                 connections_per_core_max,
                 idle_timeout_ms,
+                header_timeout_ms,
+                body_timeout_ms,
+                connections_per_address_max,
+                inflight_body_bytes_max,
                 retry_after_secs,
                 ts_skew_ms,
                 rate_limit_events_per_sec,
@@ -545,6 +565,14 @@ impl Settings {
                 .connections_per_core_max
                 .unwrap_or(d.connections_per_core_max),
             idle_timeout_ms: self.idle_timeout_ms.unwrap_or(d.idle_timeout_ms),
+            header_timeout_ms: self.header_timeout_ms.unwrap_or(d.header_timeout_ms),
+            body_timeout_ms: self.body_timeout_ms.unwrap_or(d.body_timeout_ms),
+            connections_per_address_max: self
+                .connections_per_address_max
+                .unwrap_or(d.connections_per_address_max),
+            inflight_body_bytes_max: self
+                .inflight_body_bytes_max
+                .unwrap_or(d.inflight_body_bytes_max),
             retry_after_secs: self.retry_after_secs.unwrap_or(d.retry_after_secs),
             ts_skew_ms: self.ts_skew_ms.unwrap_or(d.ts_skew_ms),
             rate_limit_events_per_sec: self

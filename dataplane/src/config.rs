@@ -58,6 +58,19 @@ pub struct DataplaneConfig {
     pub connections_per_core_max: usize,
     /// Idle keep-alive connections are closed after this long.
     pub idle_timeout_ms: u64,
+    /// A request head must arrive whole within this long of its first byte (bytes
+    /// trickled one at a time do not extend it); past it the connection is closed.
+    pub header_timeout_ms: u64,
+    /// A request body must arrive whole within this long of its head; past it the
+    /// connection is closed.
+    pub body_timeout_ms: u64,
+    /// Connections one client address may hold on one core (`trusted_cidrs` exempt);
+    /// past it: 503 and close.
+    pub connections_per_address_max: usize,
+    /// Request bytes a core holds buffered beyond each connection's first read buffer
+    /// (16 KiB): bodies being received. A read that would need more answers 503 and
+    /// closes the connection. Buffers grow as bytes arrive, not as a head announces.
+    pub inflight_body_bytes_max: usize,
     /// `Retry-After` sent with 429 and 503, in seconds.
     pub retry_after_secs: u32,
 
@@ -151,6 +164,10 @@ impl Default for DataplaneConfig {
             header_bytes_max: 16 << 10,
             connections_per_core_max: 10_000,
             idle_timeout_ms: 60_000,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            connections_per_address_max: 256,
+            inflight_body_bytes_max: 64 << 20,
             retry_after_secs: 1,
             ts_skew_ms: 5 * 60 * 1000,
             rate_limit_events_per_sec: 1000,
@@ -193,6 +210,16 @@ impl DataplaneConfig {
             (
                 "connections_per_core_max",
                 self.connections_per_core_max as u64,
+            ),
+            ("header_timeout_ms", self.header_timeout_ms),
+            ("body_timeout_ms", self.body_timeout_ms),
+            (
+                "connections_per_address_max",
+                self.connections_per_address_max as u64,
+            ),
+            (
+                "inflight_body_bytes_max",
+                self.inflight_body_bytes_max as u64,
             ),
             (
                 "rate_limit_events_per_sec",
@@ -290,5 +317,7 @@ mod tests {
         assert!(bad(|c| c.log_segment_bytes = LOG_SEGMENT_BYTES_MIN - 1).contains("1 MiB"));
         assert!(bad(|c| c.dedup_generations = 1).contains("dedup_generations"));
         assert!(bad(|c| c.dedup_fp_rate = 1.0).contains("dedup_fp_rate"));
+        assert!(bad(|c| c.header_timeout_ms = 0).contains("header_timeout_ms"));
+        assert!(bad(|c| c.inflight_body_bytes_max = 0).contains("inflight_body_bytes_max"));
     }
 }

@@ -13,7 +13,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
 use crate::config::AckMode;
-use crate::http::{self, Frame, ReadBuf, Reject, Route};
+use crate::http::{self, Frame, ReadBuf, Reject, Route, READ_BUF_BYTES_INITIAL};
 use crate::metrics::Unavailable;
 use crate::pipeline::Scratch;
 use crate::response::{self, ContentType, Extra, Status};
@@ -32,6 +32,11 @@ pub(crate) struct ConnEntry {
     pub(crate) fd: RawFd,
     /// Wall-clock ms of the connection's last read or write.
     pub(crate) active_ms: Cell<u64>,
+    /// Wall-clock ms by which the request being received must be whole; 0 between
+    /// requests (then `idle_timeout_ms` applies).
+    pub(crate) deadline_ms: Cell<u64>,
+    /// The deadline is the body's (the head is in).
+    pub(crate) in_body: Cell<bool>,
 }
 
 impl ConnTable {
@@ -40,6 +45,8 @@ impl ConnTable {
         let e = Some(ConnEntry {
             fd,
             active_ms: Cell::new(now_ms),
+            deadline_ms: Cell::new(0),
+            in_body: Cell::new(false),
         });
         match self.free.pop() {
             Some(i) => {
@@ -56,6 +63,14 @@ impl ConnTable {
     pub(crate) fn touch(&self, i: usize, now_ms: u64) {
         if let Some(e) = &self.entries[i] {
             e.active_ms.set(now_ms);
+        }
+    }
+
+    /// Sets the deadline of the request being received (`0`: none in progress).
+    fn set_deadline(&self, i: usize, deadline_ms: u64, in_body: bool) {
+        if let Some(e) = &self.entries[i] {
+            e.deadline_ms.set(deadline_ms);
+            e.in_body.set(in_body);
         }
     }
 
@@ -76,6 +91,9 @@ pub(crate) struct ConnBufs {
     /// A response body being built.
     body: Vec<u8>,
     scratch: Scratch,
+    /// Bytes of `rb` beyond `READ_BUF_BYTES_INITIAL` taken from the core's in-flight
+    /// body budget.
+    charged: usize,
 }
 
 impl ConnBufs {
@@ -85,6 +103,7 @@ impl ConnBufs {
             out: Vec::with_capacity(4096),
             body: Vec::with_capacity(1024),
             scratch: Scratch::default(),
+            charged: 0,
         }
     }
 
@@ -92,6 +111,11 @@ impl ConnBufs {
     pub(crate) fn reset(&mut self, cap: usize) {
         self.rb.reset(cap);
         self.out.clear();
+        if self.out.capacity() > OUT_BYTES_KEEP {
+            self.out = Vec::with_capacity(4096);
+        }
+        self.charged = 0;
+        self.scratch.trim();
     }
 }
 
@@ -107,13 +131,25 @@ pub(crate) struct Batch {
     accepted_202: u64,
 }
 
+/// Responses a connection buffers before writing them (pipelined requests past it wait
+/// in the read buffer for the next round): a flood of pipelined requests costs bounded
+/// output memory. One response may take it past this (`/metrics`), not two.
+const OUT_BYTES_MAX: usize = 64 << 10;
+/// A connection's output buffer larger than this is given back after its write.
+const OUT_BYTES_KEEP: usize = 2 * OUT_BYTES_MAX;
+
 /// Serves one connection until it closes. One task per connection, none per request.
-pub(crate) async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
+/// `counted`: the accept loop counted it against its address (given back here).
+pub(crate) async fn serve_connection(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    peer: Option<IpAddr>,
+    exempt: bool,
+    counted: bool,
+) {
     let fd = stream.as_raw_fd();
     let slot = shard.conns.borrow_mut().insert(fd, wall_ms());
     shard.m().connection_opened();
-    let peer = stream.peer_addr().ok().map(|a| a.ip());
-    let exempt = peer.is_some_and(|ip| shard.trusted.borrow().contains(ip));
     let _ = stream.set_nodelay(true);
     let mut bufs = shard.take_bufs();
     let mut stream = stream;
@@ -131,30 +167,22 @@ pub(crate) async fn serve_connection(shard: Rc<Shard>, stream: TcpStream) {
     {
         tracing::debug!(core = shard.k, error = %e, "connection ended");
     }
+    shard.release_body_bytes(bufs.charged);
+    bufs.charged = 0;
     shard.put_bufs(bufs);
     shard.conns.borrow_mut().remove(slot);
+    if let (true, Some(ip)) = (counted, peer) {
+        shard.release_address(ip);
+    }
     shard.m().connection_closed();
 }
 
-/// Answers a connection over `connections_per_core_max` with 503 and closes it.
-pub(crate) async fn refuse_connection(shard: Rc<Shard>, mut stream: TcpStream) {
-    let why = Unavailable::Connections;
-    shard.m().unavailable(why);
-    let mut body = Vec::with_capacity(48);
-    response::body_error(&mut body, why.message());
-    let mut out = Vec::with_capacity(192);
-    let extra = Extra {
-        retry_after_secs: Some(shard.cfg.retry_after_secs),
-        allow: None,
-        close: true,
-    };
-    response::write_response(
-        &mut out,
-        Status::Unavailable,
-        ContentType::Json,
-        extra,
-        &body,
-    );
+/// Answers a connection over `connections_per_core_max` or `connections_per_address_max`
+/// with 503 and closes it.
+pub(crate) async fn refuse_connection(shard: Rc<Shard>, mut stream: TcpStream, why: Unavailable) {
+    let mut body = Vec::with_capacity(64);
+    let mut out = Vec::with_capacity(256);
+    write_unavailable(&shard, &mut out, &mut body, why);
     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
     let _ = stream.write_all(&out).await;
     let _ = stream.close().await;
@@ -174,17 +202,40 @@ async fn connection_loop(
         out,
         body,
         scratch,
+        charged,
     } = bufs;
     // Total size of the request being received, once its head is parsed.
     let mut want = 0usize;
     let mut continue_sent = false;
+    // Complete requests wait in `rb` because `out` is full: answer them before reading.
+    let mut pending = false;
+    // What the connection's deadline is set for: no request, a head, a body.
+    let mut phase = Phase::Idle;
     loop {
-        let n = stream.read(rb.spare(want)).await?;
-        if n == 0 {
-            return Ok(());
+        if !pending {
+            // A read that must grow the buffer takes the growth from the core's budget
+            // first; a core at its budget refuses rather than grows.
+            let extra = rb
+                .next_capacity(want)
+                .saturating_sub(READ_BUF_BYTES_INITIAL);
+            if extra > *charged {
+                if !shard.reserve_body_bytes(extra - *charged) {
+                    write_unavailable(shard, out, body, Unavailable::BodyBudget);
+                    stream.write_all(out).await?;
+                    out.clear();
+                    let _ = stream.close().await;
+                    return Ok(());
+                }
+                *charged = extra;
+            }
+            let n = stream.read(rb.spare(want)).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            rb.filled(n);
+            shard.m().bytes_in(n as u64);
         }
-        rb.filled(n);
-        shard.m().bytes_in(n as u64);
+        pending = false;
         // One clock read of each kind per read, not per request: pipelined requests
         // share their receive time.
         let now_ms = wall_ms();
@@ -197,6 +248,10 @@ async fn connection_loop(
         batch.accepted_202 = 0;
         // Answer every complete request in the buffer, in order.
         loop {
+            if out.len() >= OUT_BYTES_MAX {
+                pending = true;
+                break;
+            }
             let head = match http::parse_head(rb.data(), &shard.limits) {
                 Frame::Partial => {
                     want = 0;
@@ -244,6 +299,33 @@ async fn connection_loop(
                 break;
             }
         }
+        // The buffer may have shrunk back: give its growth back to the budget.
+        let extra = rb.capacity().saturating_sub(READ_BUF_BYTES_INITIAL);
+        if extra < *charged {
+            shard.release_body_bytes(*charged - extra);
+            *charged = extra;
+        }
+        // Deadlines: set when a head or a body starts arriving, never pushed back by
+        // the bytes that follow.
+        let now_phase = if rb.is_empty() || pending {
+            Phase::Idle
+        } else if want > 0 {
+            Phase::Body
+        } else {
+            Phase::Head
+        };
+        if now_phase != phase {
+            let deadline = match now_phase {
+                Phase::Idle => 0,
+                Phase::Head => now_ms + shard.cfg.header_timeout_ms,
+                Phase::Body => now_ms + shard.cfg.body_timeout_ms,
+            };
+            shard
+                .conns
+                .borrow()
+                .set_deadline(slot, deadline, now_phase == Phase::Body);
+            phase = now_phase;
+        }
         if batch.max_lsn > 0 && shard.cfg.ack == AckMode::Disk {
             if let Err(e) = shard.log.durable(batch.max_lsn).await {
                 tracing::error!(core = shard.k, error = %e, "log sync failed; answering 503");
@@ -270,6 +352,9 @@ async fn connection_loop(
         if !out.is_empty() {
             stream.write_all(out).await?;
             out.clear();
+            if out.capacity() > OUT_BYTES_KEEP {
+                *out = Vec::with_capacity(4096);
+            }
         }
         if close {
             let _ = stream.close().await;
@@ -323,6 +408,27 @@ fn rewrite_as_unavailable(shard: &Shard, out: &mut Vec<u8>, body: &mut Vec<u8>, 
         response::write_response(out, Status::Unavailable, ContentType::Json, extra, body);
     }
     batch.accepted_202 = 0;
+}
+
+/// What a connection's deadline currently guards.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Head,
+    Body,
+}
+
+/// A 503 that closes the connection, for a reason of the core's own.
+fn write_unavailable(shard: &Shard, out: &mut Vec<u8>, body: &mut Vec<u8>, why: Unavailable) {
+    shard.m().unavailable(why);
+    body.clear();
+    response::body_error(body, why.message());
+    let extra = Extra {
+        retry_after_secs: Some(shard.cfg.retry_after_secs),
+        allow: None,
+        close: true,
+    };
+    response::write_response(out, Status::Unavailable, ContentType::Json, extra, body);
 }
 
 fn write_reject(shard: &Shard, out: &mut Vec<u8>, body: &mut Vec<u8>, r: Reject) {

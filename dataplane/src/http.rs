@@ -257,12 +257,16 @@ impl ReadBuf {
         }
     }
 
-    /// Prepares the buffer for a new connection with these limits.
+    /// Prepares the buffer for a new connection with these limits, back at its initial
+    /// size: a pooled buffer holds no more than a fresh one.
     pub fn reset(&mut self, cap_max: usize) {
         self.start = 0;
         self.end = 0;
         self.cap_max = cap_max;
-        self.shrink_if_large();
+        if self.buf.len() > READ_BUF_BYTES_INITIAL {
+            self.buf.truncate(READ_BUF_BYTES_INITIAL);
+            self.buf.shrink_to_fit();
+        }
     }
 
     pub fn data(&self) -> &[u8] {
@@ -277,6 +281,11 @@ impl ReadBuf {
         self.start == self.end
     }
 
+    /// Bytes the buffer holds allocated (what a connection costs its core).
+    pub fn capacity(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Marks `n` bytes at the front as consumed.
     pub fn consume(&mut self, n: usize) {
         debug_assert!(n <= self.len());
@@ -288,23 +297,33 @@ impl ReadBuf {
         }
     }
 
-    /// Room to read into, making sure a request of `want` bytes (head + body, as far as
-    /// known; 0 when unknown) fits contiguously from the front. Never empty.
+    /// The size [`ReadBuf::spare`] will give the buffer for a request of `want` bytes:
+    /// the buffer grows only when it is full, by doubling, and never past what the
+    /// request needs (or `cap_max`) — so a head announcing a large body costs memory as
+    /// the body arrives, not when it is announced.
+    pub fn next_capacity(&self, want: usize) -> usize {
+        let need = want.max(self.len() + 1);
+        let len = self.buf.len();
+        if need <= len || self.len() < len {
+            // Fits, or there is still room once compacted: no growth now.
+            return len;
+        }
+        (len * 2).min(self.cap_max).min(need).max(self.len() + 1)
+    }
+
+    /// Room to read into towards a request of `want` bytes (head + body, as far as known;
+    /// 0 when unknown), which must end up contiguous from the front. Never empty. Grows
+    /// to [`ReadBuf::next_capacity`].
     pub fn spare(&mut self, want: usize) -> &mut [u8] {
         let need = want.max(self.len() + 1);
-        if self.start + need > self.buf.len() {
-            if self.start > 0 {
-                self.buf.copy_within(self.start..self.end, 0);
-                self.end -= self.start;
-                self.start = 0;
-            }
-            if need > self.buf.len() {
-                // Double, so a body read in many pieces costs few copies; never past the
-                // cap unless the request itself needs it (it cannot: the framing rejects
-                // heads over header_bytes_max and bodies over body_bytes_max).
-                let grown = (self.buf.len() * 2).min(self.cap_max).max(need);
-                self.buf.resize(grown, 0);
-            }
+        if self.start > 0 && (self.start + need > self.buf.len() || self.end == self.buf.len()) {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let grown = self.next_capacity(want);
+        if grown > self.buf.len() {
+            self.buf.resize(grown, 0);
         }
         &mut self.buf[self.end..]
     }
@@ -320,11 +339,6 @@ impl ReadBuf {
             self.buf.truncate(READ_BUF_BYTES_INITIAL);
             self.buf.shrink_to_fit();
         }
-    }
-
-    #[cfg(test)]
-    fn capacity(&self) -> usize {
-        self.buf.len()
     }
 }
 
@@ -574,6 +588,46 @@ mod tests {
         assert!(rb.capacity() <= limits.header_bytes_max + limits.body_bytes_max);
         rb.consume(want);
         assert_eq!(rb.capacity(), READ_BUF_BYTES_INITIAL);
+    }
+
+    #[test]
+    fn read_buf_grows_as_the_body_arrives_not_as_announced() {
+        let limits = Limits {
+            header_bytes_max: 1024,
+            body_bytes_max: 8 << 20,
+        };
+        let mut rb = ReadBuf::new(limits.header_bytes_max + limits.body_bytes_max);
+        let mut s = b"POST /v1/clicks HTTP/1.1\r\nContent-Length: 8000000\r\n\r\n".to_vec();
+        let head_len = s.len();
+        s.resize(head_len + 300_000, b'x');
+        let mut fed = 0;
+        let mut want = 0;
+        while fed < s.len() {
+            if let Frame::Head(h) = parse_head(rb.data(), &limits) {
+                want = h.total_len();
+            }
+            let before = rb.capacity();
+            let next = rb.next_capacity(want);
+            let spare = rb.spare(want);
+            assert_eq!(rb_cap_after(spare.len(), fed), next.max(before));
+            let n = spare.len().min(1000).min(s.len() - fed);
+            spare[..n].copy_from_slice(&s[fed..fed + n]);
+            rb.filled(n);
+            fed += n;
+            // Never more than twice what arrived, once past the first buffer.
+            assert!(
+                rb.capacity() <= READ_BUF_BYTES_INITIAL.max(2 * fed),
+                "{} bytes for {fed} received",
+                rb.capacity()
+            );
+        }
+        assert_eq!(want, head_len + 8_000_000);
+        assert!(rb.capacity() < 1 << 20);
+    }
+
+    /// The buffer's size, from the spare room it gave after `filled` bytes.
+    fn rb_cap_after(spare: usize, filled: usize) -> usize {
+        spare + filled
     }
 
     #[test]

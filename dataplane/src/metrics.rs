@@ -51,14 +51,21 @@ pub enum Unavailable {
     LogError,
     /// The dataplane is shutting down.
     Stopping,
+    /// The core's request bytes buffered beyond each connection's first read buffer are
+    /// at `inflight_body_bytes_max`.
+    BodyBudget,
+    /// The client address holds `connections_per_address_max` connections on this core.
+    AddressConnections,
 }
 
 impl Unavailable {
-    pub const ALL: [Unavailable; 4] = [
+    pub const ALL: [Unavailable; 6] = [
         Unavailable::LogFull,
         Unavailable::Connections,
         Unavailable::LogError,
         Unavailable::Stopping,
+        Unavailable::BodyBudget,
+        Unavailable::AddressConnections,
     ];
 
     pub fn label(self) -> &'static str {
@@ -67,6 +74,8 @@ impl Unavailable {
             Unavailable::Connections => "connections",
             Unavailable::LogError => "log_error",
             Unavailable::Stopping => "stopping",
+            Unavailable::BodyBudget => "body_budget",
+            Unavailable::AddressConnections => "address_connections",
         }
     }
 
@@ -77,6 +86,8 @@ impl Unavailable {
             Unavailable::Connections => "too many connections",
             Unavailable::LogError => "log write failed",
             Unavailable::Stopping => "shutting down",
+            Unavailable::BodyBudget => "too many request bodies in flight",
+            Unavailable::AddressConnections => "too many connections from this address",
         }
     }
 }
@@ -131,6 +142,11 @@ pub struct CoreMetrics {
     latency_count: AtomicU64,
     connections_open: AtomicU64,
     connections_total: AtomicU64,
+    /// Connections cut at the header or body deadline.
+    request_timeouts: [AtomicU64; 2],
+    /// Request bytes buffered beyond each connection's first read buffer (a gauge kept
+    /// by the core itself).
+    inflight_body_bytes: AtomicU64,
     // Gauges refreshed by the owner core's ticker and on /metrics.
     log_pending_bytes: AtomicU64,
     log_written_bytes: AtomicU64,
@@ -203,6 +219,13 @@ impl CoreMetrics {
     pub fn connection_opened(&self) {
         bump(&self.connections_open, 1);
         bump(&self.connections_total, 1);
+    }
+    /// A connection cut at its head (`body = false`) or body deadline.
+    pub fn request_timeout(&self, body: bool) {
+        bump(&self.request_timeouts[body as usize], 1);
+    }
+    pub fn set_inflight_body_bytes(&self, v: u64) {
+        self.inflight_body_bytes.store(v, Relaxed);
     }
     pub fn connection_closed(&self) {
         self.connections_open.store(
@@ -387,6 +410,28 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
     let name = "clickgate_ingest_connections_total";
     header(out, name, "counter", "Client connections accepted.");
     let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.connections_total));
+    let name = "clickgate_ingest_request_timeouts_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Connections closed because a request head or body did not arrive whole in time.",
+    );
+    for (i, phase) in ["header", "body"].iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "{name}{{phase=\"{phase}\"}} {}",
+            sum(cores, |c| &c.request_timeouts[i])
+        );
+    }
+    let name = "clickgate_ingest_inflight_body_bytes";
+    header(
+        out,
+        name,
+        "gauge",
+        "Request bytes buffered beyond each connection's first read buffer (bodies being received).",
+    );
+    let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.inflight_body_bytes));
     let name = "clickgate_log_pending_bytes";
     header(
         out,

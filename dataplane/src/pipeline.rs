@@ -111,6 +111,22 @@ pub struct Scratch {
     pub rejected: Vec<(u32, EventError)>,
 }
 
+/// Parsed clicks a pooled [`Scratch`] keeps room for; a batch client's larger vectors are
+/// given back when its connection ends.
+const SCRATCH_CLICKS_KEEP: usize = 256;
+
+impl Scratch {
+    /// Back to a small footprint, for reuse by another connection.
+    pub fn trim(&mut self) {
+        if self.clicks.capacity() > SCRATCH_CLICKS_KEEP {
+            self.clicks = Vec::new();
+        }
+        if self.rejected.capacity() > SCRATCH_CLICKS_KEEP {
+            self.rejected = Vec::new();
+        }
+    }
+}
+
 /// What a request came to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {

@@ -21,7 +21,7 @@ use clickgate_proto::control_files::{self, RuntimeOverrides};
 use crate::config::{AckMode, DataplaneConfig};
 use crate::connection;
 use crate::deps::{CidrSet, CoreLog, IpRate, LogConfig, RateLimiter, SharedBloom};
-use crate::metrics::CoreMetrics;
+use crate::metrics::{CoreMetrics, Unavailable};
 use crate::pipeline::BoxState;
 use crate::rules::{self, CoreRules};
 use crate::shard::{wall_ms, Shard};
@@ -477,12 +477,38 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, shared: &Shared)
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                if shard.connections() >= shard.cfg.connections_per_core_max {
-                    glommio::spawn_local(connection::refuse_connection(shard.clone(), stream))
-                        .detach();
+                let peer = stream.peer_addr().ok().map(|a| a.ip());
+                let exempt = peer.is_some_and(|ip| shard.trusted.borrow().contains(ip));
+                let refuse = if shard.connections() >= shard.cfg.connections_per_core_max {
+                    Some(Unavailable::Connections)
                 } else {
-                    glommio::spawn_local(connection::serve_connection(shard.clone(), stream))
+                    match peer {
+                        Some(ip) if !exempt && !shard.admit_address(ip) => {
+                            Some(Unavailable::AddressConnections)
+                        }
+                        _ => None,
+                    }
+                };
+                match refuse {
+                    Some(why) => {
+                        glommio::spawn_local(connection::refuse_connection(
+                            shard.clone(),
+                            stream,
+                            why,
+                        ))
                         .detach();
+                    }
+                    None => {
+                        let counted = peer.is_some() && !exempt;
+                        glommio::spawn_local(connection::serve_connection(
+                            shard.clone(),
+                            stream,
+                            peer,
+                            exempt,
+                            counted,
+                        ))
+                        .detach();
+                    }
                 }
             }
             Some(Err(e)) => {

@@ -8,6 +8,8 @@
 //! handling in [`crate::routes`].
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,6 +48,13 @@ pub(crate) struct Shard {
     /// The fraud gate: rule snapshot and hot-swap poller state.
     pub rules: CoreRules,
     pub(crate) conns: RefCell<ConnTable>,
+    /// Open connections per client address on this core (exempt addresses not counted);
+    /// an entry goes when its count reaches 0, so the map holds at most one entry per
+    /// open connection.
+    addr_conns: RefCell<HashMap<IpAddr, u32>>,
+    /// Read-buffer bytes this core's connections hold beyond `READ_BUF_BYTES_INITIAL`
+    /// each, bounded by `inflight_body_bytes_max`.
+    inflight_body_bytes: Cell<usize>,
     pool: RefCell<Vec<ConnBufs>>,
     pub stopping: Cell<bool>,
     /// This core's pre-aggregates since the last delta; the shipper drains it.
@@ -78,6 +87,8 @@ impl Shard {
             trusted: RefCell::new(Rc::new(trusted)),
             rules,
             conns: RefCell::new(ConnTable::default()),
+            addr_conns: RefCell::new(HashMap::new()),
+            inflight_body_bytes: Cell::new(0),
             pool: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
             agg,
@@ -102,21 +113,68 @@ impl Shard {
         }
     }
 
-    /// Closes connections with no traffic for `idle_timeout_ms`. One sweep per second
-    /// instead of a timer armed on every read.
+    /// Closes connections with no traffic for `idle_timeout_ms`, or whose request head or
+    /// body is past its deadline. One sweep per second instead of a timer armed on every
+    /// read.
     pub fn close_idle_connections(&self, now_ms: u64) {
         let idle_ms = self.cfg.idle_timeout_ms;
         for c in self.conns.borrow().entries.iter().flatten() {
-            if now_ms.saturating_sub(c.active_ms.get()) > idle_ms {
+            let deadline = c.deadline_ms.get();
+            let late = deadline != 0 && now_ms > deadline;
+            if late {
+                self.m().request_timeout(c.in_body.get());
+                c.deadline_ms.set(0);
+            }
+            if late || now_ms.saturating_sub(c.active_ms.get()) > idle_ms {
                 // SAFETY: as above; the task sees end-of-stream and ends.
                 unsafe { libc::shutdown(c.fd, libc::SHUT_RDWR) };
             }
         }
     }
 
+    /// Counts a new connection from `ip` unless the address already holds
+    /// `connections_per_address_max` on this core (then `false`, nothing counted).
+    pub(crate) fn admit_address(&self, ip: IpAddr) -> bool {
+        let mut map = self.addr_conns.borrow_mut();
+        let n = map.entry(ip).or_insert(0);
+        if *n as usize >= self.cfg.connections_per_address_max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// Gives back a connection counted by [`Shard::admit_address`].
+    pub(crate) fn release_address(&self, ip: IpAddr) {
+        let mut map = self.addr_conns.borrow_mut();
+        if let Some(n) = map.get_mut(&ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
+
+    /// Takes `bytes` more of the core's in-flight body budget, or refuses (`false`).
+    pub(crate) fn reserve_body_bytes(&self, bytes: usize) -> bool {
+        let now = self.inflight_body_bytes.get();
+        if now + bytes > self.cfg.inflight_body_bytes_max {
+            return false;
+        }
+        self.inflight_body_bytes.set(now + bytes);
+        true
+    }
+
+    pub(crate) fn release_body_bytes(&self, bytes: usize) {
+        let now = self.inflight_body_bytes.get();
+        self.inflight_body_bytes.set(now.saturating_sub(bytes));
+    }
+
     /// Refreshes this core's gauges in its metrics block. The box-wide tables are
     /// reported by core 0 only, so sums over cores stay right.
     pub fn refresh_gauges(&self) {
+        self.m()
+            .set_inflight_body_bytes(self.inflight_body_bytes.get() as u64);
         let st = self.log.stats();
         self.m().set_log(
             self.log.pending_bytes() as u64,
