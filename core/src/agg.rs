@@ -231,6 +231,11 @@ pub struct AggConfig {
     pub keys_max: usize,
     /// The window counted; coarser windows are rolled up by the store.
     pub window: Window,
+    /// Keys the table's slot hash (0: the fixed, unkeyed hash). The dataplane uses
+    /// [`crate::hash::box_secret`]: campaign ids and dimension values come from clients,
+    /// and with a known hash a client could aim keys at one probe chain. Deltas list keys
+    /// in insertion order, so nothing a delta holds depends on it.
+    pub hash_key: u64,
 }
 
 impl Default for AggConfig {
@@ -238,6 +243,7 @@ impl Default for AggConfig {
         AggConfig {
             keys_max: 200_000,
             window: Window::M5,
+            hash_key: 0,
         }
     }
 }
@@ -330,18 +336,17 @@ impl Slot {
 }
 
 /// The slot hash of a key: `base` is [`key_hash_base`] of its campaign and bucket.
-/// A fixed function, not seeded: the table's order, and so the delta's, is the same on
-/// every run. Campaign ids come from the network, so a client can aim keys at one
-/// probe chain; the chain is bounded by `keys_max` (as it was with the std map under the
-/// same fixed hash), and ingest is limited to trusted clients.
+/// Keyed by `AggConfig::hash_key` (mixed in before the campaign id and again before the
+/// dimension), so where a key lands is unknown to the client that chose it. The delta
+/// walks keys in insertion order: its content and order do not depend on the key.
 #[inline]
 fn key_hash(base: u64, kind: u8, value: u64) -> u64 {
     mix64(base ^ value.wrapping_mul(0xc2b2_ae3d_27d4_eb4f) ^ kind as u64)
 }
 
 #[inline]
-fn key_hash_base(campaign_id: u64, bucket_start: u64) -> u64 {
-    mix64(campaign_id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ bucket_start)
+fn key_hash_base(hash_key: u64, campaign_id: u64, bucket_start: u64) -> u64 {
+    mix64(mix64(campaign_id.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ hash_key) ^ bucket_start)
 }
 
 /// A hint that `p` is about to be read; never faults, whatever `p` is.
@@ -457,7 +462,7 @@ impl Aggregator {
             Dim::Publisher(click.publisher_id),
         ]
         .map(Dim::to_parts);
-        let base = key_hash_base(click.campaign_id, bucket_start);
+        let base = key_hash_base(self.cfg.hash_key, click.campaign_id, bucket_start);
         let hashes = dims.map(|(kind, value)| key_hash(base, kind, value));
         // The five keys are independent: start all five (likely cold) lines loading
         // before waiting on the first, and hash the user meanwhile.
@@ -617,7 +622,7 @@ impl Aggregator {
         for at in &mut self.order {
             let s = &old[*at as usize];
             let h = key_hash(
-                key_hash_base(s.campaign_id, s.bucket_start),
+                key_hash_base(self.cfg.hash_key, s.campaign_id, s.bucket_start),
                 s.kind,
                 s.value,
             );
@@ -760,6 +765,40 @@ mod tests {
         );
     }
 
+    /// Campaign ids aimed at one slot of the unkeyed table land all over a keyed one, and
+    /// the key changes nothing in the deltas (content and order).
+    #[test]
+    fn a_keyed_table_spreads_aimed_keys_and_deltas_do_not_change() {
+        let mask = (TABLE_SLOTS_MIN - 1) as u64;
+        let slot = |key: u64, c: u64| key_hash(key_hash_base(key, c, T0), Dim::KIND_ALL, 0) & mask;
+        let target = slot(0, 1);
+        let aimed: Vec<u64> = (1..).filter(|&c| slot(0, c) == target).take(64).collect();
+        let key = 0x5eed_1234_abcd_ef01;
+        let mut spread: Vec<u64> = aimed.iter().map(|&c| slot(key, c)).collect();
+        spread.sort_unstable();
+        spread.dedup();
+        assert!(spread.len() > 48, "{} distinct slots of 64", spread.len());
+
+        let mut plain = Aggregator::new(AggConfig::default());
+        let mut keyed = Aggregator::new(AggConfig {
+            hash_key: key,
+            ..AggConfig::default()
+        });
+        for (i, &c) in aimed.iter().enumerate() {
+            let u = format!("u{i}");
+            let k = click(c, T0 + i as u64, i as u64 % 3, b"US", Device::Mobile, &u, 5);
+            plain.add(&k, true, false);
+            keyed.add(&k, true, false);
+        }
+        let (a, b) = (plain.drain_delta(), keyed.drain_delta());
+        assert_eq!(a.entries.len(), b.entries.len());
+        for (x, y) in a.entries.iter().zip(&b.entries) {
+            assert_eq!(x.key, y.key);
+            assert_eq!(x.counters, y.counters);
+            assert_eq!(x.users.estimate(), y.users.estimate());
+        }
+    }
+
     #[test]
     fn known_clicks_give_exact_numbers() {
         let mut a = Aggregator::new(AggConfig::default());
@@ -809,6 +848,7 @@ mod tests {
         let mut a = Aggregator::new(AggConfig {
             keys_max: 7,
             window: Window::M5,
+            hash_key: 0,
         });
         a.add(
             &click(1, T0, 10, b"US", Device::Mobile, "u", 1),
@@ -914,6 +954,7 @@ mod tests {
             let mut a = Aggregator::new(AggConfig {
                 keys_max,
                 window: Window::M5,
+                hash_key: mix64(keys_max as u64),
             });
             let mut overflow = 0u64;
             let mut x = 7u64;

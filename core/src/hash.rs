@@ -1,5 +1,7 @@
 //! Hashes that pick owners and feed sketches. Fixed functions (no per-process seed), so
-//! every core, every box and every replay computes the same value for the same key.
+//! every core, every box and every replay computes the same value for the same key —
+//! except where a table's layout is all a hash decides and its keys come from clients
+//! ([`box_secret`]).
 
 use crate::EventId;
 
@@ -34,6 +36,22 @@ impl std::hash::Hasher for IdHasher {
     fn write_u64(&mut self, v: u64) {
         self.0 = mix64(self.0) ^ v;
     }
+}
+
+/// A secret drawn once per process from the operating system's randomness (through std's
+/// `RandomState`). The dataplane keys the tables whose keys clients choose with it (the
+/// pre-aggregation table, the per-address and per-IP tables), so a client cannot aim keys
+/// at one probe chain or one set: it would need the secret. Nothing that must be the same
+/// on every run uses it — the tables' outputs do not depend on their layout.
+pub fn box_secret() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    static SECRET: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *SECRET.get_or_init(|| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(0x636c_6963_6b67_6174);
+        // Never 0: 0 is the unkeyed (fixed) layout.
+        h.finish() | 1
+    })
 }
 
 /// `BuildHasher` of [`IdHasher`], for `HashMap<K, V, IdBuildHasher>`.

@@ -104,9 +104,18 @@ pub struct RateLimiter {
     ways: usize,
     sets: Box<[SpinCell<Set>]>,
     tracked: AtomicUsize,
+    /// Keys the set an address maps to (0: fixed); see [`crate::hash::box_secret`].
+    key: u64,
 }
 
 impl RateLimiter {
+    /// The same limiter with its sets keyed by `key`, so no client can tell which
+    /// addresses share a set (and evict each other).
+    pub fn keyed(mut self, key: u64) -> Self {
+        self.key = key;
+        self
+    }
+
     /// `events_per_sec` and `addresses_max` below 1 are taken as 1: a limiter that
     /// refuses everyone forever or tracks no one is never what a setting meant.
     pub fn new(events_per_sec: u32, addresses_max: usize) -> Self {
@@ -118,6 +127,7 @@ impl RateLimiter {
             ways,
             sets: (0..sets).map(|_| SpinCell::new(Set::default())).collect(),
             tracked: AtomicUsize::new(0),
+            key: 0,
         }
     }
 
@@ -136,7 +146,7 @@ impl RateLimiter {
         let rate = self.rate.load(Ordering::Relaxed);
         let capacity_milli = rate * MILLI;
         let key = key_of(addr);
-        let h = mix64(key[0] ^ mix64(key[1]));
+        let h = mix64(key[0] ^ mix64(key[1] ^ self.key));
         let set = ((h as u128 * self.sets.len() as u128) >> 64) as usize;
         let ways = self.ways;
         self.sets[set].with(|set| {

@@ -16,6 +16,7 @@ use glommio::net::TcpListener;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
 use clickgate_core::agg::{AggConfig, Aggregator};
+use clickgate_core::hash::box_secret;
 use clickgate_proto::control_files::{self, RuntimeOverrides};
 
 use crate::config::{AckMode, DataplaneConfig};
@@ -277,8 +278,10 @@ fn box_state(cfg: &DataplaneConfig, overrides: &RuntimeOverrides) -> BoxState {
             cfg.dedup_fp_rate,
             wall_ms(),
         ),
-        ip_rate: IpRate::new(cfg.fraud_ip_rate_addresses_max),
-        limiter: RateLimiter::new(hot.rate_limit_events_per_sec, cfg.rate_limit_addresses_max),
+        // Tables keyed by clients' values are laid out by a per-process secret.
+        ip_rate: IpRate::new(cfg.fraud_ip_rate_addresses_max).keyed(box_secret()),
+        limiter: RateLimiter::new(hot.rate_limit_events_per_sec, cfg.rate_limit_addresses_max)
+            .keyed(box_secret()),
     }
 }
 
@@ -340,6 +343,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
     let start_lsn = log.append_lsn();
     let agg = Rc::new(RefCell::new(Aggregator::new(AggConfig {
         keys_max: cfg.agg_keys_max,
+        hash_key: box_secret(),
         ..AggConfig::default()
     })));
     // The first delta then covers up to where this run starts, so it ships even with no

@@ -45,9 +45,19 @@ pub struct IpRate {
     sets: Box<[SpinCell<RateSet>]>,
     tracked: AtomicUsize,
     evictions: AtomicU64,
+    /// Keys the set an address maps to (0: fixed); see [`crate::hash::box_secret`].
+    /// Addresses here come from the events' `ip` field, which clients write: with a known
+    /// set mapping, one could evict its own counter by clicking as addresses of its set.
+    hash_key: u64,
 }
 
 impl IpRate {
+    /// The same table with its sets keyed by `key`.
+    pub fn keyed(mut self, key: u64) -> Self {
+        self.hash_key = key;
+        self
+    }
+
     /// A table of `addresses_max` addresses (rounded down to whole sets, at least 1).
     pub fn new(addresses_max: usize) -> IpRate {
         let addresses_max = addresses_max.max(1);
@@ -60,6 +70,7 @@ impl IpRate {
                 .collect(),
             tracked: AtomicUsize::new(0),
             evictions: AtomicU64::new(0),
+            hash_key: 0,
         }
     }
 
@@ -68,7 +79,7 @@ impl IpRate {
     pub fn hit(&self, ip: IpAddr, ts_ms: u64) -> u32 {
         let key = canonical(ip);
         let minute = ts_ms / 60_000;
-        let h = mix64(key as u64 ^ mix64((key >> 64) as u64));
+        let h = mix64(key as u64 ^ mix64((key >> 64) as u64 ^ self.hash_key));
         let set = ((h as u128 * self.sets.len() as u128) >> 64) as usize;
         let nways = self.ways;
         self.sets[set].with(|set| {
