@@ -23,8 +23,15 @@
 //! - Opening scans the newest segment (std::fs, at start-up), truncates any torn tail left
 //!   by a crash (logged and counted), and continues appending after the last whole frame.
 //!
-//! An I/O error stops the log for good: every later `append_with` is refused (`LogFull`,
-//! so the caller answers 503) and every `durable` call fails.
+//! A transient I/O error — disk or quota full, out of descriptors, a short write — stalls
+//! the log: the commit task keeps the records it took and retries the same writes (the
+//! same blocks at the same offsets, from the run it stopped at) with a backoff of
+//! `STALL_BACKOFF_MIN`..`STALL_BACKOFF_MAX`, while `append_with` is refused and `durable`
+//! fails at once (the caller answers 503, `/readyz` is not ready). The first success clears
+//! the stall: the box recovers by itself when space or descriptors return, and nothing it
+//! acknowledged is lost (records of requests answered 503 may still be written; a client
+//! retry of them is then a logged duplicate). Any other I/O error stops the log for good:
+//! every later `append_with` is refused and every `durable` call fails.
 
 use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
@@ -51,6 +58,12 @@ const RETENTION_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Waiters and rotations preallocated, so steady state does not grow them.
 const WAITERS_INITIAL: usize = 4096;
 const RUNS_INITIAL: usize = 16;
+/// Backoff between retries of a stalled commit (doubling).
+const STALL_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const STALL_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// A log that is closing stops retrying a stalled write after this long (the error is
+/// then final; what it held was answered 503, or with `ack = memory` was never promised).
+const STALL_CLOSING_MAX: Duration = Duration::from_secs(5);
 /// A segment holds at least its header and one block of frames.
 const SEGMENT_BYTES_MIN: u64 = HEADER_BYTES + BLOCK_BYTES as u64;
 
@@ -129,6 +142,10 @@ pub struct LogStats {
     pub append_lsn: u64,
     pub durable_lsn: u64,
     pub failed: bool,
+    /// A transient write error is being retried (appends refused meanwhile).
+    pub stalled: bool,
+    /// Commits that hit a transient error and were retried until they succeeded.
+    pub stalls: u64,
 }
 
 /// A stretch of the fill buffer that goes to one segment from a block-aligned offset.
@@ -192,6 +209,8 @@ struct Inner {
     committer: Option<Waker>,
     waiters: BinaryHeap<Reverse<Waiter>>,
     failed: Option<(io::ErrorKind, String)>,
+    /// A transient error the commit task is retrying (see the module docs).
+    stalled: Option<String>,
     closing: bool,
     stopped: bool,
     close_waiters: Vec<Waker>,
@@ -203,6 +222,11 @@ struct Inner {
 
 impl Inner {
     fn failure(&self) -> Option<io::Error> {
+        if let Some(m) = &self.stalled {
+            return Some(io::Error::other(format!(
+                "local log not writable (retrying): {m}"
+            )));
+        }
         self.failed
             .as_ref()
             .map(|(k, m)| io::Error::new(*k, format!("local log failed: {m}")))
@@ -210,7 +234,11 @@ impl Inner {
 
     fn wake_durable(&mut self) {
         while let Some(Reverse(w)) = self.waiters.peek() {
-            if w.lsn > self.durable_lsn && self.failed.is_none() && !self.stopped {
+            if w.lsn > self.durable_lsn
+                && self.failed.is_none()
+                && self.stalled.is_none()
+                && !self.stopped
+            {
                 break;
             }
             let Reverse(w) = self.waiters.pop().expect("peeked");
@@ -326,6 +354,7 @@ impl CoreLog {
             committer: None,
             waiters: BinaryHeap::with_capacity(WAITERS_INITIAL),
             failed: None,
+            stalled: None,
             closing: false,
             stopped: false,
             close_waiters: Vec::new(),
@@ -363,6 +392,7 @@ impl CoreLog {
         let i = &mut *guard;
         let frame = FRAME_HEADER_BYTES + len;
         if i.failed.is_some()
+            || i.stalled.is_some()
             || i.closing
             || i.held_by_consumers
             || i.append_lsn + frame as u64 - i.written_lsn > i.cfg.buffer_bytes_max as u64
@@ -398,15 +428,15 @@ impl CoreLog {
     }
 
     /// Resolves when every record up to `lsn` is written and fdatasync'd. Fails if the log
-    /// hit an I/O error (and so does every later call).
+    /// failed (and so does every later call) or is stalled (until it recovers).
     pub async fn durable(&self, lsn: u64) -> io::Result<()> {
         poll_fn(|cx| {
             let mut i = self.inner.borrow_mut();
-            if let Some(e) = i.failure() {
-                return Poll::Ready(Err(e));
-            }
             if i.durable_lsn >= lsn {
                 return Poll::Ready(Ok(()));
+            }
+            if let Some(e) = i.failure() {
+                return Poll::Ready(Err(e));
             }
             if i.stopped {
                 return Poll::Ready(Err(io::Error::other(format!(
@@ -429,6 +459,7 @@ impl CoreLog {
     pub fn can_append(&self, bytes: usize) -> bool {
         let i = self.inner.borrow();
         i.failed.is_none()
+            && i.stalled.is_none()
             && !i.closing
             && !i.held_by_consumers
             && i.append_lsn + bytes as u64 - i.written_lsn <= i.cfg.buffer_bytes_max as u64
@@ -445,9 +476,11 @@ impl CoreLog {
         self.inner.borrow().append_lsn
     }
 
-    /// True once an I/O error stopped the log (for /readyz).
+    /// True once an I/O error stopped the log, or while a transient one is retried (for
+    /// /readyz and the 503 reason).
     pub fn failed(&self) -> bool {
-        self.inner.borrow().failed.is_some()
+        let i = self.inner.borrow();
+        i.failed.is_some() || i.stalled.is_some()
     }
 
     pub fn stats(&self) -> LogStats {
@@ -456,6 +489,7 @@ impl CoreLog {
             append_lsn: i.append_lsn,
             durable_lsn: i.durable_lsn,
             failed: i.failed.is_some(),
+            stalled: i.stalled.is_some(),
             ..i.stats
         }
     }
@@ -575,7 +609,20 @@ impl Committer {
     /// fdatasyncs what is written: everything written is durable.
     async fn sync(&mut self) -> io::Result<()> {
         let t = Instant::now();
-        self.active.fdatasync().await?;
+        let mut backoff = STALL_BACKOFF_MIN;
+        loop {
+            match self.active.fdatasync().await.map_err(io::Error::from) {
+                Err(e) if is_transient(&e) && !self.give_up(t) => {
+                    self.stall(&e, backoff).await;
+                    backoff = (backoff * 2).min(STALL_BACKOFF_MAX);
+                }
+                r => {
+                    self.unstall();
+                    r?;
+                    break;
+                }
+            }
+        }
         self.last_sync = Instant::now();
         let mut i = self.inner.borrow_mut();
         i.durable_lsn = i.written_lsn;
@@ -583,6 +630,35 @@ impl Committer {
         i.stats.fsync_nanos_sum += t.elapsed().as_nanos() as u64;
         i.wake_durable();
         Ok(())
+    }
+
+    /// Marks the log stalled on `e` (appends refused, waiters failed: 503 and not ready),
+    /// lets retention free what it may, and waits `backoff` before the caller retries.
+    async fn stall(&mut self, e: &io::Error, backoff: Duration) {
+        {
+            let mut i = self.inner.borrow_mut();
+            if i.stalled.is_none() {
+                tracing::error!(core = self.core, dir = %self.dir.display(), error = %e,
+                    "local log: write failed; refusing appends and retrying until it succeeds");
+                i.stats.stalls += 1;
+            }
+            i.stalled = Some(e.to_string());
+            i.wake_durable();
+        }
+        self.enforce_retention(false).await;
+        glommio::timer::sleep(backoff).await;
+    }
+
+    /// A closing log retrying since `started` for longer than `STALL_CLOSING_MAX`.
+    fn give_up(&self, started: Instant) -> bool {
+        self.inner.borrow().closing && started.elapsed() > STALL_CLOSING_MAX
+    }
+
+    fn unstall(&mut self) {
+        let mut i = self.inner.borrow_mut();
+        if i.stalled.take().is_some() {
+            tracing::warn!(core = self.core, dir = %self.dir.display(), "local log: writable again");
+        }
     }
 
     /// Until there is something to write, the log is closing, or a retention check is due.
@@ -618,7 +694,20 @@ impl Committer {
         let sync = self.cfg.sync_interval_ms == 0
             || self.last_sync.elapsed() >= Duration::from_millis(self.cfg.sync_interval_ms)
             || self.inner.borrow().closing;
-        let result = self.write_group(&taken, sync).await;
+        // Runs already written whole (a retry resumes after them).
+        let mut done_runs = 0;
+        let mut backoff = STALL_BACKOFF_MIN;
+        let started = Instant::now();
+        let result = loop {
+            match self.write_group(&taken, sync, &mut done_runs).await {
+                Err(e) if is_transient(&e) && !self.give_up(started) => {
+                    self.stall(&e, backoff).await;
+                    backoff = (backoff * 2).min(STALL_BACKOFF_MAX);
+                }
+                r => break r,
+            }
+        };
+        self.unstall();
         let mut i = self.inner.borrow_mut();
         i.spare = Some(taken);
         let (write_nanos, fsync_nanos) = result?;
@@ -666,9 +755,16 @@ impl Committer {
 
     /// Writes every run of `fill` (rotating segments between runs), then fdatasyncs the
     /// active segment. Returns the write and fdatasync times in nanoseconds.
-    async fn write_group(&mut self, fill: &Fill, sync: bool) -> io::Result<(u64, u64)> {
+    /// Runs before `*done_runs` are skipped (written by an earlier try); it is advanced
+    /// past each run written whole, so a retry after an error resumes where it stopped.
+    async fn write_group(
+        &mut self,
+        fill: &Fill,
+        sync: bool,
+        done_runs: &mut usize,
+    ) -> io::Result<(u64, u64)> {
         let t = Instant::now();
-        for (k, run) in fill.runs.iter().enumerate() {
+        for (k, run) in fill.runs.iter().enumerate().skip(*done_runs) {
             let end = fill.runs.get(k + 1).map_or(fill.bytes.len(), |r| r.start);
             if run.seg_base != self.active_base {
                 self.rotate(run.seg_base).await?;
@@ -678,6 +774,7 @@ impl Committer {
                     .await?;
                 self.active_end = run.file_off + (end - run.start) as u64;
             }
+            *done_runs = k + 1;
         }
         let write_nanos = t.elapsed().as_nanos() as u64;
         if !sync {
@@ -845,6 +942,34 @@ impl Committer {
         let bytes = self.disk_bytes();
         self.inner.borrow_mut().stats.bytes_on_disk = bytes;
     }
+}
+
+/// Errors the box recovers from by itself once space or descriptors return: the log
+/// stalls and retries them. Glommio keeps the error kind but not the OS code, so
+/// descriptor exhaustion (no kind of its own) is recognised in the message too.
+fn is_transient(e: &io::Error) -> bool {
+    use io::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::StorageFull | K::QuotaExceeded | K::WriteZero | K::OutOfMemory | K::Interrupted
+    ) {
+        return true;
+    }
+    if let Some(code) = e.raw_os_error() {
+        return [
+            libc::ENOSPC,
+            libc::EDQUOT,
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOMEM,
+            libc::EAGAIN,
+        ]
+        .contains(&code);
+    }
+    let text = e.to_string();
+    [libc::EMFILE, libc::ENFILE, libc::ENOSPC, libc::EDQUOT]
+        .iter()
+        .any(|c| text.contains(&format!("(os error {c})")))
 }
 
 /// Creates segment `base` durably: `*.tmp`, header, fdatasync, rename, directory fsync.

@@ -92,6 +92,7 @@ impl Dataplane {
             cfg.cores.clone()
         };
         let n = cpus.len();
+        check_log_space(&cfg, n);
         if cfg.sink.is_some() && n > crate::sink::SINK_CORES_MAX {
             bail!(
                 "{n} cores, but the Kafka sink tracks at most {}: set --cores",
@@ -469,6 +470,57 @@ fn ship_config(cfg: &DataplaneConfig) -> ShipConfig {
         box_id: cfg.box_id,
         ..ShipConfig::new(cfg.control_socket_path())
     }
+}
+
+/// Warns when the log's retention cannot fit on its file system: the disk would fill
+/// before retention deletes anything (the log then stalls — 503 and not ready — until
+/// space returns; see `crate::log`).
+fn check_log_space(cfg: &DataplaneConfig, cores: usize) {
+    let dir = cfg.data_dir.join("log");
+    let probe = if dir.exists() { &dir } else { &cfg.data_dir };
+    let Some((free, total)) = fs_space(probe) else {
+        return;
+    };
+    let on_disk = dir_bytes(&dir);
+    let wanted = cfg.log_retention_bytes.saturating_mul(cores as u64);
+    if cfg.log_retention_bytes == 0 || wanted > free + on_disk {
+        tracing::warn!(
+            dir = %dir.display(),
+            retention_bytes_per_core = cfg.log_retention_bytes,
+            cores,
+            free_bytes = free,
+            log_bytes = on_disk,
+            fs_bytes = total,
+            "local log: retention may not fit the free space; when the disk fills, ingest answers 503 and /readyz is not ready until space returns (lower log_retention_bytes or add space)"
+        );
+    }
+}
+
+/// (free bytes for unprivileged users, total bytes) of the file system holding `path`.
+fn fs_space(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: a valid NUL-terminated path and a zeroed out-struct for the call to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    let frsize = st.f_frsize as u64;
+    Some((st.f_bavail as u64 * frsize, st.f_blocks as u64 * frsize))
+}
+
+/// Bytes of the files under `dir` (two levels: the log's core directories).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(cores) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    cores
+        .flatten()
+        .filter_map(|c| std::fs::read_dir(c.path()).ok())
+        .flat_map(|files| files.flatten())
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, shared: &Shared) {

@@ -1,0 +1,185 @@
+//! Failing disks, against the real binary: the data directory on a small file system the
+//! test mounts (tmpfs; the test needs root and fails loudly without it). Filled to the
+//! last byte, ingest answers 503 and `/readyz` is not ready; once space returns the box
+//! takes clicks again without a restart, and every click it acknowledged is in its log.
+
+mod common;
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use clickgate_proto::record;
+use clickgate_proto::segment::{core_dirs, LogReader};
+use common::{event, uuid, Clickgate, Response};
+
+/// A tmpfs of `mib` MiB mounted on a fresh directory, unmounted on drop.
+struct SmallFs {
+    dir: PathBuf,
+    _parent: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn mount(mib: u64) -> SmallFs {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = parent.path().join("fs");
+        std::fs::create_dir(&dir).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "this test mounts a small tmpfs to fill it and needs root (CAP_SYS_ADMIN): mount said {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs {
+            dir,
+            _parent: parent,
+        }
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// Writes `path` until the file system is full; returns the bytes written.
+fn fill(path: &Path) -> u64 {
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0xa5u8; 64 << 10];
+    let mut written = 0u64;
+    loop {
+        match f.write(&chunk) {
+            Ok(0) => break,
+            Ok(n) => written += n as u64,
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+    // The last partial pages too, a byte at a time is too slow: 4 KiB then 1 byte.
+    for size in [4096usize, 512, 1] {
+        while f.write(&chunk[..size]).map(|n| n > 0).unwrap_or(false) {
+            written += size as u64;
+        }
+    }
+    let _ = f.sync_all();
+    written
+}
+
+fn batch(cg: &Clickgate, first: u64, n: u64) -> (Response, Vec<String>) {
+    let ids: Vec<String> = (first..first + n).map(uuid).collect();
+    let body: String = ids.iter().map(|id| event(id, 5, |_| {}) + "\n").collect();
+    (cg.request("POST", "/v1/clicks", &body), ids)
+}
+
+fn logged(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for (_core, d) in core_dirs(&dir.join("log")).expect("log dirs") {
+        let mut reader = LogReader::open(&d, 0).expect("open log");
+        while let Some((_lsn, bytes)) = reader.next().expect("read log") {
+            out.push(
+                record::decode(bytes)
+                    .expect("record")
+                    .click
+                    .event_id
+                    .to_string(),
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn a_full_disk_answers_503_and_recovers_without_restart() {
+    let fs = SmallFs::mount(24);
+    let data = fs.dir.join("data");
+    let mut cg = Clickgate::spawn(
+        "dataplane",
+        &data,
+        &[
+            "--cores",
+            "1",
+            "--ack",
+            "disk",
+            "--log-segment-bytes",
+            "1048576",
+            "--rate-limit-events-per-sec",
+            "10000000",
+        ],
+    );
+    let mut acked: Vec<String> = Vec::new();
+    let mut next = 1u64;
+    // Some clicks on a disk with room.
+    for _ in 0..3 {
+        let (r, ids) = batch(&cg, next, 200);
+        next += 200;
+        assert_eq!(r.status, 202, "{}", r.body);
+        acked.extend(ids);
+    }
+    let junk = fs.dir.join("junk");
+    let filled = fill(&junk);
+    assert!(filled > 0);
+    // Full: within a few segments' worth the log must stall; every 202 before is kept.
+    let mut refused = None;
+    for _ in 0..400 {
+        let (r, ids) = batch(&cg, next, 200);
+        next += 200;
+        match r.status {
+            202 => acked.extend(ids),
+            503 => {
+                refused = Some(r);
+                break;
+            }
+            s => panic!("unexpected {s}: {}", r.body),
+        }
+    }
+    let refused = refused.expect("a full disk never answered 503");
+    assert!(refused.body.contains("log"), "{}", refused.body);
+    let (r, _) = batch(&cg, next, 10);
+    next += 10;
+    assert_eq!(r.status, 503, "still full: {}", r.body);
+    let ready = cg.request("GET", "/readyz", "");
+    assert_eq!(ready.status, 503, "{}", ready.body);
+
+    // Space returns: the box takes clicks again by itself.
+    std::fs::remove_file(&junk).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (r, ids) = batch(&cg, next, 50);
+        next += 50;
+        if r.status == 202 {
+            acked.extend(ids);
+            break;
+        }
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert!(
+            Instant::now() < deadline,
+            "never recovered after space returned"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(cg.request("GET", "/readyz", "").status, 200);
+    for _ in 0..3 {
+        let (r, ids) = batch(&cg, next, 200);
+        next += 200;
+        assert_eq!(r.status, 202, "{}", r.body);
+        acked.extend(ids);
+    }
+    assert!(cg.sigterm_and_wait().success());
+
+    let logged: HashSet<String> = logged(&data).into_iter().collect();
+    let lost: Vec<&String> = acked.iter().filter(|id| !logged.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged clicks are not in the log (first: {:?})",
+        lost.len(),
+        acked.len(),
+        lost.first()
+    );
+}
