@@ -544,6 +544,81 @@ fn kill9_with_ack_kafka_keeps_every_202_once() {
     kill9_keeps_every_202("kafka");
 }
 
+/// Chaos: ten rounds of load from a second thread while the dataplane is killed with
+/// SIGKILL at a different moment of each round and restarted on the same data directory.
+/// Every event answered 202 in any round reaches the topic, and no event and no log record
+/// is there twice.
+fn kill9_in_a_loop_under_load(ack: &str) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let brokers = broker();
+    let topic = unique_topic(&format!("kill9_loop_{ack}"));
+    let mut cg = Clickgate::dataplane(&kafka_args(&brokers, &topic, ack));
+    let mut acked: HashSet<String> = HashSet::new();
+    for round in 0..10u64 {
+        let addr = cg.ingest;
+        let stop = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let loader = {
+            let stop = stop.clone();
+            let accepted = accepted.clone();
+            std::thread::spawn(move || {
+                let mut ok = Vec::new();
+                let mut n = round * 1_000_000;
+                while !stop.load(Ordering::Relaxed) {
+                    let ids: Vec<String> = (n..n + 20).map(uuid).collect();
+                    n += 20;
+                    let body: String = ids
+                        .iter()
+                        .map(|id| event(id, 1 + n % 13, |_| {}) + "\n")
+                        .collect();
+                    if let Some(r) = common::try_request(addr, "POST", "/v1/clicks", &body) {
+                        if r.status == 202 {
+                            assert_eq!(r.json()["accepted"], ids.len(), "{}", r.body);
+                            ok.extend(ids);
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+                ok
+            })
+        };
+        // Killed once traffic flows (the first 202 with ack=kafka waits for the producer's
+        // start), at a different moment of each round.
+        let deadline = Instant::now() + CATCH_UP;
+        while accepted.load(Ordering::Relaxed) == 0 {
+            assert!(Instant::now() < deadline, "round {round}: no 202 at all");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(50 + 37 * round));
+        cg.kill9();
+        stop.store(true, Ordering::Relaxed);
+        let ok = loader.join().expect("loader");
+        assert!(
+            !ok.is_empty(),
+            "round {round}: no event accepted before the kill"
+        );
+        acked.extend(ok);
+        cg.restart();
+    }
+    acked.extend(send_events(&cg, 50_000_000, 100));
+    let recs = wait_for_all(&brokers, &topic, &acked);
+    check_exactly_once(&recs, 4);
+    check_order(&recs);
+}
+
+#[test]
+fn chaos_kill9_loop_with_ack_disk_keeps_every_202_once() {
+    kill9_in_a_loop_under_load("disk");
+}
+
+#[test]
+fn chaos_kill9_loop_with_ack_kafka_keeps_every_202_once() {
+    kill9_in_a_loop_under_load("kafka");
+}
+
 /// The 5m buckets of campaigns 1..=13 over the last hour, as the query API answers them.
 fn campaign_buckets(cg: &Clickgate) -> Vec<serde_json::Value> {
     let to = now_ms() + 600_000;

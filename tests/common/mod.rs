@@ -288,6 +288,23 @@ impl Drop for Clickgate {
     }
 }
 
+/// One request on a fresh connection to `addr`; `None` when the connection fails or
+/// closes before a whole response (a killed server, say).
+pub fn try_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<Response> {
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).ok()?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .ok()?;
+    let mut c = Conn {
+        stream,
+        buf: Vec::new(),
+    };
+    c.stream
+        .write_all(&Conn::request_bytes(method, path, body))
+        .ok()?;
+    c.try_read_response()
+}
+
 /// `GET path` on `addr` with `Authorization: Bearer <key>` (none: no header).
 pub fn get_as(addr: SocketAddr, path_and_query: &str, key: Option<&str>) -> Response {
     let auth = key.map_or(String::new(), |k| format!("Authorization: Bearer {k}\r\n"));
