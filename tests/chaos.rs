@@ -183,3 +183,97 @@ fn a_full_disk_answers_503_and_recovers_without_restart() {
         lost.first()
     );
 }
+
+/// Clicks of campaigns 1..=`campaigns` in the 1d windows around now, as the query API
+/// answers them.
+fn queried_clicks(cp: &Clickgate, campaigns: u64) -> u64 {
+    let to = common::now_ms() + 600_000;
+    let from = to - 3 * 86_400_000;
+    (1..=campaigns)
+        .map(|c| {
+            let r = cp.query(&format!(
+                "/v1/campaigns/{c}/metrics?window=1d&from={from}&to={to}"
+            ));
+            assert_eq!(r.status, 200, "{}", r.body);
+            r.json()["buckets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b["clicks"].as_u64().unwrap())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
+/// The controlplane's store on a full file system: its WAL stalls (`/readyz` 503, deltas
+/// refused and kept by the dataplane), and once space returns it takes them again by
+/// itself; the counts it answers are exact.
+#[test]
+fn a_full_disk_under_the_store_stalls_its_wal_and_recovers_exactly() {
+    let fs = SmallFs::mount(16);
+    let cp_dir = fs.dir.join("cp");
+    let dp_dir = tempfile::tempdir().unwrap();
+    let socket = cp_dir.join("control.sock");
+    let socket_arg = socket.display().to_string();
+    let cp = Clickgate::spawn("controlplane", &cp_dir, &[]);
+    let dp = Clickgate::spawn(
+        "dataplane",
+        dp_dir.path(),
+        &[
+            "--cores",
+            "1",
+            "--control-socket",
+            &socket_arg,
+            "--rate-limit-events-per-sec",
+            "10000000",
+        ],
+    );
+    let campaigns = 400u64;
+    let next = std::cell::Cell::new(1u64);
+    // Every batch is acknowledged: the dataplane's log is on another disk.
+    let send = |n: u64| {
+        let first = next.get();
+        let body: String = (first..first + n)
+            .map(|i| event(&uuid(i), 1 + i % campaigns, |_| {}) + "\n")
+            .collect();
+        next.set(first + n);
+        let r = dp.request("POST", "/v1/clicks", &body);
+        assert_eq!(r.status, 202, "{}", r.body);
+    };
+    let acked = || next.get() - 1;
+    send(400);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while queried_clicks(&cp, campaigns) != acked() {
+        assert!(Instant::now() < deadline, "the store never caught up");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let junk = fs.dir.join("junk");
+    fill(&junk);
+    // Deltas of 400 campaigns each (tens of KB): the WAL cannot take one.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        send(400);
+        let r = cp.query("/readyz");
+        if r.status == 503 {
+            assert!(r.body.contains("store WAL"), "{}", r.body);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the store never stalled on a full disk"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    send(400);
+    std::fs::remove_file(&junk).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while queried_clicks(&cp, campaigns) != acked() || cp.query("/readyz").status != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the store never recovered: {} of {} clicks",
+            queried_clicks(&cp, campaigns),
+            acked()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

@@ -163,13 +163,21 @@ impl Durable {
         !self.pending.is_empty()
     }
 
-    /// Writes buffered frames and fdatasyncs: after this they survive a crash.
+    /// Writes buffered frames and fdatasyncs: after this they survive a crash. On an
+    /// error the WAL is cut back to its last committed length (no torn record in its
+    /// middle) and the frames stay buffered: the next `commit` tries them again.
     pub fn commit(&mut self) -> io::Result<()> {
         if self.pending.is_empty() {
             return Ok(());
         }
-        self.wal.write_all(&self.pending)?;
-        self.wal.sync_data()?;
+        let written = self
+            .wal
+            .write_all(&self.pending)
+            .and_then(|()| self.wal.sync_data());
+        if let Err(e) = written {
+            let _ = self.wal.set_len(self.wal_bytes);
+            return Err(e);
+        }
         self.wal_bytes += self.pending.len() as u64;
         self.pending.clear();
         Ok(())

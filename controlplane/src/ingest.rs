@@ -21,6 +21,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use clickgate_proto::frames::{access_delta, encode_ack, frame_len, Ack};
+use clickgate_proto::fsutil::is_transient;
 use rkyv::util::AlignedVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -102,6 +103,8 @@ pub(crate) fn writer_loop(
 ) {
     let mut last_snapshot = Instant::now();
     let mut failed = false;
+    // A transient WAL error is being retried (every loop turn: frames and ticks).
+    let mut stalled = false;
     let mut batch: Vec<Job> = Vec::with_capacity(cfg.group_commit_frames_max);
     let mut replies: Vec<(oneshot::Sender<Result<Ack, String>>, Ack)> = Vec::new();
     while let Some(job) = rx.blocking_recv() {
@@ -122,6 +125,11 @@ pub(crate) fn writer_loop(
                 match job {
                     Job::Frame { reply, .. } if failed => {
                         let _ = reply.send(Err("store writer failed".into()));
+                    }
+                    // Stalled: the frames of the failed commit wait in the WAL buffer; new
+                    // ones are refused (not applied) until it is written.
+                    Job::Frame { reply, .. } if stalled => {
+                        let _ = reply.send(Err("store WAL not writable (retrying)".into()));
                     }
                     Job::Frame {
                         body,
@@ -190,9 +198,28 @@ pub(crate) fn writer_loop(
         if let Some(o) = cfg.redis_outbox.as_mut() {
             o.commit(); // before the WAL: see redis_outbox
         }
+        // Answers of this round wait for their frames to be durable; a transient error
+        // answers them with an error too (the dataplane resends; a resent frame already
+        // applied is a duplicate, acknowledged once the WAL holds it).
+        let mut round_stalled = false;
         if !failed && durable.has_pending() {
             match durable.commit() {
-                Ok(()) => metrics.inc(&metrics.wal_commits),
+                Ok(()) => {
+                    metrics.inc(&metrics.wal_commits);
+                    if stalled {
+                        tracing::warn!("store WAL writable again");
+                        stalled = false;
+                        metrics.set_writer_stalled(false);
+                    }
+                }
+                Err(e) if is_transient(&e) => {
+                    if !stalled {
+                        tracing::error!(error = %e, "store WAL write failed; refusing deltas and retrying until it succeeds");
+                    }
+                    stalled = true;
+                    round_stalled = true;
+                    metrics.set_writer_stalled(true);
+                }
                 Err(e) => {
                     tracing::error!(error = %e, "store WAL write failed; refusing deltas until restart");
                     failed = true;
@@ -208,6 +235,8 @@ pub(crate) fn writer_loop(
         for (reply, ack) in replies.drain(..) {
             let _ = reply.send(if failed {
                 Err("store writer failed".into())
+            } else if round_stalled {
+                Err("store WAL not writable (retrying)".into())
             } else {
                 Ok(ack)
             });
@@ -217,7 +246,7 @@ pub(crate) fn writer_loop(
             .store(durable.wal_bytes(), Ordering::Relaxed);
         let due = last_snapshot.elapsed() >= cfg.snapshot_interval
             || durable.wal_bytes() >= cfg.snapshot_wal_bytes;
-        if !failed && (shutdown.is_some() || (tick && due && durable.wal_bytes() > 0)) {
+        if !failed && !stalled && (shutdown.is_some() || (tick && due && durable.wal_bytes() > 0)) {
             let s = store.read().unwrap_or_else(|e| e.into_inner());
             match durable.snapshot(&s) {
                 Ok(bytes) => {

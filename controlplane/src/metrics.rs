@@ -48,6 +48,8 @@ pub struct Metrics {
     /// runs them in this process: `(name, help, value)`.
     pub stage_lags: std::sync::Mutex<Vec<(&'static str, &'static str, std::sync::Arc<AtomicU64>)>>,
     writer_failed: AtomicBool,
+    /// The WAL met a transient error (disk full, descriptors) and is being retried.
+    writer_stalled: AtomicBool,
 }
 
 impl Metrics {
@@ -61,6 +63,14 @@ impl Metrics {
 
     pub fn writer_failed(&self) -> bool {
         self.writer_failed.load(Ordering::Relaxed)
+    }
+
+    pub fn set_writer_stalled(&self, stalled: bool) {
+        self.writer_stalled.store(stalled, Ordering::Relaxed);
+    }
+
+    pub fn writer_stalled(&self) -> bool {
+        self.writer_stalled.load(Ordering::Relaxed)
     }
 
     pub fn render(&self, store: &Store) -> String {
@@ -215,6 +225,12 @@ impl Metrics {
             "gauge",
             "1 when the store writer stopped on an I/O error.",
             self.writer_failed() as u64,
+        );
+        one(
+            "clickgate_store_writer_stalled",
+            "gauge",
+            "1 while the store WAL cannot be written (disk full, no descriptors) and is retried; deltas are refused meanwhile and resent by the dataplane.",
+            self.writer_stalled() as u64,
         );
         let _ = writeln!(
             out,

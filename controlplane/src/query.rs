@@ -396,9 +396,11 @@ async fn healthz(State(st): State<ApiState>) -> Response {
 /// taken yet fits the outbox; the body says which (docs/api.md's `/readyz`).
 async fn readyz(State(st): State<ApiState>) -> Response {
     let mut body = serde_json::json!({"status": "ready"});
-    let mut ready = !st.metrics.writer_failed();
-    if !ready {
+    let mut ready = !st.metrics.writer_failed() && !st.metrics.writer_stalled();
+    if st.metrics.writer_failed() {
         body["error"] = "store writer failed; see logs".into();
+    } else if st.metrics.writer_stalled() {
+        body["error"] = "store WAL not writable (disk full?); retrying".into();
     }
     if let Some(r) = &st.redis {
         ready &= r.ready();

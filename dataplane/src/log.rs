@@ -44,6 +44,7 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::{Duration, Instant, SystemTime};
 
+use clickgate_proto::fsutil::is_transient;
 use clickgate_proto::segment::{
     self, SegmentHeader, BLOCK_BYTES, FRAME_HEADER_BYTES, FRAME_PAYLOAD_MAX, HEADER_BYTES,
 };
@@ -942,34 +943,6 @@ impl Committer {
         let bytes = self.disk_bytes();
         self.inner.borrow_mut().stats.bytes_on_disk = bytes;
     }
-}
-
-/// Errors the box recovers from by itself once space or descriptors return: the log
-/// stalls and retries them. Glommio keeps the error kind but not the OS code, so
-/// descriptor exhaustion (no kind of its own) is recognised in the message too.
-fn is_transient(e: &io::Error) -> bool {
-    use io::ErrorKind as K;
-    if matches!(
-        e.kind(),
-        K::StorageFull | K::QuotaExceeded | K::WriteZero | K::OutOfMemory | K::Interrupted
-    ) {
-        return true;
-    }
-    if let Some(code) = e.raw_os_error() {
-        return [
-            libc::ENOSPC,
-            libc::EDQUOT,
-            libc::EMFILE,
-            libc::ENFILE,
-            libc::ENOMEM,
-            libc::EAGAIN,
-        ]
-        .contains(&code);
-    }
-    let text = e.to_string();
-    [libc::EMFILE, libc::ENFILE, libc::ENOSPC, libc::EDQUOT]
-        .iter()
-        .any(|c| text.contains(&format!("(os error {c})")))
 }
 
 /// Creates segment `base` durably: `*.tmp`, header, fdatasync, rename, directory fsync.

@@ -1,5 +1,6 @@
 //! Durable file replacement, shared by every crate that keeps small state files in the
-//! data directory (cursors, offsets, snapshots, rules, address files).
+//! data directory (cursors, offsets, snapshots, rules, address files), and the one
+//! judgement of which I/O errors pass by themselves ([`is_transient`]).
 
 use std::fs::File;
 use std::io::{self, Write};
@@ -50,5 +51,55 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, ["state"]);
+    }
+}
+
+/// Errors a box recovers from by itself once space or descriptors return — disk or quota
+/// full, descriptor tables full, memory short, a short write — so the writer that met
+/// one stalls and retries instead of stopping for good. Glommio keeps an error's kind but
+/// not its OS code, so descriptor exhaustion (no kind of its own) is recognised in the
+/// message too.
+pub fn is_transient(e: &io::Error) -> bool {
+    use io::ErrorKind as K;
+    if matches!(
+        e.kind(),
+        K::StorageFull | K::QuotaExceeded | K::WriteZero | K::OutOfMemory | K::Interrupted
+    ) {
+        return true;
+    }
+    const CODES: [i32; 6] = [
+        libc::ENOSPC,
+        libc::EDQUOT,
+        libc::EMFILE,
+        libc::ENFILE,
+        libc::ENOMEM,
+        libc::EAGAIN,
+    ];
+    if let Some(code) = e.raw_os_error() {
+        return CODES.contains(&code);
+    }
+    let text = e.to_string();
+    CODES
+        .iter()
+        .any(|c| text.contains(&format!("(os error {c})")))
+}
+
+#[cfg(test)]
+mod transient_tests {
+    use super::*;
+
+    #[test]
+    fn full_disks_and_descriptor_tables_pass_other_errors_do_not() {
+        for code in [libc::ENOSPC, libc::EDQUOT, libc::EMFILE, libc::ENFILE] {
+            let e = io::Error::from_raw_os_error(code);
+            assert!(is_transient(&e), "{e}");
+            // As glommio reports it: the kind kept, the code only in the message.
+            let wrapped = io::Error::new(e.kind(), format!("{e}, op: Writing path: x"));
+            assert!(is_transient(&wrapped), "{wrapped}");
+        }
+        for code in [libc::EIO, libc::EBADF, libc::EACCES, libc::EROFS] {
+            assert!(!is_transient(&io::Error::from_raw_os_error(code)));
+        }
+        assert!(!is_transient(&io::Error::other("checksum mismatch")));
     }
 }
