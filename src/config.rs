@@ -70,7 +70,7 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_QUERY_ADDR", global = true, help_heading = QUERY)]
     pub query_addr: Option<SocketAddr>,
 
-    /// Control API (gRPC) address; a non-loopback one with a token needs --control-insecure (the token would cross the network in clear) [default: 127.0.0.1:50051]
+    /// Control API (gRPC) address; a non-loopback one with a token needs TLS (--control-tls-cert, --control-tls-key) or --control-insecure (the token would cross the network in clear) [default: 127.0.0.1:50051]
     #[arg(long, env = "CLICKGATE_CONTROL_ADDR", global = true, help_heading = CONTROL)]
     pub control_addr: Option<SocketAddr>,
 
@@ -201,6 +201,14 @@ pub struct Settings {
         default_missing_value = "true"
     )]
     pub control_insecure: Option<bool>,
+
+    /// TLS certificate chain (PEM) of the control API; with control_tls_key the API speaks gRPC over TLS only, and a token may then be used on a non-loopback address [default: none]
+    #[arg(long, env = "CLICKGATE_CONTROL_TLS_CERT", global = true, help_heading = CONTROL)]
+    pub control_tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) of control_tls_cert [default: none]
+    #[arg(long, env = "CLICKGATE_CONTROL_TLS_KEY", global = true, help_heading = CONTROL)]
+    pub control_tls_key: Option<PathBuf>,
 
     /// Failed control-token attempts per client address per minute before it is refused for the rest of the minute (1..=1000000) [default: 10]
     #[arg(long, env = "CLICKGATE_CONTROL_AUTH_FAILURES_PER_MINUTE_MAX", global = true, help_heading = CONTROL)]
@@ -521,6 +529,8 @@ impl Settings {
                 query_auth_failures_per_minute_max,
                 query_auth_addresses_max,
                 control_insecure,
+                control_tls_cert,
+                control_tls_key,
                 control_auth_failures_per_minute_max,
                 control_requests_concurrent_max,
                 control_request_timeout_ms,
@@ -667,12 +677,21 @@ impl Settings {
 
     pub fn controlplane(&self) -> anyhow::Result<ControlplaneConfig> {
         let d = ControlplaneConfig::default();
+        match (&self.control_tls_cert, &self.control_tls_key) {
+            (Some(_), None) => anyhow::bail!("control_tls_cert is set without control_tls_key"),
+            (None, Some(_)) => anyhow::bail!("control_tls_key is set without control_tls_cert"),
+            _ => {}
+        }
         let cfg = ControlplaneConfig {
             data_dir: self.data_dir(),
             query_addr: self.query_addr.unwrap_or(d.query_addr),
             control_addr: self.control_addr.unwrap_or(d.control_addr),
             control_token: self.control_token.clone().filter(|t| !t.is_empty()),
             control_insecure: self.control_insecure.unwrap_or(d.control_insecure),
+            control_tls: match (&self.control_tls_cert, &self.control_tls_key) {
+                (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+                _ => None,
+            },
             control_auth_failures_per_minute_max: self
                 .control_auth_failures_per_minute_max
                 .unwrap_or(d.control_auth_failures_per_minute_max),
@@ -979,7 +998,8 @@ mod tests {
                 .collect();
             // Defaults that are not a value: what they stand for, or nothing to write.
             let literal = match (id, default) {
-                ("box_id", "generated") | ("api_keys_file", "none") => continue,
+                ("box_id", "generated")
+                | ("api_keys_file" | "control_tls_cert" | "control_tls_key", "none") => continue,
                 ("control_socket", "<data dir>/control.sock") => {
                     // Kept unresolved in the configs: check where both planes put it.
                     let s = Settings {

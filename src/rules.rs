@@ -28,6 +28,11 @@ pub struct RulesArgs {
     #[arg(long, env = "CLICKGATE_CONTROL_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
 
+    /// Certificate authority (PEM) to trust for an https:// control URL (the server's
+    /// control_tls_cert, or the CA that signed it)
+    #[arg(long, env = "CLICKGATE_CONTROL_CA")]
+    pub ca: Option<PathBuf>,
+
     #[command(subcommand)]
     pub action: RulesAction,
 }
@@ -89,7 +94,7 @@ pub fn run(args: &RulesArgs) -> Result<String, RulesError> {
         match &args.action {
             RulesAction::Apply { file } => {
                 let text = read_rules_file(file)?;
-                let mut client = connect(&args.url).await?;
+                let mut client = connect(&args.url, args.ca.as_deref()).await?;
                 let r = client
                     .apply_rules(request(
                         ApplyRulesRequest { rules_json: text },
@@ -105,7 +110,7 @@ pub fn run(args: &RulesArgs) -> Result<String, RulesError> {
                 ))
             }
             RulesAction::List => {
-                let mut client = connect(&args.url).await?;
+                let mut client = connect(&args.url, args.ca.as_deref()).await?;
                 let r: RuleSetReply = client
                     .list_rules(request(ListRulesRequest {}, args.token.as_deref())?)
                     .await
@@ -138,11 +143,29 @@ pub fn read_rules_file(file: &Path) -> Result<String, RulesError> {
     Ok(text)
 }
 
-async fn connect(url: &str) -> Result<ControlClient<Channel>, RulesError> {
-    let endpoint = Endpoint::from_shared(url.to_string())
+async fn connect(url: &str, ca: Option<&Path>) -> Result<ControlClient<Channel>, RulesError> {
+    let mut endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|e| RulesError::BadInput(format!("bad control API url {url:?}: {e}")))?
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT);
+    if url.starts_with("https://") {
+        let Some(ca) = ca else {
+            return Err(RulesError::BadInput(format!(
+                "{url} is https: pass --ca FILE, the certificate authority (PEM) to trust"
+            )));
+        };
+        let pem = std::fs::read(ca)
+            .map_err(|e| RulesError::BadInput(format!("cannot read --ca {}: {e}", ca.display())))?;
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        endpoint = endpoint
+            .tls_config(tls)
+            .map_err(|e| RulesError::BadInput(format!("TLS for {url}: {e}")))?;
+    } else if ca.is_some() {
+        return Err(RulesError::BadInput(format!(
+            "--ca given but {url} is not https://"
+        )));
+    }
     let channel = endpoint.connect().await.map_err(|e| {
         RulesError::Unreachable(format!(
             "cannot reach the control API at {url}: {}",

@@ -278,3 +278,81 @@ fn the_open_files_limit_is_raised_at_start() {
     let _ = child.wait();
     assert_eq!(soft_hard[0], soft_hard[1], "soft = hard");
 }
+
+/// A self-signed certificate for `localhost` and its key, as PEM files in `dir`.
+fn localhost_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
+fn rules_list(url: &str, ca: Option<&std::path::Path>, token: &str) -> std::process::Output {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["rules", "--url", url, "--token", token]);
+    if let Some(ca) = ca {
+        cmd.arg("--ca").arg(ca);
+    }
+    cmd.arg("list")
+        .env_remove("CLICKGATE_CONTROL_TOKEN")
+        .env_remove("CLICKGATE_CONTROL_URL")
+        .env_remove("CLICKGATE_CONTROL_CA")
+        .output()
+        .unwrap()
+}
+
+/// With a certificate, the control API speaks TLS only, and a token may be used on a
+/// non-loopback address without `--control-insecure`; `clickgate rules` reaches it over
+/// https with the CA it trusts, and a plaintext client gets nowhere.
+#[test]
+fn the_control_api_speaks_tls_with_a_certificate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = localhost_cert(tmp.path());
+    let token = "a-long-enough-control-token";
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let cg = Clickgate::run(&[
+        "--control-addr",
+        "0.0.0.0:0",
+        "--control-token",
+        token,
+        "--control-tls-cert",
+        &cert_s,
+        "--control-tls-key",
+        &key_s,
+    ]);
+    let port = cg.control.unwrap().port();
+    let ok = rules_list(&format!("https://localhost:{port}"), Some(&cert), token);
+    assert!(ok.status.success(), "{ok:?}");
+    assert!(
+        String::from_utf8_lossy(&ok.stdout).contains("rules"),
+        "{ok:?}"
+    );
+    let plain = rules_list(&format!("http://localhost:{port}"), None, token);
+    assert!(!plain.status.success(), "plaintext accepted: {plain:?}");
+    // https without a CA to trust is refused by the client before it connects.
+    let no_ca = rules_list(&format!("https://localhost:{port}"), None, token);
+    assert_eq!(no_ca.status.code(), Some(2), "{no_ca:?}");
+    assert!(String::from_utf8_lossy(&no_ca.stderr).contains("--ca"));
+}
+
+/// Half a TLS identity, or a file that is not one, is refused at start naming it.
+#[test]
+fn bad_control_tls_files_are_refused_at_start() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (cert, key) = localhost_cert(tmp.path());
+    let (cert_s, key_s) = (cert.display().to_string(), key.display().to_string());
+    let e = start_refused(&["--control-tls-cert", &cert_s]);
+    assert!(
+        e.contains("control_tls_cert is set without control_tls_key"),
+        "{e}"
+    );
+    let e = start_refused(&["--control-tls-cert", &key_s, "--control-tls-key", &key_s]);
+    assert!(e.contains("not a PEM file holding a certificate"), "{e}");
+    let missing = tmp.path().join("missing.pem").display().to_string();
+    let e = start_refused(&["--control-tls-cert", &cert_s, "--control-tls-key", &missing]);
+    assert!(
+        e.contains("control_tls_key") && e.contains("cannot read"),
+        "{e}"
+    );
+}

@@ -65,6 +65,8 @@ pub struct ControlplaneConfig {
     pub control_token: Option<String>,
     /// Accept the control token over plaintext on a non-loopback `control_addr`.
     pub control_insecure: bool,
+    /// (certificate chain, private key) PEM files: the control API speaks TLS only.
+    pub control_tls: Option<(PathBuf, PathBuf)>,
     /// Failed control-token attempts per client address per minute before the address is
     /// refused for the rest of the minute.
     pub control_auth_failures_per_minute_max: u32,
@@ -111,6 +113,7 @@ impl Default for ControlplaneConfig {
             control_addr: "127.0.0.1:50051".parse().expect("literal"),
             control_token: None,
             control_insecure: false,
+            control_tls: None,
             control_auth_failures_per_minute_max: 10,
             control_requests_concurrent_max: 64,
             control_request_timeout_ms: 10_000,
@@ -141,6 +144,7 @@ impl ControlplaneConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         crate::auth::check_bind(self.query_addr, &self.auth).map_err(anyhow::Error::msg)?;
         check_control_bind(self)?;
+        control_tls_config(self)?;
         self.query_serve.validate().map_err(anyhow::Error::msg)?;
         let in_range = |name: &str, v: u64, hi: u64| {
             if (1..=hi).contains(&v) {
@@ -317,6 +321,7 @@ impl Controlplane {
             tracing::warn!("no control token configured: the control API refuses every call (set CLICKGATE_CONTROL_TOKEN)");
         }
         check_control_bind(&cfg)?;
+        let control_tls = control_tls_config(&cfg)?;
         let limiter = Arc::new(auth::FailureLimiter::new(
             cfg.control_auth_failures_per_minute_max,
             cfg.auth.failures_addresses_max,
@@ -327,7 +332,17 @@ impl Controlplane {
         let control_timeout = Duration::from_millis(cfg.control_request_timeout_ms.max(1));
         tasks.push(tokio::spawn(async move {
             let incoming = tonic::transport::server::TcpIncoming::from(control_tcp);
-            let serve = tonic::transport::Server::builder()
+            let mut builder = tonic::transport::Server::builder();
+            if let Some(tls) = control_tls {
+                builder = match builder.tls_config(tls) {
+                    Ok(b) => b,
+                    Err(e) => {
+                        tracing::error!(error = %e, "control API TLS set-up failed");
+                        return;
+                    }
+                };
+            }
+            let serve = builder
                 .concurrency_limit_per_connection(control_concurrent)
                 .timeout(control_timeout)
                 .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -501,13 +516,47 @@ pub fn check_control_bind(cfg: &ControlplaneConfig) -> anyhow::Result<()> {
             control::TOKEN_BYTES_MIN
         );
     }
-    if !cfg.control_addr.ip().is_loopback() && !cfg.control_insecure {
+    if !cfg.control_addr.ip().is_loopback() && !cfg.control_insecure && cfg.control_tls.is_none() {
         anyhow::bail!(
-            "refusing to accept the control token in clear text on {}: bind control_addr to a \
-             loopback address (and reach it through an SSH tunnel or a TLS-terminating proxy), \
-             or pass --control-insecure to send the token over this network anyway",
+            "refusing to accept the control token in clear text on {}: give the control API a \
+             certificate (--control-tls-cert and --control-tls-key), bind control_addr to a \
+             loopback address, or pass --control-insecure to send the token over this network \
+             anyway",
             cfg.control_addr
         );
     }
     Ok(())
+}
+
+/// The control API's TLS identity from `control_tls`, read and checked at start: a file
+/// that is missing, unreadable or not PEM of the right kind is an error naming it.
+pub fn control_tls_config(
+    cfg: &ControlplaneConfig,
+) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    let Some((cert, key)) = &cfg.control_tls else {
+        return Ok(None);
+    };
+    let read = |path: &Path, what: &str, marker: &str| -> anyhow::Result<Vec<u8>> {
+        let bytes = std::fs::read(path)
+            .with_context(|| format!("control_tls_{what} {}: cannot read", path.display()))?;
+        let text = String::from_utf8_lossy(&bytes);
+        if !text.contains("-----BEGIN ") || !text.contains(marker) {
+            anyhow::bail!(
+                "control_tls_{what} {}: not a PEM file holding a {}",
+                path.display(),
+                if what == "cert" {
+                    "certificate"
+                } else {
+                    "private key"
+                }
+            );
+        }
+        Ok(bytes)
+    };
+    let cert = read(cert, "cert", "CERTIFICATE-----")?;
+    let key = read(key, "key", "PRIVATE KEY-----")?;
+    let identity = tonic::transport::Identity::from_pem(cert, key);
+    Ok(Some(
+        tonic::transport::ServerTlsConfig::new().identity(identity),
+    ))
 }
