@@ -118,9 +118,13 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_KAFKA_ACK_POLL_US", global = true, help_heading = KAFKA)]
     pub kafka_ack_poll_us: Option<u64>,
 
-    /// Redis URL(s), comma-separated; empty: the embedded counter store [default: empty]
+    /// Redis URL(s), comma-separated, redis:// or rediss:// (TLS); empty: the embedded counter store [default: empty]
     #[arg(long, env = "CLICKGATE_REDIS_URL", global = true, help_heading = REDIS)]
     pub redis_url: Option<String>,
+
+    /// Certificate authority (PEM) that rediss:// servers are checked against; unset: the system's trust store [default: none]
+    #[arg(long, env = "CLICKGATE_REDIS_TLS_CA", global = true, help_heading = REDIS)]
+    pub redis_tls_ca: Option<PathBuf>,
 
     /// Stable id of this box in delta frames and Redis marks; unset: generated once and kept in <data dir>/box_id [default: generated]
     #[arg(long, env = "CLICKGATE_BOX_ID", global = true, help_heading = COMMON)]
@@ -469,6 +473,7 @@ impl Settings {
                 kafka_ack_timeout_ms,
                 kafka_ack_poll_us,
                 redis_url,
+                redis_tls_ca,
                 box_id,
                 redis_key_prefix,
                 redis_flush_interval_ms,
@@ -751,8 +756,24 @@ impl Settings {
             return Ok(None);
         }
         let d = RedisConfig::default();
+        let tls_ca = match &self.redis_tls_ca {
+            Some(path) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    anyhow::anyhow!("redis_tls_ca {}: cannot read: {e}", path.display())
+                })?;
+                if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                    anyhow::bail!(
+                        "redis_tls_ca {}: not a PEM file holding a certificate",
+                        path.display()
+                    );
+                }
+                Some(pem)
+            }
+            None => None,
+        };
         let c = RedisConfig {
             urls,
+            tls_ca,
             key_prefix: self.redis_key_prefix.clone().unwrap_or_default(),
             flush_interval_ms: self.redis_flush_interval_ms.unwrap_or(d.flush_interval_ms),
             pipeline_commands_max: self
@@ -999,7 +1020,10 @@ mod tests {
             // Defaults that are not a value: what they stand for, or nothing to write.
             let literal = match (id, default) {
                 ("box_id", "generated")
-                | ("api_keys_file" | "control_tls_cert" | "control_tls_key", "none") => continue,
+                | (
+                    "api_keys_file" | "control_tls_cert" | "control_tls_key" | "redis_tls_ca",
+                    "none",
+                ) => continue,
                 ("control_socket", "<data dir>/control.sock") => {
                     // Kept unresolved in the configs: check where both planes put it.
                     let s = Settings {

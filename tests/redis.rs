@@ -651,3 +651,66 @@ fn cluster_answers_like_single_node_and_the_embedded_store_and_keys_carry_ttls()
         }
     }
 }
+
+/// `rediss://`: a private redis-server speaking TLS only, with a certificate from a CA the
+/// box is given (`--redis-tls-ca`). Counts flushed and read back over TLS are exact; a
+/// box that does not trust the CA keeps its deltas and reports Redis unreachable.
+#[test]
+fn rediss_flushes_and_reads_over_tls_with_the_given_ca() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = env_or_panic("CLICKGATE_TEST_REDIS_SERVER");
+    let mut server = Command::new(bin)
+        .args(["--port", "0", "--bind", "127.0.0.1", "--save", ""])
+        .args(["--tls-port", &port.to_string(), "--tls-auth-clients", "no"])
+        .arg("--tls-cert-file")
+        .arg(&cert)
+        .arg("--tls-key-file")
+        .arg(&key)
+        .arg("--tls-ca-cert-file")
+        .arg(&cert)
+        .arg("--dir")
+        .arg(tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start redis-server with TLS (Debian's is built with it)");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "TLS redis-server did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let url = format!("rediss://localhost:{port}");
+    let p = prefix("tls");
+    let ca = cert.display().to_string();
+    let cg = boxed(&url, &p, &["--redis-tls-ca", &ca]);
+    send(&cg, 1, 0..500, 3, 0);
+    let t = wait_clicks(&cg, 1, 500);
+    assert_eq!((t.0, t.1), (500, cost_of(0..500)));
+    assert_eq!(cg.query("/readyz").status, 200);
+
+    // The system's trust store does not know this CA: the box keeps its deltas (they
+    // fit the outbox, so it stays ready) and says Redis is unreachable.
+    let untrusting = boxed(&url, &prefix("tls-untrusted"), &[]);
+    send(&untrusting, 2, 0..10, 1, 5_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = untrusting.query("/readyz");
+        let j = r.json();
+        if j["redis"] == "unreachable" && j["redis_backlog_bytes"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "/readyz: {}", r.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}

@@ -5,8 +5,12 @@ use clickgate_core::window::Window;
 /// The Redis side's settings, every bound with its unit last.
 #[derive(Clone, Debug)]
 pub struct RedisConfig {
-    /// One URL (single node) or several (a Redis Cluster's seed nodes).
+    /// One URL (single node) or several (a Redis Cluster's seed nodes); `rediss://` for
+    /// TLS.
     pub urls: Vec<String>,
+    /// The certificate authority (PEM) that `rediss://` servers are checked against;
+    /// `None`: the system's trust store.
+    pub tls_ca: Option<Vec<u8>>,
     /// Put in front of every key (tests, or several deployments on one Redis).
     pub key_prefix: String,
     pub flush_interval_ms: u64,
@@ -37,6 +41,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             urls: Vec::new(),
+            tls_ca: None,
             key_prefix: String::new(),
             flush_interval_ms: 500,
             pipeline_commands_max: 4000,
@@ -58,9 +63,27 @@ impl RedisConfig {
     /// Checks every bound; the error names the setting as configured (`redis_*`).
     pub fn validate(&self) -> Result<(), String> {
         for u in &self.urls {
-            if !(u.starts_with("redis://") || u.starts_with("unix://")) {
-                return Err(format!("redis_url: {u:?} is not a redis:// URL"));
+            if !(u.starts_with("redis://")
+                || u.starts_with("rediss://")
+                || u.starts_with("unix://"))
+            {
+                return Err(format!(
+                    "redis_url: {u:?} is not a redis:// or rediss:// URL"
+                ));
             }
+        }
+        let tls = self
+            .urls
+            .iter()
+            .filter(|u| u.starts_with("rediss://"))
+            .count();
+        if tls != 0 && tls != self.urls.len() {
+            return Err(
+                "redis_url: mixes rediss:// and plain URLs; a cluster is all TLS or none".into(),
+            );
+        }
+        if self.tls_ca.is_some() && tls == 0 {
+            return Err("redis_tls_ca is set but no redis_url is rediss://".into());
         }
         let range = |name: &str, v: u64, lo: u64, hi: u64| {
             if v < lo || v > hi {

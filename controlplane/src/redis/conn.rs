@@ -15,12 +15,29 @@ pub enum RedisConn {
 
 impl RedisConn {
     pub async fn connect(urls: &[String], timeout: Duration) -> anyhow::Result<RedisConn> {
+        Self::connect_tls(urls, None, timeout).await
+    }
+
+    /// [`RedisConn::connect`], checking `rediss://` servers against `tls_ca` (PEM; `None`:
+    /// the system's trust store).
+    pub async fn connect_tls(
+        urls: &[String],
+        tls_ca: Option<&[u8]>,
+        timeout: Duration,
+    ) -> anyhow::Result<RedisConn> {
+        let certs = tls_ca.map(|ca| redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(ca.to_vec()),
+        });
         let fut = async {
             anyhow::Ok(match urls {
                 [] => anyhow::bail!("no Redis URL"),
                 [one] => {
-                    let client = redis::Client::open(one.as_str())
-                        .with_context(|| format!("bad Redis URL {one:?}"))?;
+                    let client = match &certs {
+                        Some(c) => redis::Client::build_with_tls(one.as_str(), c.clone()),
+                        None => redis::Client::open(one.as_str()),
+                    }
+                    .with_context(|| format!("bad Redis URL {one:?}"))?;
                     let cfg = redis::aio::ConnectionManagerConfig::new()
                         .set_connection_timeout(Some(timeout))
                         .set_response_timeout(Some(timeout))
@@ -30,7 +47,11 @@ impl RedisConn {
                     )
                 }
                 many => {
-                    let client = redis::cluster::ClusterClient::builder(many.to_vec())
+                    let mut builder = redis::cluster::ClusterClient::builder(many.to_vec());
+                    if let Some(c) = &certs {
+                        builder = builder.certs(c.clone());
+                    }
+                    let client = builder
                         .connection_timeout(timeout)
                         .response_timeout(timeout)
                         .retries(2)

@@ -70,7 +70,14 @@ async fn flush_round(
     let (bodies, cursor) =
         tokio::task::spawn_blocking(move || ob.read_batch(frames_max, bytes_max)).await??;
     if conn.is_none() {
-        *conn = Some(RedisConn::connect(&cfg.urls, Duration::from_millis(cfg.timeout_ms)).await?);
+        *conn = Some(
+            RedisConn::connect_tls(
+                &cfg.urls,
+                cfg.tls_ca.as_deref(),
+                Duration::from_millis(cfg.timeout_ms),
+            )
+            .await?,
+        );
     }
     let c = conn.as_mut().expect("set above");
     if bodies.is_empty() {

@@ -20,6 +20,7 @@ use crate::store::{BucketOut, TopAd};
 /// a controlplane starts while Redis is down.
 pub struct RedisQuery {
     urls: Vec<String>,
+    tls_ca: Option<Vec<u8>>,
     conn: tokio::sync::Mutex<Option<RedisConn>>,
     pub keys: Keys,
     pub timeout: Duration,
@@ -62,6 +63,7 @@ impl RedisQuery {
     pub fn new(cfg: &RedisConfig, stats: Arc<RedisStats>) -> RedisQuery {
         RedisQuery {
             urls: cfg.urls.clone(),
+            tls_ca: cfg.tls_ca.clone(),
             conn: tokio::sync::Mutex::new(None),
             keys: Keys {
                 prefix: cfg.key_prefix.clone(),
@@ -77,7 +79,7 @@ impl RedisQuery {
         if let Some(c) = &*g {
             return Ok(c.clone());
         }
-        let c = RedisConn::connect(&self.urls, self.timeout)
+        let c = RedisConn::connect_tls(&self.urls, self.tls_ca.as_deref(), self.timeout)
             .await
             .inspect_err(|_| {
                 self.stats.query_errors.fetch_add(1, Ordering::Relaxed);
