@@ -544,6 +544,69 @@ fn kill9_with_ack_kafka_keeps_every_202_once() {
     kill9_keeps_every_202("kafka");
 }
 
+/// Chaos: the broker down long enough for the undelivered log to reach its retention
+/// bound. Ingest then answers 503 (the records a consumer still needs are never deleted),
+/// `/readyz` is not ready; when the broker returns, the forwarder delivers, retention
+/// frees the delivered segments, ingest answers 202 again — and every 202 is in the topic
+/// once.
+#[test]
+fn chaos_broker_down_until_log_retention_is_full_then_recovery() {
+    let tdir = tempfile::tempdir().unwrap();
+    let mut tansu = Tansu::start(tdir.path());
+    let brokers = tansu.addr();
+    let topic = unique_topic("retention_full");
+    let mut args = kafka_args(&brokers, &topic, "disk");
+    args.extend([
+        "--cores",
+        "1",
+        "--log-segment-bytes",
+        "1048576",
+        "--log-retention-bytes",
+        "3145728",
+        "--rate-limit-events-per-sec",
+        "10000000",
+    ]);
+    let cg = Clickgate::dataplane(&args);
+    let mut ids = send_events(&cg, 0, 200);
+    assert_eq!(ids.len(), 200);
+    let want: HashSet<String> = ids.iter().cloned().collect();
+    wait_for_all(&brokers, &topic, &want);
+    tansu.stop();
+    // Batches of 50 until the log is at its bound and refuses (send_events stops at the
+    // first non-202); 3 MiB of records is about 10,000 events.
+    let mut next = 1_000u64;
+    loop {
+        let got = send_events(&cg, next, 2_000);
+        let full = got.len() < 2_000;
+        ids.extend(got);
+        next += 2_000;
+        if full {
+            break;
+        }
+        assert!(next < 100_000, "the log never reached its retention bound");
+    }
+    let r = cg.request("POST", "/v1/click", &event(&uuid(999_999), 1, |_| {}));
+    assert_eq!(r.status, 503, "{}", r.body);
+    wait_status(&cg, "/readyz", 503);
+    tansu.restart();
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let got = send_events(&cg, next, 50);
+        next += 50;
+        if !got.is_empty() {
+            ids.extend(got);
+            break;
+        }
+        assert!(Instant::now() < deadline, "ingest never took clicks again");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    wait_status(&cg, "/readyz", 200);
+    let want: HashSet<String> = ids.into_iter().collect();
+    let recs = wait_for_all(&brokers, &topic, &want);
+    check_exactly_once(&recs, 4);
+    check_order(&recs);
+}
+
 /// Chaos: ten rounds of load from a second thread while the dataplane is killed with
 /// SIGKILL at a different moment of each round and restarted on the same data directory.
 /// Every event answered 202 in any round reaches the topic, and no event and no log record

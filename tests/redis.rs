@@ -714,3 +714,78 @@ fn rediss_flushes_and_reads_over_tls_with_the_given_ca() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// Chaos: Redis down long enough to fill the outbox (its 1 MiB floor). Deltas past it are
+/// not kept for Redis, and that is marked: counted in
+/// `clickgate_redis_outbox_dropped_deltas_total` and `/readyz` 503 (`redis_outbox_full`)
+/// while it lasts; ingest never stops. When Redis returns, what the outbox kept is
+/// written, the box is ready again, and counts written before the outage are exact.
+#[test]
+fn chaos_redis_down_until_the_outbox_is_full_is_counted_and_marked() {
+    let mut r = PrivateRedis::start();
+    let p = prefix("outbox-full");
+    let cg = boxed(
+        &r.url(),
+        &p,
+        &[
+            "--redis-spill-bytes-max",
+            "1048576",
+            "--redis-retry-backoff-max-ms",
+            "500",
+        ],
+    );
+    send(&cg, 5, 0..300, 3, 0);
+    wait_clicks(&cg, 5, 300);
+    r.stop();
+    let dropped = |cg: &Clickgate| {
+        common::metric_sum(
+            &cg.query("/metrics").body,
+            "clickgate_redis_outbox_dropped_deltas_total",
+        )
+    };
+    let mut campaign = 100u64;
+    let mut full_seen = false;
+    while dropped(&cg) == 0.0 {
+        assert!(campaign < 400, "1 MiB of outbox never filled");
+        // Many campaigns and users per round: large deltas.
+        for c in campaign..campaign + 10 {
+            send(&cg, c, 0..200, 20, c * 1_000_000);
+        }
+        campaign += 10;
+        std::thread::sleep(Duration::from_millis(150));
+        let ready = cg.query("/readyz");
+        full_seen |= ready.status == 503 && ready.body.contains("\"redis_outbox_full\":true");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !full_seen {
+        let ready = cg.query("/readyz");
+        full_seen = ready.status == 503 && ready.body.contains("\"redis_outbox_full\":true");
+        assert!(
+            Instant::now() < deadline,
+            "/readyz never said the outbox is full: {}",
+            ready.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r.spawn();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready = cg.query("/readyz");
+        if ready.status == 200 && ready.body.contains("\"redis\":\"up\"") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "never ready again: {}",
+            ready.body
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(dropped(&cg) > 0.0);
+    let t = wait_clicks(&cg, 5, 300);
+    assert_eq!(
+        (t.0, t.1),
+        (300, cost_of(0..300)),
+        "counts before the outage"
+    );
+}

@@ -221,12 +221,19 @@ impl Outbox {
         s.segs.iter().map(|(_, l)| l).sum()
     }
 
+    /// Refreshes the byte gauge; once the flusher has drained the outbox to half its
+    /// bound, a full outbox is no longer full (the next commit has room), even before a
+    /// new frame arrives to prove it.
     fn update_bytes(&self) {
         let b = Self::total_bytes(&self.lock());
         self.stats.bytes.store(b, Ordering::Relaxed);
+        if b <= self.spill_bytes_max / 2 {
+            self.stats.dropping.store(false, Ordering::Relaxed);
+        }
     }
 
-    /// Whether the last commit had to drop its frames (the outbox was full).
+    /// Whether the last commit had to drop its frames (the outbox was full) and the
+    /// flusher has not drained it to half its bound since.
     pub fn is_full(&self) -> bool {
         self.stats.dropping.load(Ordering::Relaxed)
     }
