@@ -9,7 +9,8 @@
 #   tools  pyarrow (independent Parquet reader), protobuf + grpcio-tools (a stock protobuf
 #          runtime and protoc, to read raw_clicks), pyspark + Java (the billing Spark job),
 #          xgboost + numpy (trains the models the tree-scoring test compares against),
-#          promtool, systemd-analyze, Chromium + playwright-core
+#          promtool, systemd-analyze, Chromium + playwright-core, libfaketime (steps
+#          the wall clock of a process under test)
 #
 # Each service is started only if its port does not answer already, so a developer's
 # running services are reused. The tests read the addresses from the CLICKGATE_TEST_*
@@ -179,6 +180,13 @@ ensure_systemd_analyze() {
     CLICKGATE_TEST_SYSTEMD_ANALYZE=$(command -v systemd-analyze)
 }
 
+ensure_faketime() {
+    local lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
+    [ -e "$lib" ] || apt_install faketime
+    [ -e "$lib" ] || { echo "error: $lib missing after installing faketime" >&2; exit 1; }
+    export CLICKGATE_TEST_FAKETIME_LIB="$lib"
+}
+
 ensure_browser() {
     command -v chromium >/dev/null || apt_install chromium chromium-driver
     local nm="$CLICKGATE_TOOLS/node"
@@ -202,5 +210,6 @@ services_start() {
     ensure_xgboost
     ensure_promtool
     ensure_systemd_analyze
+    ensure_faketime
     ensure_browser
 }

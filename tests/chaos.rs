@@ -277,3 +277,111 @@ fn a_full_disk_under_the_store_stalls_its_wal_and_recovers_exactly() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A wall clock stepped forward four minutes, back two hours and forward to the true time
+/// under a running dataplane (the process's wall clock only, through libfaketime:
+/// `CLICKGATE_TEST_FAKETIME_LIB`): clicks keep being taken, copies of clicks taken before
+/// the steps are still caught as duplicates after them (the dedup window never moves
+/// back), and a request head trickled across the backward step is still cut at its
+/// deadline (deadlines run on the monotonic clock). Every click is in the log.
+#[test]
+fn a_wall_clock_step_changes_neither_dedup_nor_deadlines() {
+    let lib = std::env::var("CLICKGATE_TEST_FAKETIME_LIB").unwrap_or_else(|_| {
+        panic!("CLICKGATE_TEST_FAKETIME_LIB is not set: run the tests with scripts/test.sh (it installs libfaketime)")
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let clock = tmp.path().join("clock");
+    std::fs::write(&clock, "+0\n").unwrap();
+    let clock_s = clock.display().to_string();
+    let data = tmp.path().join("data");
+    let mut cg = Clickgate::spawn_env(
+        "dataplane",
+        &data,
+        &[
+            "--cores",
+            "1",
+            "--header-timeout-ms",
+            "1000",
+            "--rate-limit-events-per-sec",
+            "10000000",
+        ],
+        &[
+            ("LD_PRELOAD", lib.as_str()),
+            ("FAKETIME_TIMESTAMP_FILE", clock_s.as_str()),
+            ("FAKETIME_NO_CACHE", "1"),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+        ],
+    );
+    let post = |ids: &[String]| -> serde_json::Value {
+        let body: String = ids.iter().map(|id| event(id, 5, |_| {}) + "\n").collect();
+        let r = cg.request("POST", "/v1/clicks", &body);
+        assert_eq!(r.status, 202, "{}", r.body);
+        r.json()
+    };
+    let ids = |first: u64| -> Vec<String> { (first..first + 100).map(uuid).collect() };
+    let (ids_a, ids_b, ids_c) = (ids(1), ids(1_000), ids(2_000));
+    let a = post(&ids_a);
+    assert_eq!(a["accepted"], 100, "{a}");
+    // Forward by less than the dedup window (600 s).
+    std::fs::write(&clock, "+4m\n").unwrap();
+    let b = post(&ids_b);
+    assert_eq!(
+        (b["accepted"].as_u64(), b["duplicates"].as_u64()),
+        (Some(100), Some(0)),
+        "{b}"
+    );
+    // A head trickled while the clock steps back two hours (no clicks are sent then: with
+    // a clock two hours behind, every honest click would be from the future).
+    let mut s = std::net::TcpStream::connect(cg.ingest).unwrap();
+    let head = format!(
+        "POST /v1/click HTTP/1.1\r\nHost: t\r\nX-Pad: {}\r\nContent-Length: 2\r\n\r\n",
+        "a".repeat(360)
+    );
+    let mut cut = false;
+    for (i, byte) in head.bytes().enumerate() {
+        if i == 3 {
+            std::fs::write(&clock, "-2h\n").unwrap();
+        }
+        if s.write_all(&[byte]).is_err() {
+            cut = true;
+            break;
+        }
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut buf = [0u8; 64];
+        match std::io::Read::read(&mut s, &mut buf) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => {
+                cut = true;
+                break;
+            }
+        }
+    }
+    assert!(
+        cut,
+        "a head trickled across a backward clock step was never cut"
+    );
+    std::fs::write(&clock, "+0\n").unwrap();
+    // Copies of clicks taken before both steps are still duplicates; new ones are taken.
+    let again = post(&ids_a);
+    assert_eq!(
+        (again["accepted"].as_u64(), again["duplicates"].as_u64()),
+        (Some(0), Some(100)),
+        "{again}"
+    );
+    let c = post(&ids_c);
+    assert_eq!(c["accepted"], 100, "{c}");
+    assert!(cg.sigterm_and_wait().success());
+    let logged = logged(&data);
+    for id in ids_a.iter().chain(&ids_b).chain(&ids_c) {
+        assert!(logged.contains(id), "click {id} not in the log");
+    }
+}

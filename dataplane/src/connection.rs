@@ -18,7 +18,7 @@ use crate::metrics::Unavailable;
 use crate::pipeline::Scratch;
 use crate::response::{self, ContentType, Extra, Status};
 use crate::routes;
-use crate::shard::{wall_ms, Shard};
+use crate::shard::{mono_ms, wall_ms, Shard};
 
 /// Open connections, so shutdown and the idle sweep can reach them.
 #[derive(Default)]
@@ -30,9 +30,9 @@ pub(crate) struct ConnTable {
 
 pub(crate) struct ConnEntry {
     pub(crate) fd: RawFd,
-    /// Wall-clock ms of the connection's last read or write.
+    /// Monotonic ms (`mono_ms`) of the connection's last read or write.
     pub(crate) active_ms: Cell<u64>,
-    /// Wall-clock ms by which the request being received must be whole; 0 between
+    /// Monotonic ms by which the request being received must be whole; 0 between
     /// requests (then `idle_timeout_ms` applies).
     pub(crate) deadline_ms: Cell<u64>,
     /// The deadline is the body's (the head is in).
@@ -148,7 +148,7 @@ pub(crate) async fn serve_connection(
     counted: bool,
 ) {
     let fd = stream.as_raw_fd();
-    let slot = shard.conns.borrow_mut().insert(fd, wall_ms());
+    let slot = shard.conns.borrow_mut().insert(fd, mono_ms());
     shard.m().connection_opened();
     let _ = stream.set_nodelay(true);
     let mut bufs = shard.take_bufs();
@@ -240,7 +240,8 @@ async fn connection_loop(
         // share their receive time.
         let now_ms = wall_ms();
         let received = Instant::now();
-        shard.conns.borrow().touch(slot, now_ms);
+        let mono = mono_ms();
+        shard.conns.borrow().touch(slot, mono);
         let mut close = false;
         batch.max_lsn = 0;
         batch.first_202_at = None;
@@ -317,8 +318,8 @@ async fn connection_loop(
         if now_phase != phase {
             let deadline = match now_phase {
                 Phase::Idle => 0,
-                Phase::Head => now_ms + shard.cfg.header_timeout_ms,
-                Phase::Body => now_ms + shard.cfg.body_timeout_ms,
+                Phase::Head => mono + shard.cfg.header_timeout_ms,
+                Phase::Body => mono + shard.cfg.body_timeout_ms,
             };
             shard
                 .conns

@@ -25,7 +25,7 @@ use crate::deps::{CidrSet, CoreLog, IpRate, LogConfig, RateLimiter, SharedBloom}
 use crate::metrics::{CoreMetrics, Unavailable};
 use crate::pipeline::BoxState;
 use crate::rules::{self, CoreRules};
-use crate::shard::{wall_ms, Shard};
+use crate::shard::{mono_ms, wall_ms, Shard};
 use crate::ship::{spawn_shipper, ShipConfig};
 
 /// glommio refuses to start with less locked memory than this.
@@ -377,7 +377,7 @@ async fn run_core(a: CoreArgs) -> anyhow::Result<()> {
         glommio::spawn_local(async move {
             loop {
                 shard.refresh_gauges();
-                shard.close_idle_connections(wall_ms());
+                shard.close_idle_connections(mono_ms());
                 glommio::timer::sleep(Duration::from_millis(GAUGE_REFRESH_MS)).await;
             }
         })

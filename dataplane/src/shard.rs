@@ -27,6 +27,17 @@ use crate::rules::CoreRules;
 /// Connection buffers kept per core for reuse by new connections, at most.
 const CONN_BUFS_POOL_MAX: usize = 1024;
 
+/// Milliseconds on a monotonic clock since the process started: connection idle times
+/// and request deadlines, which a step of the wall clock must neither fire early nor
+/// postpone.
+pub(crate) fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
 pub(crate) fn wall_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -114,8 +125,8 @@ impl Shard {
     }
 
     /// Closes connections with no traffic for `idle_timeout_ms`, or whose request head or
-    /// body is past its deadline. One sweep per second instead of a timer armed on every
-    /// read.
+    /// body is past its deadline, `now_ms` on [`mono_ms`]'s clock. One sweep per second
+    /// instead of a timer armed on every read.
     pub fn close_idle_connections(&self, now_ms: u64) {
         let idle_ms = self.cfg.idle_timeout_ms;
         for c in self.conns.borrow().entries.iter().flatten() {
