@@ -10,7 +10,8 @@
 #          runtime and protoc, to read raw_clicks), pyspark + Java (the billing Spark job),
 #          xgboost + numpy (trains the models the tree-scoring test compares against),
 #          promtool, systemd-analyze, Chromium + playwright-core, libfaketime (steps
-#          the wall clock of a process under test)
+#          the wall clock of a process under test), socat (a TLS endpoint in front of
+#          the broker)
 #
 # Each service is started only if its port does not answer already, so a developer's
 # running services are reused. The tests read the addresses from the CLICKGATE_TEST_*
@@ -180,6 +181,12 @@ ensure_systemd_analyze() {
     CLICKGATE_TEST_SYSTEMD_ANALYZE=$(command -v systemd-analyze)
 }
 
+ensure_socat() {
+    command -v socat >/dev/null || apt_install socat
+    export CLICKGATE_TEST_SOCAT
+    CLICKGATE_TEST_SOCAT=$(command -v socat)
+}
+
 ensure_faketime() {
     local lib=/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1
     [ -e "$lib" ] || apt_install faketime
@@ -211,5 +218,6 @@ services_start() {
     ensure_promtool
     ensure_systemd_analyze
     ensure_faketime
+    ensure_socat
     ensure_browser
 }

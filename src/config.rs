@@ -110,6 +110,14 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_KAFKA_START_TIMEOUT_MS", global = true, help_heading = KAFKA)]
     pub kafka_start_timeout_ms: Option<u64>,
 
+    /// How clients reach the brokers: plaintext, or ssl (TLS; brokers checked against kafka_ssl_ca or the system's trust store) [default: plaintext]
+    #[arg(long, env = "CLICKGATE_KAFKA_SECURITY_PROTOCOL", global = true, help_heading = KAFKA)]
+    pub kafka_security_protocol: Option<String>,
+
+    /// Certificate authority (PEM) that brokers are checked against with kafka_security_protocol = ssl; unset: the system's trust store [default: none]
+    #[arg(long, env = "CLICKGATE_KAFKA_SSL_CA", global = true, help_heading = KAFKA)]
+    pub kafka_ssl_ca: Option<PathBuf>,
+
     /// With ack = kafka, a request's 202s become 503s when the broker has not acknowledged them within this many ms [default: 5000]
     #[arg(long, env = "CLICKGATE_KAFKA_ACK_TIMEOUT_MS", global = true, help_heading = KAFKA)]
     pub kafka_ack_timeout_ms: Option<u64>,
@@ -470,6 +478,8 @@ impl Settings {
                 kafka_batch_bytes,
                 kafka_inflight_records_max,
                 kafka_start_timeout_ms,
+                kafka_security_protocol,
+                kafka_ssl_ca,
                 kafka_ack_timeout_ms,
                 kafka_ack_poll_us,
                 redis_url,
@@ -657,6 +667,11 @@ impl Settings {
                 .kafka_inflight_records_max
                 .unwrap_or(d.inflight_records_max),
             start_timeout_ms: self.kafka_start_timeout_ms.unwrap_or(d.start_timeout_ms),
+            security_protocol: self
+                .kafka_security_protocol
+                .clone()
+                .unwrap_or(d.security_protocol),
+            ssl_ca: self.kafka_ssl_ca.clone(),
         };
         cfg.validate().map_err(anyhow::Error::msg)?;
         Ok(Some(cfg))
@@ -1021,7 +1036,8 @@ mod tests {
             let literal = match (id, default) {
                 ("box_id", "generated")
                 | (
-                    "api_keys_file" | "control_tls_cert" | "control_tls_key" | "redis_tls_ca",
+                    "api_keys_file" | "control_tls_cert" | "control_tls_key" | "redis_tls_ca"
+                    | "kafka_ssl_ca",
                     "none",
                 ) => continue,
                 ("control_socket", "<data dir>/control.sock") => {

@@ -66,12 +66,19 @@ struct Rec {
 
 /// Every record of `topic` (all partitions, from the beginning to the current end).
 fn read_topic(brokers: &str, topic: &str) -> Vec<Rec> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
+    read_topic_with(brokers, topic, &[])
+}
+
+/// [`read_topic`] with extra client settings (TLS).
+fn read_topic_with(brokers: &str, topic: &str, extra: &[(&str, String)]) -> Vec<Rec> {
+    let mut cfg = ClientConfig::new();
+    cfg.set("bootstrap.servers", brokers)
         .set("group.id", format!("{topic}-reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+        .set("enable.auto.commit", "false");
+    for (k, v) in extra {
+        cfg.set(*k, v);
+    }
+    let consumer: BaseConsumer = cfg.create().expect("consumer");
     let md = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
@@ -138,9 +145,18 @@ fn read_topic(brokers: &str, topic: &str) -> Vec<Rec> {
 
 /// Waits until every id in `want` is in the topic, then returns the records.
 fn wait_for_all(brokers: &str, topic: &str, want: &HashSet<String>) -> Vec<Rec> {
+    wait_for_all_with(brokers, topic, want, &[])
+}
+
+fn wait_for_all_with(
+    brokers: &str,
+    topic: &str,
+    want: &HashSet<String>,
+    extra: &[(&str, String)],
+) -> Vec<Rec> {
     let deadline = Instant::now() + CATCH_UP;
     loop {
-        let recs = read_topic(brokers, topic);
+        let recs = read_topic_with(brokers, topic, extra);
         let have: HashSet<&str> = recs.iter().map(|r| r.event_id.as_str()).collect();
         let missing = want.iter().filter(|id| !have.contains(id.as_str())).count();
         if missing == 0 {
@@ -542,6 +558,119 @@ fn kill9_with_ack_disk_keeps_every_202_once() {
 #[test]
 fn kill9_with_ack_kafka_keeps_every_202_once() {
     kill9_keeps_every_202("kafka");
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Kills the child on drop.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `kafka_security_protocol = ssl`: a real broker (tansu) reached only through TLS — a
+/// TLS endpoint (socat, `CLICKGATE_TEST_SOCAT`) with a certificate for `localhost` in front
+/// of it, advertised in the broker's metadata — and the CA given with `--kafka-ssl-ca`.
+/// With `ack = kafka` every 202 is the broker's acknowledgement over TLS; every event is
+/// then read back over TLS once. Without the CA the box cannot start.
+#[test]
+fn events_reach_the_topic_over_tls() {
+    let socat = std::env::var("CLICKGATE_TEST_SOCAT").unwrap_or_else(|_| {
+        panic!("CLICKGATE_TEST_SOCAT is not set: run the tests with scripts/test.sh (it installs socat)")
+    });
+    let tdir = tempfile::tempdir().unwrap();
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert = tdir.path().join("cert.pem");
+    let both = tdir.path().join("both.pem");
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&both, ck.cert.pem() + &ck.signing_key.serialize_pem()).unwrap();
+    let (plain, tls) = (free_port(), free_port());
+    let _broker = Reaped(
+        Command::new(tansu_bin())
+            .args(["broker", "--listener-url"])
+            .arg(format!("tcp://127.0.0.1:{plain}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://localhost:{tls}"))
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(tdir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu"),
+    );
+    let _tls = Reaped(
+        Command::new(socat)
+            .arg(format!(
+                "OPENSSL-LISTEN:{tls},bind=127.0.0.1,reuseaddr,fork,cert={},verify=0",
+                both.display()
+            ))
+            .arg(format!("TCP:127.0.0.1:{plain}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn socat"),
+    );
+    let deadline = Instant::now() + CATCH_UP;
+    for port in [plain, tls] {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "port {port} never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let brokers = format!("localhost:{tls}");
+    let topic = unique_topic("tls");
+    let ca = cert.display().to_string();
+    let mut args = kafka_args(&brokers, &topic, "kafka");
+    args.extend(["--kafka-security-protocol", "ssl", "--kafka-ssl-ca", &ca]);
+    let cg = Clickgate::dataplane(&args);
+    let ids = send_events(&cg, 0, 300);
+    assert_eq!(ids.len(), 300, "not every batch was acknowledged");
+    let want: HashSet<String> = ids.into_iter().collect();
+    let tls_client = [
+        ("security.protocol", "ssl".to_string()),
+        ("ssl.ca.location", ca.clone()),
+    ];
+    let recs = wait_for_all_with(&brokers, &topic, &want, &tls_client);
+    check_exactly_once(&recs, 4);
+    drop(cg);
+
+    // Without the CA (the system's trust store does not know it): no start.
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(common::BIN)
+        .args(["dataplane", "--data-dir"])
+        .arg(tmp.path())
+        .args(["--ingest-addr", "127.0.0.1:0", "--cores", "1"])
+        .args(kafka_args(
+            &brokers,
+            &unique_topic("tls_untrusted"),
+            "kafka",
+        ))
+        .args([
+            "--kafka-security-protocol",
+            "ssl",
+            "--kafka-start-timeout-ms",
+            "3000",
+        ])
+        .env_remove("CLICKGATE_CONFIG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "started without trusting the broker: {out:?}"
+    );
 }
 
 /// Chaos: the broker down long enough for the undelivered log to reach its retention

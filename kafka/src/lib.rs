@@ -46,6 +46,11 @@ pub struct KafkaConfig {
     pub inflight_records_max: u32,
     /// Start-up (topic check, recovery scan) gives up after this long, in ms.
     pub start_timeout_ms: u64,
+    /// librdkafka `security.protocol`: `plaintext` or `ssl`.
+    pub security_protocol: String,
+    /// With `ssl`: the certificate authority (PEM) brokers are checked against; `None`:
+    /// the system's trust store.
+    pub ssl_ca: Option<std::path::PathBuf>,
 }
 
 impl Default for KafkaConfig {
@@ -59,6 +64,8 @@ impl Default for KafkaConfig {
             batch_bytes: 1 << 20,
             inflight_records_max: 100_000,
             start_timeout_ms: 10_000,
+            security_protocol: "plaintext".into(),
+            ssl_ca: None,
         }
     }
 }
@@ -97,7 +104,34 @@ impl KafkaConfig {
             self.start_timeout_ms,
             100,
             600_000,
-        )
+        )?;
+        match self.security_protocol.as_str() {
+            "plaintext" => {
+                if self.ssl_ca.is_some() {
+                    return Err(
+                        "kafka_ssl_ca is set but kafka_security_protocol is plaintext".into(),
+                    );
+                }
+            }
+            "ssl" => {
+                if let Some(ca) = &self.ssl_ca {
+                    let pem = std::fs::read(ca)
+                        .map_err(|e| format!("kafka_ssl_ca {}: cannot read: {e}", ca.display()))?;
+                    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                        return Err(format!(
+                            "kafka_ssl_ca {}: not a PEM file holding a certificate",
+                            ca.display()
+                        ));
+                    }
+                }
+            }
+            other => {
+                return Err(format!(
+                    "kafka_security_protocol must be plaintext or ssl, got {other:?}"
+                ))
+            }
+        }
+        Ok(())
     }
 
     pub fn start_timeout(&self) -> Duration {
@@ -112,7 +146,14 @@ impl KafkaConfig {
                 "socket.timeout.ms",
                 self.start_timeout_ms.clamp(10, 300_000).to_string(),
             )
-            .set("log_level", "4");
+            .set("log_level", "4")
+            .set("security.protocol", &self.security_protocol);
+        if self.security_protocol == "ssl" {
+            match &self.ssl_ca {
+                Some(ca) => c.set("ssl.ca.location", ca.display().to_string()),
+                None => c.set("ssl.ca.location", "probe"),
+            };
+        }
         c
     }
 }
