@@ -10,11 +10,13 @@
 //!        ─▶ WinRec {ip, minute, file, row, campaign}, sorted runs by (ip, minute)
 //!   ─C─▶ k-way merge (in memory: cut between IPs, every thread a chunk): per ip,
 //!        clicks per UTC minute (and distinct campaigns for the batch check)
-//!        ─▶ per (file, row) the minute's count
+//!        ─▶ per (file, row) the minute's count (with --model also the IP's day
+//!        clicks and distinct campaigns, a second word per row)
 //!   ─D─▶ parallel decode of each file's rule columns; every winner of the day:
 //!        ip_rate rules on the exact count, CompiledRules::evaluate_static (the
-//!        stream's code) with it, the batch check; the rest is billable
-//!   ─▶ invoices.csv, adjustments.csv (batch checks on), reconciliation.csv
+//!        stream's code) with it, the batch check, with --model the model's score
+//!        over core::fraud::features::vector; the rest is billable
+//!   ─▶ invoices.csv, adjustments.csv (batch checks or model on), reconciliation.csv
 //! ```
 //!
 //! Memory: the day is held in memory as fixed-size records (≈ 164 B per row read, see
