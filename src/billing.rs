@@ -58,6 +58,21 @@ pub struct BillingArgs {
     /// Never draw the progress line (it is drawn only when stderr is a terminal anyway)
     #[arg(long)]
     pub no_progress: bool,
+
+    /// XGBoost JSON model (binary:logistic or reg:logistic over billing's feature vector,
+    /// docs/model.md): every click the rules keep is scored; a click scoring at least
+    /// --model-threshold is removed and listed in adjustments.csv
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+
+    /// With --model: the score (0..=1) from which a click is removed
+    #[arg(long, default_value_t = billing::MODEL_THRESHOLD_DEFAULT)]
+    pub model_threshold: f64,
+
+    /// With --model: write every scored click's feature vector and score to this CSV
+    /// (diagnostics)
+    #[arg(long, hide = true)]
+    pub dump_features: Option<PathBuf>,
 }
 
 /// Runs billing; the summary line goes to stdout. Returns the exit code.
@@ -94,5 +109,8 @@ fn bill(
     cfg.compare_invoices = args.compare_invoices.clone();
     cfg.run_rows = args.run_rows;
     cfg.progress &= !args.no_progress;
+    cfg.model = args.model.clone();
+    cfg.model_threshold = args.model_threshold;
+    cfg.dump_features = args.dump_features.clone();
     billing::run(&cfg)
 }

@@ -10,11 +10,13 @@
 //!        ─▶ WinRec {ip, minute, file, row, campaign}, sorted runs by (ip, minute)
 //!   ─C─▶ k-way merge (in memory: cut between IPs, every thread a chunk): per ip,
 //!        clicks per UTC minute (and distinct campaigns for the batch check)
-//!        ─▶ per (file, row) the minute's count
+//!        ─▶ per (file, row) the minute's count (with --model also the IP's day
+//!        clicks and distinct campaigns, a second word per row)
 //!   ─D─▶ parallel decode of each file's rule columns; every winner of the day:
 //!        ip_rate rules on the exact count, CompiledRules::evaluate_static (the
-//!        stream's code) with it, the batch check; the rest is billable
-//!   ─▶ invoices.csv, adjustments.csv (batch checks on), reconciliation.csv
+//!        stream's code) with it, the batch check, with --model the model's score
+//!        over core::fraud::features::vector; the rest is billable
+//!   ─▶ invoices.csv, adjustments.csv (batch checks or model on), reconciliation.csv
 //! ```
 //!
 //! Memory: the day is held in memory as fixed-size records (≈ 164 B per row read, see
@@ -52,7 +54,9 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, TimestampMillisecondType, UInt64Type};
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use clickgate_core::agg::Dim;
+use clickgate_core::fraud::features::{self, IpDay, UaTraits};
 use clickgate_core::fraud::{CompiledRules, RuleSet, UaFacts};
+use clickgate_core::gbt::{GbtModel, Link};
 use clickgate_core::hash::mix64;
 use clickgate_core::parse::parse_ip;
 use clickgate_core::window::Window;
@@ -91,6 +95,12 @@ pub type Invoice = BTreeMap<(u64, u64), (u64, u64)>;
 const SOURCES_MAX: usize = 1 << 16;
 /// Bit of a row's count word: its IP clicked too many campaigns (batch check).
 const MANY_CAMPAIGNS: u32 = 1 << 31;
+/// `--model-threshold` when not given.
+pub const MODEL_THRESHOLD_DEFAULT: f64 = 0.5;
+/// Largest model file read (`--model`).
+pub const MODEL_BYTES_MAX: u64 = 256 << 20;
+/// Memory per row read for the model's per-IP day words (in memory and in flight).
+const MODEL_ROW_BYTES: u64 = 8;
 
 #[derive(Clone, Debug)]
 pub struct BillingConfig {
@@ -119,6 +129,13 @@ pub struct BillingConfig {
     pub compare_invoices: Option<PathBuf>,
     /// Draw a progress line on stderr.
     pub progress: bool,
+    /// An XGBoost JSON model (docs/model.md): every click the rules keep is scored and
+    /// removed when its score is at least `model_threshold`.
+    pub model: Option<PathBuf>,
+    /// 0..=1; a click with `score >= model_threshold` is removed.
+    pub model_threshold: f64,
+    /// Writes every scored click's feature vector and score here (diagnostics, tests).
+    pub dump_features: Option<PathBuf>,
 }
 
 impl BillingConfig {
@@ -137,6 +154,9 @@ impl BillingConfig {
             run_rows: None,
             compare_invoices: None,
             progress: std::io::stderr().is_terminal(),
+            model: None,
+            model_threshold: MODEL_THRESHOLD_DEFAULT,
+            dump_features: None,
         }
     }
 }
@@ -200,6 +220,8 @@ pub struct Summary {
     pub engine_diffs: Option<u64>,
     /// The real-time counters were found and compared.
     pub reconciled: bool,
+    /// Clicks the model removed (`None`: no model given).
+    pub model_removed: Option<u64>,
 }
 
 impl fmt::Display for Summary {
@@ -224,6 +246,9 @@ impl fmt::Display for Summary {
                 "; no real-time counters found (reconciliation.csv has empty real-time columns)"
             }
         )?;
+        if let Some(n) = self.model_removed {
+            write!(f, "; {n} removed by the model (adjustments.csv)")?;
+        }
         if self.spilled_runs > 0 {
             write!(f, "; {} sorted runs spilled", self.spilled_runs)?;
         }
@@ -262,6 +287,42 @@ pub fn load_rules(cfg: &BillingConfig) -> Result<CompiledRules, BillingError> {
         },
     };
     CompiledRules::compile(&set).map_err(|e| BillingError::BadInput(format!("rules: {e}")))
+}
+
+/// Loads and checks billing's model (`--model`): an XGBoost JSON model of a
+/// probability (`binary:logistic`, `reg:logistic`) over exactly the
+/// [`features::FEATURES`] features of [`features::vector`]. Every refusal names the
+/// file and the problem (exit 2); it happens before any archive file is read.
+pub fn load_model(path: &Path) -> Result<GbtModel, BillingError> {
+    let bad = |m: String| BillingError::BadInput(format!("--model {}: {m}", path.display()));
+    let len = fs::metadata(path)
+        .map_err(|e| bad(format!("cannot read the model file: {e}")))?
+        .len();
+    if len > MODEL_BYTES_MAX {
+        return Err(bad(format!(
+            "the model file is {len} bytes, more than the {MODEL_BYTES_MAX} accepted"
+        )));
+    }
+    let text =
+        fs::read_to_string(path).map_err(|e| bad(format!("cannot read the model file: {e}")))?;
+    let model = GbtModel::from_json(&text).map_err(|e| bad(e.to_string()))?;
+    if model.link() != Link::Sigmoid {
+        return Err(bad(format!(
+            "unsupported objective `{}`: billing needs a probability \
+             (binary:logistic or reg:logistic)",
+            model.objective()
+        )));
+    }
+    if model.num_feature() != features::FEATURES {
+        return Err(bad(format!(
+            "feature count mismatch: the model has {} features (num_feature), billing's \
+             feature vector has {} ({}; docs/model.md)",
+            model.num_feature(),
+            features::FEATURES,
+            features::FEATURE_NAMES.join(", ")
+        )));
+    }
+    Ok(model)
 }
 
 /// One row read (pass A): what dedup needs, ordered by the dedup key.
@@ -376,6 +437,99 @@ impl Fixed for CountRec {
     }
 }
 
+/// A winner's per-IP day word for the model (pass C, `--model` only): day clicks in
+/// the high 32 bits, distinct campaigns in the low; ordered by (file, row).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct ExtRec {
+    file: u32,
+    row: u32,
+    val: u64,
+}
+
+impl Fixed for ExtRec {
+    const BYTES: usize = 16;
+    fn group(&self) -> u64 {
+        mix64(u64::from(self.file) << 32 | u64::from(self.row))
+    }
+    fn put(&self, o: &mut [u8]) {
+        o[0..4].copy_from_slice(&self.file.to_le_bytes());
+        o[4..8].copy_from_slice(&self.row.to_le_bytes());
+        o[8..16].copy_from_slice(&self.val.to_le_bytes());
+    }
+    fn get(b: &[u8]) -> ExtRec {
+        ExtRec {
+            file: u32::from_le_bytes(b[0..4].try_into().expect("4")),
+            row: u32::from_le_bytes(b[4..8].try_into().expect("4")),
+            val: u64::from_le_bytes(b[8..16].try_into().expect("8")),
+        }
+    }
+}
+
+/// A record holding one value of one archive row (pass C's outputs).
+trait RowWord: Fixed {
+    type V: Copy + Default;
+    fn file(&self) -> u32;
+    fn row(&self) -> u32;
+    fn val(&self) -> Self::V;
+}
+
+impl RowWord for CountRec {
+    type V = u32;
+    fn file(&self) -> u32 {
+        self.file
+    }
+    fn row(&self) -> u32 {
+        self.row
+    }
+    fn val(&self) -> u32 {
+        self.val
+    }
+}
+
+impl RowWord for ExtRec {
+    type V = u64;
+    fn file(&self) -> u32 {
+        self.file
+    }
+    fn row(&self) -> u32 {
+        self.row
+    }
+    fn val(&self) -> u64 {
+        self.val
+    }
+}
+
+/// File `f`'s values (`rows` of them, default where none), taken from a merge in
+/// (file, row) order; `carry` holds the first record of the next file between calls.
+fn gather<R: RowWord>(
+    m: &mut Merge<'_, R>,
+    carry: &mut Option<R>,
+    f: usize,
+    rows: usize,
+) -> std::io::Result<Vec<R::V>> {
+    let mut v = vec![R::V::default(); rows];
+    loop {
+        let r = match carry.take() {
+            Some(r) => Some(r),
+            None => m.pop()?,
+        };
+        match r {
+            Some(r) if r.file() as usize == f => v[r.row() as usize] = r.val(),
+            Some(r) => {
+                *carry = Some(r);
+                break;
+            }
+            None => break,
+        }
+    }
+    Ok(v)
+}
+
+/// The per-IP day word of the model: day clicks (high 32 bits), distinct campaigns.
+fn ip_day_word(clicks: usize, campaigns: usize) -> u64 {
+    (clicks.min(u32::MAX as usize) as u64) << 32 | campaigns.min(u32::MAX as usize) as u64
+}
+
 /// The IP as (is v6, 128-bit value), ordered as its bytes (v4 in the top 32 bits).
 fn ip_parts(ip: IpAddr) -> (bool, u128) {
     match ip {
@@ -404,6 +558,21 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
             "--threads must be between 1 and 256, got {}",
             cfg.threads
         )));
+    }
+    if !(0.0..=1.0).contains(&cfg.model_threshold) {
+        return Err(BillingError::BadInput(format!(
+            "--model-threshold must be between 0 and 1, got {}",
+            cfg.model_threshold
+        )));
+    }
+    let model = match &cfg.model {
+        Some(p) => Some(load_model(p)?),
+        None => None,
+    };
+    if cfg.dump_features.is_some() && model.is_none() {
+        return Err(BillingError::BadInput(
+            "--dump-features needs --model".into(),
+        ));
     }
     if !cfg.archive_dir.is_dir() {
         return Err(BillingError::BadInput(format!(
@@ -462,7 +631,15 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
         files: files.len() as u64,
         ..Summary::default()
     };
-    let result = bill(cfg, &rules, &files, &spill_dir, other.as_ref(), &mut sum);
+    let result = bill(
+        cfg,
+        &rules,
+        model.as_ref(),
+        &files,
+        &spill_dir,
+        other.as_ref(),
+        &mut sum,
+    );
     let _ = fs::remove_dir_all(&spill_dir);
     result?;
     Ok(sum)
@@ -483,8 +660,14 @@ fn plan(
 ) -> Result<Plan, BillingError> {
     let rows: u64 = files.iter().map(|f| f.rows).sum();
     let largest_file = files.iter().map(|f| f.rows).max().unwrap_or(0);
+    // The model's per-IP day words, beside the count words.
+    let model_row = if cfg.model.is_some() {
+        MODEL_ROW_BYTES
+    } else {
+        0
+    };
     // Count words of the files in flight in pass D (queued, decoding, finished).
-    let in_flight = (2 * cfg.threads as u64 + 1) * largest_file * 4;
+    let in_flight = (2 * cfg.threads as u64 + 1) * largest_file * (4 + model_row);
     // The real-time counters, read beside the passes.
     let store = STORE_BYTES_PER_DISK_BYTE * store_disk_bytes(&cfg.data_dir);
     let fixed = BASE_BYTES + cfg.threads as u64 * THREAD_BYTES + in_flight + store;
@@ -510,7 +693,7 @@ fn plan(
             run_recs: n.max(1),
         });
     }
-    if rows.saturating_mul(MEM_ROW_BYTES) <= budget {
+    if rows.saturating_mul(MEM_ROW_BYTES + model_row) <= budget {
         return Ok(Plan {
             spill: None,
             run_recs: rows as usize,
@@ -587,9 +770,11 @@ struct Counters {
     rows_in_day: AtomicU64,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn bill(
     cfg: &BillingConfig,
     rules: &CompiledRules,
+    model: Option<&GbtModel>,
     files: &[ArchiveFile],
     spill_dir: &Path,
     other: Option<&Invoice>,
@@ -824,29 +1009,48 @@ fn bill(
 
     // Pass C: per ip, the exact count of each minute (and its distinct campaigns).
     enum Counts {
-        Direct(Vec<Vec<u32>>),
-        Runs(RunSet<CountRec>),
+        Direct(Vec<Vec<u32>>, Option<Vec<Vec<u64>>>),
+        Runs(RunSet<CountRec>, Option<RunSet<ExtRec>>),
     }
     let many_max = cfg.batch_checks.then_some(cfg.ip_campaigns_max);
+    let ip_day = model.is_some();
     let counts = match &plan.spill {
         None => {
             // In memory: cut between IPs, every thread at once, each count word
             // written once.
-            let (direct, events) = count_in_memory(&win_mem, files, cfg.threads, many_max);
+            let (direct, ext, events) =
+                count_in_memory(&win_mem, files, cfg.threads, many_max, ip_day);
             sum.events = events;
-            Counts::Direct(direct)
+            Counts::Direct(direct, ext)
         }
         Some(d) => {
+            // With the model, the count and day words share what the counts alone get.
+            let share = if ip_day { 4 } else { 2 };
+            let bytes = plan.run_recs * std::mem::size_of::<KeyRec>();
             let mut set = RunSet::new(
-                plan.run_recs * std::mem::size_of::<KeyRec>() / std::mem::size_of::<CountRec>() / 2,
+                bytes / std::mem::size_of::<CountRec>() / share,
                 Some((d.clone(), "count".into())),
                 cfg.threads,
             );
+            let mut ext_set = ip_day.then(|| {
+                RunSet::new(
+                    bytes / std::mem::size_of::<ExtRec>() / share,
+                    Some((d.clone(), "ipday".into())),
+                    cfg.threads,
+                )
+            });
             let mut m = Merge::new(&win_mem, &win_runs)?;
             let mut group: Vec<WinRec> = Vec::new();
             let mut camps: Vec<u64> = Vec::new();
             let mut events = 0u64;
-            let mut put = |w: &WinRec, val: u32| {
+            let mut put = |w: &WinRec, val: u32, ext: u64| {
+                if let Some(e) = ext_set.as_mut() {
+                    e.push(ExtRec {
+                        file: w.file,
+                        row: w.row,
+                        val: ext,
+                    })?;
+                }
                 set.push(CountRec {
                     file: w.file,
                     row: w.row,
@@ -859,33 +1063,61 @@ fn bill(
                     .last()
                     .is_some_and(|g| (g.ip_v6, g.ip) != (w.ip_v6, w.ip))
                 {
-                    count_ip(&group, many_max, &mut camps, &mut put)?;
+                    count_ip(&group, many_max, ip_day, &mut camps, &mut put)?;
                     group.clear();
                 }
                 group.push(w);
             }
-            count_ip(&group, many_max, &mut camps, &mut put)?;
+            count_ip(&group, many_max, ip_day, &mut camps, &mut put)?;
             sum.events = events;
-            Counts::Runs(set)
+            Counts::Runs(set, ext_set)
         }
     };
     drop(win_mem);
 
     // Pass D: every winner of the day through the rules, file by file in parallel.
-    let (count_mem, count_runs, direct) = match counts {
-        Counts::Direct(v) => (Vec::new(), Vec::new(), Some(v)),
-        Counts::Runs(set) => {
-            let (m, r) = set.finish()?;
-            (m, r, None)
+    let (words, direct, direct_ext) = match counts {
+        Counts::Direct(v, e) => (Words::default(), Some(v), e),
+        Counts::Runs(set, ext_set) => {
+            let (count_mem, count_runs) = set.finish()?;
+            let (ext_mem, ext_runs) = match ext_set {
+                Some(e) => e.finish()?,
+                None => (Vec::new(), Vec::new()),
+            };
+            (
+                Words {
+                    count_mem,
+                    count_runs,
+                    ext_mem,
+                    ext_runs,
+                },
+                None,
+                None,
+            )
         }
     };
-    sum.spilled_runs += count_runs
+    sum.spilled_runs += words
+        .count_runs
         .iter()
+        .chain(&words.ext_runs)
         .filter(|r| matches!(r, Run::File { .. }))
         .count() as u64;
     let adj_path = cfg.out_dir.join("adjustments.csv");
     let adj_tmp = cfg.out_dir.join(".adjustments.csv.tmp");
-    let mut adj = if cfg.batch_checks {
+    let dump_tmp = cfg.dump_features.as_ref().map(|p| {
+        let mut t = p.clone().into_os_string();
+        t.push(".tmp");
+        PathBuf::from(t)
+    });
+    let mut dump = match (&dump_tmp, model) {
+        (Some(p), Some(_)) => {
+            let mut w = BufWriter::new(fs::File::create(p)?);
+            writeln!(w, "event_id,{},score", features::FEATURE_NAMES.join(","))?;
+            Some(w)
+        }
+        _ => None,
+    };
+    let mut adj = if cfg.batch_checks || model.is_some() {
         let mut w = BufWriter::new(fs::File::create(&adj_tmp)?);
         writeln!(
             w,
@@ -898,19 +1130,27 @@ fn bill(
     let totals = judge(
         cfg,
         rules,
+        model,
         files,
         direct,
-        &count_mem,
-        &count_runs,
+        direct_ext,
+        &words,
         &progress,
-        |text| {
+        |out| {
             if let Some(w) = adj.as_mut() {
-                w.write_all(text)?;
+                w.write_all(&out.adj)?;
+            }
+            if let Some(w) = dump.as_mut() {
+                w.write_all(&out.dump)?;
             }
             Ok(())
         },
     )?;
     progress.lock().expect("not poisoned").done();
+    if let (Some(w), Some(tmp), Some(path)) = (dump, &dump_tmp, &cfg.dump_features) {
+        w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::rename(tmp, path)?;
+    }
     if let Some(w) = adj {
         w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         fs::rename(&adj_tmp, &adj_path)?;
@@ -918,6 +1158,7 @@ fn bill(
     }
     sum.fraud = totals.fraud;
     sum.adjusted = totals.adjusted;
+    sum.model_removed = model.map(|_| totals.model_removed);
     let invoices: BTreeMap<(u64, u64), CampaignTotals> = totals.invoices.into_iter().collect();
     let campaigns: BTreeMap<u64, CampaignTotals> = totals.campaigns.into_iter().collect();
     for t in invoices.values() {
@@ -1051,20 +1292,28 @@ fn dedup_in_memory(
 
 /// Pass C for one IP's winners (sorted by minute): each click's count word is its
 /// minute's click count, with [`MANY_CAMPAIGNS`] set when `many_max` is given and the
-/// IP clicked more distinct campaigns than that.
+/// IP clicked more distinct campaigns than that. With `ip_day` (the model), each
+/// click also gets the IP's day word ([`ip_day_word`]; 0 otherwise).
 fn count_ip(
     group: &[WinRec],
     many_max: Option<u32>,
+    ip_day: bool,
     camps: &mut Vec<u64>,
-    mut put: impl FnMut(&WinRec, u32) -> std::io::Result<()>,
+    mut put: impl FnMut(&WinRec, u32, u64) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
-    let many = many_max.is_some_and(|max| {
+    let distinct = (many_max.is_some() || ip_day).then(|| {
         camps.clear();
         camps.extend(group.iter().map(|w| w.campaign));
         camps.sort_unstable();
         camps.dedup();
-        camps.len() as u64 > u64::from(max)
+        camps.len()
     });
+    let many = many_max.is_some_and(|max| distinct.unwrap_or(0) as u64 > u64::from(max));
+    let ext = if ip_day {
+        ip_day_word(group.len(), distinct.unwrap_or(0))
+    } else {
+        0
+    };
     let mut k = 0;
     while k < group.len() {
         let minute = group[k].minute;
@@ -1075,31 +1324,40 @@ fn count_ip(
         let val = ((e - k) as u64).min(u64::from(MANY_CAMPAIGNS - 1)) as u32
             | if many { MANY_CAMPAIGNS } else { 0 };
         for w in &group[k..e] {
-            put(w, val)?;
+            put(w, val, ext)?;
         }
         k = e;
     }
     Ok(())
 }
 
-/// Pass C in memory: `wins` sorted by group (IP); returns every file's count words
-/// and the number of winners. Threads take chunks cut between IPs; each row's word is
-/// written once, by the thread holding its IP.
+/// Pass C in memory: `wins` sorted by group (IP); returns every file's count words,
+/// with `ip_day` every file's day words, and the number of winners. Threads take
+/// chunks cut between IPs; each row's word is written once, by the thread holding its
+/// IP.
+#[allow(clippy::type_complexity)]
 fn count_in_memory(
     wins: &[WinRec],
     files: &[ArchiveFile],
     threads: usize,
     many_max: Option<u32>,
-) -> (Vec<Vec<u32>>, u64) {
+    ip_day: bool,
+) -> (Vec<Vec<u32>>, Option<Vec<Vec<u64>>>, u64) {
     let words: Vec<Vec<AtomicU32>> = files
         .iter()
         .map(|f| (0..f.rows).map(|_| AtomicU32::new(0)).collect())
         .collect();
+    let ext: Option<Vec<Vec<AtomicU64>>> = ip_day.then(|| {
+        files
+            .iter()
+            .map(|f| (0..f.rows).map(|_| AtomicU64::new(0)).collect())
+            .collect()
+    });
     let cuts = group_cuts(wins, threads, |a, b| (a.ip_v6, a.ip) == (b.ip_v6, b.ip));
     std::thread::scope(|s| {
         for t in 0..cuts.len() - 1 {
             let chunk = &wins[cuts[t]..cuts[t + 1]];
-            let words = &words;
+            let (words, ext) = (&words, &ext);
             s.spawn(move || {
                 let mut camps = Vec::new();
                 let mut i = 0;
@@ -1110,8 +1368,11 @@ fn count_in_memory(
                     {
                         j += 1;
                     }
-                    let _ = count_ip(&chunk[i..j], many_max, &mut camps, |w, val| {
+                    let _ = count_ip(&chunk[i..j], many_max, ip_day, &mut camps, |w, val, e| {
                         words[w.file as usize][w.row as usize].store(val, Ordering::Relaxed);
+                        if let Some(ext) = ext {
+                            ext[w.file as usize][w.row as usize].store(e, Ordering::Relaxed);
+                        }
                         Ok(())
                     });
                     i = j;
@@ -1123,7 +1384,12 @@ fn count_in_memory(
         .into_iter()
         .map(|v| v.into_iter().map(AtomicU32::into_inner).collect())
         .collect();
-    (direct, wins.len() as u64)
+    let ext = ext.map(|e| {
+        e.into_iter()
+            .map(|v| v.into_iter().map(AtomicU64::into_inner).collect())
+            .collect()
+    });
+    (direct, ext, wins.len() as u64)
 }
 
 /// What pass D adds up.
@@ -1134,6 +1400,23 @@ struct Totals {
     campaigns: IdMap<u64, CampaignTotals>,
     fraud: u64,
     adjusted: u64,
+    model_removed: u64,
+}
+
+/// Pass C's spilled outputs: count words, and the model's day words.
+#[derive(Default)]
+struct Words {
+    count_mem: Vec<CountRec>,
+    count_runs: Vec<Run>,
+    ext_mem: Vec<ExtRec>,
+    ext_runs: Vec<Run>,
+}
+
+/// One file's lines for adjustments.csv and the feature dump.
+#[derive(Default)]
+struct FileOut {
+    adj: Vec<u8>,
+    dump: Vec<u8>,
 }
 
 impl Totals {
@@ -1150,22 +1433,25 @@ impl Totals {
         }
         self.fraud += o.fraud;
         self.adjusted += o.adjusted;
+        self.model_removed += o.model_removed;
     }
 }
 
-/// Pass D. `direct`: every file's count words (in memory); else the count runs,
-/// merged in (file, row) order. `adjustment` receives each file's adjustments.csv
-/// lines, in file order.
+/// Pass D. `direct`: every file's count words (in memory, and `direct_ext` the
+/// model's day words); else the count runs (and day runs) of `words`, merged in
+/// (file, row) order. `adjustment` receives each file's adjustments.csv lines (and
+/// feature dump lines), in file order.
 #[allow(clippy::too_many_arguments)]
 fn judge(
     cfg: &BillingConfig,
     rules: &CompiledRules,
+    model: Option<&GbtModel>,
     files: &[ArchiveFile],
     direct: Option<Vec<Vec<u32>>>,
-    count_mem: &[CountRec],
-    count_runs: &[Run],
+    direct_ext: Option<Vec<Vec<u64>>>,
+    words: &Words,
     progress: &Mutex<Progress>,
-    mut adjustment: impl FnMut(&[u8]) -> std::io::Result<()>,
+    mut adjustment: impl FnMut(&FileOut) -> std::io::Result<()>,
 ) -> Result<Totals, BillingError> {
     let ip_rate = rules.ip_rate_rules();
     // The event's fields but `event_id` (read only for adjustments, last) and
@@ -1177,12 +1463,18 @@ fn judge(
         .collect();
     debug_assert_eq!(cols[0], "ts");
     debug_assert_eq!(cols[9], "cost_micros");
-    if cfg.batch_checks {
+    if cfg.batch_checks || model.is_some() {
         cols.push("event_id");
     }
-    let judge_file = |t: &mut Totals, f: usize, counts: &[u32]| -> anyhow::Result<Vec<u8>> {
+    let dump = cfg.dump_features.is_some();
+    let judge_file = |t: &mut Totals,
+                      f: usize,
+                      counts: &[u32],
+                      ext: &[u64]|
+     -> anyhow::Result<FileOut> {
         let af = &files[f];
-        let mut adj = Vec::new();
+        let mut out = FileOut::default();
+        let mut ua_traits: Vec<Option<UaTraits>> = Vec::new();
         // The user agents arrive dictionary-encoded: their facts are computed once per
         // dictionary entry (the dictionary of a column chunk is shared by its batches).
         let mut ua_dict: Option<ArrayRef> = None;
@@ -1199,9 +1491,13 @@ fn judge(
                 ua_dict = Some(ua.values().clone());
                 ua_facts.clear();
                 ua_facts.resize(ua_values.len(), None);
+                if model.is_some() {
+                    ua_traits.clear();
+                    ua_traits.resize(ua_values.len(), None);
+                }
             }
             let ua_keys = ua.keys();
-            let id = cfg.batch_checks.then(|| s(10));
+            let id = (cfg.batch_checks || model.is_some()).then(|| s(10));
             for i in 0..b.num_rows() {
                 let row = at as usize + i;
                 let val = counts[row];
@@ -1250,7 +1546,7 @@ fn judge(
                     let mut idt = [0u8; 36];
                     c.event_id.write_text(&mut idt);
                     writeln!(
-                        adj,
+                        out.adj,
                         "{},{},{},{},{},{},{},ip_many_campaigns,ip clicked more than {} campaigns in the day",
                         std::str::from_utf8(&idt).expect("ascii"),
                         c.advertiser_id,
@@ -1263,6 +1559,43 @@ fn judge(
                     )?;
                     continue;
                 }
+                if let Some(m) = model {
+                    let e = ext[row];
+                    let ip_day = IpDay {
+                        minute_clicks: count,
+                        day_clicks: (e >> 32) as u32,
+                        day_campaigns: e as u32,
+                    };
+                    let ua = *ua_traits[k].get_or_insert_with(|| features::ua_traits(user_agent));
+                    let x = features::vector(&c, &ua, &ip_day);
+                    let score = m.predict(&x);
+                    let mut idt = [0u8; 36];
+                    c.event_id.write_text(&mut idt);
+                    let idt = std::str::from_utf8(&idt).expect("ascii");
+                    if dump {
+                        let d = &mut out.dump;
+                        d.extend_from_slice(idt.as_bytes());
+                        for v in x {
+                            write!(d, ",{v}")?;
+                        }
+                        writeln!(d, ",{score}")?;
+                    }
+                    if f64::from(score) >= cfg.model_threshold {
+                        t.model_removed += 1;
+                        writeln!(
+                            out.adj,
+                            "{idt},{},{},{},{},{},{},model,model score {score} >= {}",
+                            c.advertiser_id,
+                            c.campaign_id,
+                            c.ad_id,
+                            c.ts_ms,
+                            c.ip,
+                            c.cost_micros,
+                            cfg.model_threshold
+                        )?;
+                        continue;
+                    }
+                }
                 camp.clicks += 1;
                 camp.cost_micros += c.cost_micros;
                 let inv = t
@@ -1274,15 +1607,16 @@ fn judge(
             }
             Ok(())
         })?;
-        Ok(adj)
+        Ok(out)
     };
 
     // Files go to the workers in order through a bounded queue; results come back
     // tagged with their file and are released in file order.
     let threads = cfg.threads.clamp(1, files.len().max(1));
-    let (job_tx, job_rx) = mpsc::sync_channel::<(usize, Vec<u32>)>(threads);
+    type Job = (usize, Vec<u32>, Vec<u64>);
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(threads);
     let job_rx = Mutex::new(job_rx);
-    let (res_tx, res_rx) = mpsc::channel::<(usize, anyhow::Result<Vec<u8>>)>();
+    let (res_tx, res_rx) = mpsc::channel::<(usize, anyhow::Result<FileOut>)>();
     let mut totals = Totals::default();
     std::thread::scope(|s| -> Result<(), BillingError> {
         let mut workers = Vec::new();
@@ -1292,8 +1626,8 @@ fn judge(
                 let mut t = Totals::default();
                 loop {
                     let job = job_rx.lock().expect("not poisoned").recv();
-                    let Ok((f, counts)) = job else { break };
-                    let r = judge_file(&mut t, f, &counts);
+                    let Ok((f, counts, ext)) = job else { break };
+                    let r = judge_file(&mut t, f, &counts, &ext);
                     if res_tx.send((f, r)).is_err() {
                         break;
                     }
@@ -1302,12 +1636,12 @@ fn judge(
             }));
         }
         drop(res_tx);
-        let mut pending: BTreeMap<usize, Vec<u8>> = BTreeMap::new();
+        let mut pending: BTreeMap<usize, FileOut> = BTreeMap::new();
         // Files sent, in order: their adjustments are released in this order.
         let mut sent: std::collections::VecDeque<usize> = std::collections::VecDeque::new();
         let mut error: Option<BillingError> = None;
-        let take = |r: (usize, anyhow::Result<Vec<u8>>),
-                    pending: &mut BTreeMap<usize, Vec<u8>>,
+        let take = |r: (usize, anyhow::Result<FileOut>),
+                    pending: &mut BTreeMap<usize, FileOut>,
                     error: &mut Option<BillingError>| {
             match r.1 {
                 Ok(text) => {
@@ -1320,39 +1654,34 @@ fn judge(
         };
         let send_all = (|| -> Result<(), BillingError> {
             let mut merge = if direct.is_none() {
-                Some(Merge::new(count_mem, count_runs)?)
+                Some(Merge::new(&words.count_mem, &words.count_runs)?)
+            } else {
+                None
+            };
+            let mut ext_merge = if direct.is_none() && model.is_some() {
+                Some(Merge::new(&words.ext_mem, &words.ext_runs)?)
             } else {
                 None
             };
             let mut carry: Option<CountRec> = None;
+            let mut ext_carry: Option<ExtRec> = None;
             let mut direct = direct;
+            let mut direct_ext = direct_ext;
             for (f, af) in files.iter().enumerate() {
                 let counts = match (&mut direct, &mut merge) {
                     (Some(d), _) => std::mem::take(&mut d[f]),
-                    (None, Some(m)) => {
-                        let mut v = vec![0u32; af.rows as usize];
-                        loop {
-                            let r = match carry.take() {
-                                Some(r) => Some(r),
-                                None => m.pop()?,
-                            };
-                            match r {
-                                Some(r) if r.file as usize == f => v[r.row as usize] = r.val,
-                                Some(r) => {
-                                    carry = Some(r);
-                                    break;
-                                }
-                                None => break,
-                            }
-                        }
-                        v
-                    }
+                    (None, Some(m)) => gather(m, &mut carry, f, af.rows as usize)?,
                     (None, None) => unreachable!("one of the two"),
+                };
+                let ext = match (&mut direct_ext, &mut ext_merge) {
+                    (Some(d), _) => std::mem::take(&mut d[f]),
+                    (None, Some(m)) => gather(m, &mut ext_carry, f, af.rows as usize)?,
+                    (None, None) => Vec::new(),
                 };
                 if counts.iter().all(|&v| v == 0) {
                     continue;
                 }
-                if job_tx.send((f, counts)).is_err() {
+                if job_tx.send((f, counts, ext)).is_err() {
                     break;
                 }
                 sent.push_back(f);

@@ -167,18 +167,7 @@ impl CompiledRules {
                         .iter()
                         .any(|w| matches!(w.0, Feature::UaBot | Feature::UaDeviceMismatch));
                     if reads_ua && c.model_ua.is_none() {
-                        let tokens: Vec<&str> = BOT_UA_TOKENS
-                            .iter()
-                            .chain(MOBILE_UA_TOKENS)
-                            .copied()
-                            .collect();
-                        // Short common-letter tokens: a prefilter would fire on
-                        // every few bytes; the plain DFA scan is faster.
-                        let ac = AhoCorasickBuilder::new()
-                            .ascii_case_insensitive(true)
-                            .kind(Some(AhoCorasickKind::DFA))
-                            .prefilter(false)
-                            .build(&tokens)
+                        let ac = features::ua_token_automaton()
                             .map_err(|e| bad(format!("model tokens: {e}")))?;
                         c.model_ua = Some(ac);
                     }
@@ -283,13 +272,7 @@ impl CompiledRules {
             }
         }
         if let Some(ac) = &self.model_ua {
-            for m in ac.find_overlapping_iter(ua) {
-                if m.pattern().as_usize() < BOT_UA_TOKENS.len() {
-                    f.bot = true;
-                } else {
-                    f.mobile = true;
-                }
-            }
+            (f.bot, f.mobile) = features::ua_tokens(ac, user_agent);
         }
         f
     }

@@ -42,13 +42,19 @@
 //! `geo` (optional) maps a country to the networks known to be there, e.g.
 //! `{"geo": {"US": ["203.0.113.0/24"]}}`; without it `country_mismatch` is always 0.
 //!
-//! The code, one module per part, everything re-exported here: `spec` (the file format
+//! The definitions the risk model shares with billing's gradient-boosted model
+//! (`ua_bot`, `ua_empty`, `ua_device_mismatch`, `ip_v6`, the hour, `cost_units`, and
+//! `ip_rate` = `ip_minute_clicks` in billing) are functions of [`features`], which also
+//! computes that model's whole vector ([`features::vector`]).
+//!
+//! The code, one module per part, everything re-exported here but [`features`]: `spec` (the file format
 //! and its validation), `risk` (the risk model and its features), `blocklist`
 //! ([`IpBlocklist`]), `compiled` ([`CompiledRules`], [`Decision`]), `ip_rate`
 //! ([`IpRate`]).
 
 mod blocklist;
 mod compiled;
+pub mod features;
 mod ip_rate;
 mod risk;
 mod spec;

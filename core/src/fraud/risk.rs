@@ -1,7 +1,6 @@
 //! The risk model: logistic regression over per-click features (see the module
-//! documentation of `fraud` for the feature list).
-
-use std::net::IpAddr;
+//! documentation of `fraud` for the feature list; the definitions shared with billing's
+//! model are functions of [`super::features`]).
 
 use crate::cidr::CidrSet;
 use crate::{Click, Device};
@@ -148,18 +147,14 @@ impl Features<'_, '_> {
             Feature::UaBot => b(self.ua_bot),
             Feature::UaEmpty => b(c.user_agent.is_empty()),
             Feature::UaShort => b(c.user_agent.len() < 16),
-            Feature::UaDeviceMismatch => b(match c.device {
-                Device::Mobile | Device::Tablet => !self.ua_mobile,
-                Device::Desktop => self.ua_mobile,
-                _ => false,
-            }),
+            Feature::UaDeviceMismatch => b(features::ua_device_mismatch(c.device, self.ua_mobile)),
             Feature::IpRate => self.ip_clicks as f64,
-            Feature::IpV6 => b(matches!(c.ip, IpAddr::V6(a) if a.to_ipv4_mapped().is_none())),
-            Feature::HourNight => b((c.ts_ms / 3_600_000) % 24 < 6),
+            Feature::IpV6 => b(features::ip_v6(c.ip)),
+            Feature::HourNight => b(features::hour_of_day(c.ts_ms) < 6),
             Feature::CountryMismatch => b(model.country_mismatch(c)),
             Feature::DeviceCtv => b(c.device == Device::Ctv),
             Feature::DeviceOther => b(c.device == Device::Other),
-            Feature::CostUnits => c.cost_micros as f64 / 1e6,
+            Feature::CostUnits => features::cost_units(c.cost_micros),
         }
     }
 }
