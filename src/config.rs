@@ -110,13 +110,30 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_KAFKA_START_TIMEOUT_MS", global = true, help_heading = KAFKA)]
     pub kafka_start_timeout_ms: Option<u64>,
 
-    /// How clients reach the brokers: plaintext, or ssl (TLS; brokers checked against kafka_ssl_ca or the system's trust store) [default: plaintext]
+    /// How clients reach the brokers: plaintext, ssl (TLS; brokers checked against kafka_ssl_ca or the system's trust store), sasl_ssl (TLS plus SASL login) or sasl_plaintext [default: plaintext]
     #[arg(long, env = "CLICKGATE_KAFKA_SECURITY_PROTOCOL", global = true, help_heading = KAFKA)]
     pub kafka_security_protocol: Option<String>,
 
     /// Certificate authority (PEM) that brokers are checked against with kafka_security_protocol = ssl; unset: the system's trust store [default: none]
     #[arg(long, env = "CLICKGATE_KAFKA_SSL_CA", global = true, help_heading = KAFKA)]
     pub kafka_ssl_ca: Option<PathBuf>,
+
+    /// SASL mechanism with kafka_security_protocol sasl_*: SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN (not over sasl_plaintext) [default: SCRAM-SHA-512]
+    #[arg(long, env = "CLICKGATE_KAFKA_SASL_MECHANISM", global = true, help_heading = KAFKA)]
+    pub kafka_sasl_mechanism: Option<String>,
+
+    /// SASL user name with kafka_security_protocol sasl_* [default: none]
+    #[arg(long, env = "CLICKGATE_KAFKA_SASL_USERNAME", global = true, help_heading = KAFKA)]
+    pub kafka_sasl_username: Option<String>,
+
+    /// SASL password with kafka_security_protocol sasl_* (prefer the environment variable or the settings file to the command line) [default: none]
+    #[arg(
+        long,
+        env = "CLICKGATE_KAFKA_SASL_PASSWORD",
+        global = true, help_heading = KAFKA,
+        hide_env_values = true
+    )]
+    pub kafka_sasl_password: Option<String>,
 
     /// With ack = kafka, a request's 202s become 503s when the broker has not acknowledged them within this many ms [default: 5000]
     #[arg(long, env = "CLICKGATE_KAFKA_ACK_TIMEOUT_MS", global = true, help_heading = KAFKA)]
@@ -480,6 +497,9 @@ impl Settings {
                 kafka_start_timeout_ms,
                 kafka_security_protocol,
                 kafka_ssl_ca,
+                kafka_sasl_mechanism,
+                kafka_sasl_username,
+                kafka_sasl_password,
                 kafka_ack_timeout_ms,
                 kafka_ack_poll_us,
                 redis_url,
@@ -672,6 +692,16 @@ impl Settings {
                 .clone()
                 .unwrap_or(d.security_protocol),
             ssl_ca: self.kafka_ssl_ca.clone(),
+            sasl_mechanism: self
+                .kafka_sasl_mechanism
+                .clone()
+                .unwrap_or(d.sasl_mechanism),
+            sasl_username: self.kafka_sasl_username.clone().filter(|u| !u.is_empty()),
+            sasl_password: self
+                .kafka_sasl_password
+                .clone()
+                .filter(|p| !p.is_empty())
+                .map(clickgate_kafka::Secret),
         };
         cfg.validate().map_err(anyhow::Error::msg)?;
         Ok(Some(cfg))
@@ -1054,7 +1084,10 @@ mod tests {
                 }
                 (_, "empty") => "\"\"".to_string(),
                 ("trusted_cidrs", "none") => "[]".to_string(),
-                ("control_token" | "api_keys", "none") => "\"\"".to_string(),
+                (
+                    "control_token" | "api_keys" | "kafka_sasl_username" | "kafka_sasl_password",
+                    "none",
+                ) => "\"\"".to_string(),
                 (_, d) if d.parse::<f64>().is_ok() || d == "true" || d == "false" => d.to_string(),
                 (_, d) => format!("{:?}", d.replace("<data dir>", &data_dir)),
             };

@@ -578,98 +578,171 @@ impl Drop for Reaped {
     }
 }
 
-/// `kafka_security_protocol = ssl`: a real broker (tansu) reached only through TLS — a
-/// TLS endpoint (socat, `CLICKGATE_TEST_SOCAT`) with a certificate for `localhost` in front
-/// of it, advertised in the broker's metadata — and the CA given with `--kafka-ssl-ca`.
-/// With `ack = kafka` every 202 is the broker's acknowledgement over TLS; every event is
-/// then read back over TLS once. Without the CA the box cannot start.
-#[test]
-fn events_reach_the_topic_over_tls() {
+/// A real broker (tansu) reached only through TLS: a TLS endpoint (socat,
+/// `CLICKGATE_TEST_SOCAT`) with a certificate for `localhost` in front of it, advertised in
+/// the broker's metadata. With `user`, the broker requires a SCRAM-SHA-512 login and knows
+/// that (name, password). Returns the processes, `localhost:<tls port>` and the CA file.
+fn tls_broker(dir: &Path, user: Option<(&str, &str)>) -> (Vec<Reaped>, String, String) {
     let socat = std::env::var("CLICKGATE_TEST_SOCAT").unwrap_or_else(|_| {
         panic!("CLICKGATE_TEST_SOCAT is not set: run the tests with scripts/test.sh (it installs socat)")
     });
-    let tdir = tempfile::tempdir().unwrap();
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert = tdir.path().join("cert.pem");
-    let both = tdir.path().join("both.pem");
+    let cert = dir.join("cert.pem");
+    let both = dir.join("both.pem");
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&both, ck.cert.pem() + &ck.signing_key.serialize_pem()).unwrap();
     let (plain, tls) = (free_port(), free_port());
-    let _broker = Reaped(
-        Command::new(tansu_bin())
-            .args(["broker", "--listener-url"])
-            .arg(format!("tcp://127.0.0.1:{plain}"))
-            .arg("--advertised-listener-url")
-            .arg(format!("tcp://localhost:{tls}"))
-            .args(["--storage-engine", "sqlite://tansu.db"])
-            .current_dir(tdir.path())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tansu"),
-    );
-    let _tls = Reaped(
-        Command::new(socat)
-            .arg(format!(
-                "OPENSSL-LISTEN:{tls},bind=127.0.0.1,reuseaddr,fork,cert={},verify=0",
-                both.display()
-            ))
-            .arg(format!("TCP:127.0.0.1:{plain}"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn socat"),
-    );
-    let deadline = Instant::now() + CATCH_UP;
-    for port in [plain, tls] {
+    let wait = |port: u16| {
+        let deadline = Instant::now() + CATCH_UP;
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(Instant::now() < deadline, "port {port} never listened");
             std::thread::sleep(Duration::from_millis(50));
         }
+    };
+    let broker = |auth: bool| {
+        let mut cmd = Command::new(tansu_bin());
+        cmd.args(["broker", "--listener-url"])
+            .arg(format!("tcp://127.0.0.1:{plain}"))
+            .arg("--advertised-listener-url")
+            .arg(format!("tcp://localhost:{tls}"))
+            .args(["--storage-engine", "sqlite://tansu.db"]);
+        if auth {
+            cmd.arg("--authentication");
+        }
+        let child = cmd
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tansu");
+        wait(plain);
+        Reaped(child)
+    };
+    let mut procs = Vec::new();
+    match user {
+        None => procs.push(broker(false)),
+        Some((name, password)) => {
+            // Users are created on an open broker, which then restarts requiring logins.
+            let open = broker(false);
+            let out = Command::new(tansu_bin())
+                .args(["user", "create", "--mechanism", "scram512", "--broker"])
+                .arg(format!("tcp://127.0.0.1:{plain}"))
+                .args([name, password])
+                .output()
+                .expect("tansu user create");
+            assert!(out.status.success(), "{out:?}");
+            drop(open);
+            procs.push(broker(true));
+        }
     }
-    let brokers = format!("localhost:{tls}");
+    let front = Command::new(socat)
+        .arg(format!(
+            "OPENSSL-LISTEN:{tls},bind=127.0.0.1,reuseaddr,fork,cert={},verify=0",
+            both.display()
+        ))
+        .arg(format!("TCP:127.0.0.1:{plain}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn socat");
+    procs.push(Reaped(front));
+    wait(tls);
+    (
+        procs,
+        format!("localhost:{tls}"),
+        cert.display().to_string(),
+    )
+}
+
+/// A `clickgate dataplane` that must fail to start with these extra flags.
+fn start_fails(brokers: &str, extra: &[&str]) -> std::process::Output {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(common::BIN)
+        .args(["dataplane", "--data-dir"])
+        .arg(tmp.path())
+        .args(["--ingest-addr", "127.0.0.1:0", "--cores", "1"])
+        .args(kafka_args(brokers, &unique_topic("refused"), "kafka"))
+        .args(["--kafka-start-timeout-ms", "3000"])
+        .args(extra)
+        .env_remove("CLICKGATE_CONFIG")
+        .env_remove("CLICKGATE_KAFKA_SASL_PASSWORD")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started: {out:?}");
+    out
+}
+
+/// `kafka_security_protocol = ssl` against a broker behind TLS, with the CA given by
+/// `--kafka-ssl-ca`: with `ack = kafka` every 202 is the broker's acknowledgement over
+/// TLS; every event is read back over TLS once. Without the CA the box cannot start.
+#[test]
+fn events_reach_the_topic_over_tls() {
+    let tdir = tempfile::tempdir().unwrap();
+    let (_procs, brokers, ca) = tls_broker(tdir.path(), None);
     let topic = unique_topic("tls");
-    let ca = cert.display().to_string();
     let mut args = kafka_args(&brokers, &topic, "kafka");
     args.extend(["--kafka-security-protocol", "ssl", "--kafka-ssl-ca", &ca]);
     let cg = Clickgate::dataplane(&args);
     let ids = send_events(&cg, 0, 300);
     assert_eq!(ids.len(), 300, "not every batch was acknowledged");
     let want: HashSet<String> = ids.into_iter().collect();
-    let tls_client = [
+    let client = [
         ("security.protocol", "ssl".to_string()),
         ("ssl.ca.location", ca.clone()),
     ];
-    let recs = wait_for_all_with(&brokers, &topic, &want, &tls_client);
+    let recs = wait_for_all_with(&brokers, &topic, &want, &client);
     check_exactly_once(&recs, 4);
-    drop(cg);
+    // The system's trust store does not know the CA.
+    start_fails(&brokers, &["--kafka-security-protocol", "ssl"]);
+}
 
-    // Without the CA (the system's trust store does not know it): no start.
-    let tmp = tempfile::tempdir().unwrap();
-    let out = Command::new(common::BIN)
-        .args(["dataplane", "--data-dir"])
-        .arg(tmp.path())
-        .args(["--ingest-addr", "127.0.0.1:0", "--cores", "1"])
-        .args(kafka_args(
-            &brokers,
-            &unique_topic("tls_untrusted"),
-            "kafka",
-        ))
-        .args([
+/// `sasl_ssl` with SCRAM-SHA-512 against a broker that requires a login: the right
+/// password gets every event in once; a wrong one cannot start.
+#[test]
+fn events_reach_the_topic_over_tls_with_a_scram_login() {
+    let tdir = tempfile::tempdir().unwrap();
+    let (user, password) = ("clickgate", "a-long-scram-password");
+    let (_procs, brokers, ca) = tls_broker(tdir.path(), Some((user, password)));
+    let topic = unique_topic("sasl");
+    let mut args = kafka_args(&brokers, &topic, "kafka");
+    args.extend([
+        "--kafka-security-protocol",
+        "sasl_ssl",
+        "--kafka-ssl-ca",
+        &ca,
+        "--kafka-sasl-username",
+        user,
+        "--kafka-sasl-password",
+        password,
+    ]);
+    let cg = Clickgate::dataplane(&args);
+    let ids = send_events(&cg, 0, 300);
+    assert_eq!(ids.len(), 300, "not every batch was acknowledged");
+    let want: HashSet<String> = ids.into_iter().collect();
+    let client = [
+        ("security.protocol", "sasl_ssl".to_string()),
+        ("ssl.ca.location", ca.clone()),
+        ("sasl.mechanism", "SCRAM-SHA-512".to_string()),
+        ("sasl.username", user.to_string()),
+        ("sasl.password", password.to_string()),
+    ];
+    let recs = wait_for_all_with(&brokers, &topic, &want, &client);
+    check_exactly_once(&recs, 4);
+    start_fails(
+        &brokers,
+        &[
             "--kafka-security-protocol",
-            "ssl",
-            "--kafka-start-timeout-ms",
-            "3000",
-        ])
-        .env_remove("CLICKGATE_CONFIG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(
-        !out.status.success(),
-        "started without trusting the broker: {out:?}"
+            "sasl_ssl",
+            "--kafka-ssl-ca",
+            &ca,
+            "--kafka-sasl-username",
+            user,
+            "--kafka-sasl-password",
+            "not-the-password",
+        ],
     );
 }
 
@@ -691,7 +764,7 @@ fn chaos_broker_down_until_log_retention_is_full_then_recovery() {
         "--log-segment-bytes",
         "1048576",
         "--log-retention-bytes",
-        "3145728",
+        "2097152",
         "--rate-limit-events-per-sec",
         "10000000",
     ]);
@@ -702,7 +775,7 @@ fn chaos_broker_down_until_log_retention_is_full_then_recovery() {
     wait_for_all(&brokers, &topic, &want);
     tansu.stop();
     // Batches of 50 until the log is at its bound and refuses (send_events stops at the
-    // first non-202); 3 MiB of records is about 10,000 events.
+    // first non-202); 2 MiB of records is about 7,000 events.
     let mut next = 1_000u64;
     loop {
         let got = send_events(&cg, next, 2_000);

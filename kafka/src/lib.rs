@@ -27,6 +27,16 @@ pub const HEADER_BOX: &str = "cg-box";
 pub const HEADER_CORE: &str = "cg-core";
 pub const HEADER_LSN: &str = "cg-lsn";
 
+/// A password: never shown by `Debug` (settings are logged).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"<redacted>\"")
+    }
+}
+
 /// Kafka settings; every bound with its unit last. Filled from `Settings` by the binary.
 #[derive(Clone, Debug)]
 pub struct KafkaConfig {
@@ -46,8 +56,12 @@ pub struct KafkaConfig {
     pub inflight_records_max: u32,
     /// Start-up (topic check, recovery scan) gives up after this long, in ms.
     pub start_timeout_ms: u64,
-    /// librdkafka `security.protocol`: `plaintext` or `ssl`.
+    /// librdkafka `security.protocol`: `plaintext`, `ssl`, `sasl_ssl` or `sasl_plaintext`.
     pub security_protocol: String,
+    /// With `sasl_*`: `SCRAM-SHA-512`, `SCRAM-SHA-256` or `PLAIN` (not over plaintext).
+    pub sasl_mechanism: String,
+    pub sasl_username: Option<String>,
+    pub sasl_password: Option<Secret>,
     /// With `ssl`: the certificate authority (PEM) brokers are checked against; `None`:
     /// the system's trust store.
     pub ssl_ca: Option<std::path::PathBuf>,
@@ -66,6 +80,9 @@ impl Default for KafkaConfig {
             start_timeout_ms: 10_000,
             security_protocol: "plaintext".into(),
             ssl_ca: None,
+            sasl_mechanism: "SCRAM-SHA-512".into(),
+            sasl_username: None,
+            sasl_password: None,
         }
     }
 }
@@ -105,15 +122,40 @@ impl KafkaConfig {
             100,
             600_000,
         )?;
-        match self.security_protocol.as_str() {
-            "plaintext" => {
+        let proto = self.security_protocol.as_str();
+        let sasl = proto.starts_with("sasl_");
+        if sasl {
+            if !["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"].contains(&self.sasl_mechanism.as_str())
+            {
+                return Err(format!(
+                    "kafka_sasl_mechanism must be SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN, got {:?}",
+                    self.sasl_mechanism
+                ));
+            }
+            if self.sasl_username.as_deref().is_none_or(str::is_empty)
+                || self.sasl_password.as_ref().is_none_or(|p| p.0.is_empty())
+            {
+                return Err(format!(
+                    "kafka_security_protocol {proto} needs kafka_sasl_username and kafka_sasl_password"
+                ));
+            }
+            if proto == "sasl_plaintext" && self.sasl_mechanism == "PLAIN" {
+                return Err("kafka_sasl_mechanism PLAIN over sasl_plaintext would send the password in clear: use sasl_ssl or SCRAM".into());
+            }
+        } else if self.sasl_username.is_some() || self.sasl_password.is_some() {
+            return Err(format!(
+                "kafka_sasl_username/kafka_sasl_password are set but kafka_security_protocol is {proto}"
+            ));
+        }
+        match proto {
+            "plaintext" | "sasl_plaintext" => {
                 if self.ssl_ca.is_some() {
-                    return Err(
-                        "kafka_ssl_ca is set but kafka_security_protocol is plaintext".into(),
-                    );
+                    return Err(format!(
+                        "kafka_ssl_ca is set but kafka_security_protocol is {proto}"
+                    ));
                 }
             }
-            "ssl" => {
+            "ssl" | "sasl_ssl" => {
                 if let Some(ca) = &self.ssl_ca {
                     let pem = std::fs::read(ca)
                         .map_err(|e| format!("kafka_ssl_ca {}: cannot read: {e}", ca.display()))?;
@@ -127,7 +169,7 @@ impl KafkaConfig {
             }
             other => {
                 return Err(format!(
-                    "kafka_security_protocol must be plaintext or ssl, got {other:?}"
+                    "kafka_security_protocol must be plaintext, ssl, sasl_ssl or sasl_plaintext, got {other:?}"
                 ))
             }
         }
@@ -148,11 +190,20 @@ impl KafkaConfig {
             )
             .set("log_level", "4")
             .set("security.protocol", &self.security_protocol);
-        if self.security_protocol == "ssl" {
+        if matches!(self.security_protocol.as_str(), "ssl" | "sasl_ssl") {
             match &self.ssl_ca {
                 Some(ca) => c.set("ssl.ca.location", ca.display().to_string()),
                 None => c.set("ssl.ca.location", "probe"),
             };
+        }
+        if self.security_protocol.starts_with("sasl_") {
+            c.set("sasl.mechanism", &self.sasl_mechanism);
+            if let Some(u) = &self.sasl_username {
+                c.set("sasl.username", u);
+            }
+            if let Some(p) = &self.sasl_password {
+                c.set("sasl.password", &p.0);
+            }
         }
         c
     }
