@@ -255,6 +255,18 @@ fn raw(out: &Out) {
     raw_pb::from_log_record(&r, &mut pb1).unwrap();
     out.put(t, "protobuf_v4", &pb1);
     out.put(t, "truncated", &r6[..r6.len() - 3]);
+    // Strings one past their bounds (the decoder refuses them: the encoders would not
+    // write them back).
+    let uid_at = 2 + 8 + 16 + 6 * 8 + 1 + 4 + 2 + 1;
+    let mut long_uid = r[..uid_at].to_vec();
+    long_uid.push(65);
+    long_uid.extend(std::iter::repeat_n(b'u', 65));
+    long_uid.extend_from_slice(&r[uid_at + 1 + r[uid_at] as usize..]);
+    out.put(t, "record_long_user_id", &long_uid);
+    let mut long_rule = r6[..r6.len() - 7].to_vec();
+    long_rule.push(65);
+    long_rule.extend(std::iter::repeat_n(b'r', 65));
+    out.put(t, "record_long_rule", &long_rule);
 }
 
 fn segments(out: &Out) {
