@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, on a fresh machine or a developer's: prepares the host limits and
-# the services the tests need, then runs every test of the workspace.
+# the services the tests need, runs every test of the workspace, then every fuzz target
+# for a bounded time (scripts/fuzz.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,3 +13,5 @@ source scripts/services.sh
 services_start
 
 cargo test --workspace --locked "$@"
+
+scripts/fuzz.sh

@@ -435,6 +435,32 @@ pub(crate) fn router(st: ApiState) -> Router {
         .with_state(st)
 }
 
+/// The query API's routes behind the auth layer, over an embedded store and without a
+/// socket or the dashboard: what `Controlplane::start` serves, for the fuzz target that
+/// drives raw request targets (paths, percent-encoded ids, query strings) through it.
+#[doc(hidden)]
+pub fn router_over_store(
+    store: Arc<RwLock<Store>>,
+    limits: QueryLimits,
+    auth: crate::auth::AuthConfig,
+) -> Router {
+    let metrics = Arc::new(Metrics::default());
+    let reader: Arc<dyn CounterRead> = Arc::new(crate::read::EmbeddedRead::new(store.clone()));
+    let tenants = Arc::new(crate::auth::Auth::new(
+        auth,
+        reader.clone(),
+        metrics.clone(),
+    ));
+    router(ApiState {
+        store,
+        metrics,
+        limits,
+        reader,
+        redis: None,
+    })
+    .layer(crate::auth::layer(tenants))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -269,7 +269,8 @@ impl Store {
             if !self.retention.keeps(w, start, now_ms) {
                 // Every click is in exactly one `all` entry: count it there only.
                 if key.dim == Dim::All {
-                    self.stats.late_dropped[w as usize] += c.clicks + c.fraud_clicks;
+                    let late = &mut self.stats.late_dropped[w as usize];
+                    *late = late.saturating_add(c.clicks.saturating_add(c.fraud_clicks));
                 }
                 continue;
             }
@@ -585,7 +586,7 @@ mod tests {
     use clickgate_core::Click;
     use clickgate_proto::frames::{
         access_delta, access_store_chunk, encode_delta, encode_store_chunk, frames_from_delta,
-        split_frame, FRAME_BYTES_MAX,
+        split_frame, DeltaFrame, FRAME_BYTES_MAX,
     };
 
     const T0: u64 = 1_764_201_600_000;
@@ -674,6 +675,47 @@ mod tests {
             assert_eq!(totals(&a, 1, w), totals(&b, 1, w));
             assert_eq!(totals(&a, 1, w), vec![(w.bucket_start(T0), 4, 12, 2)]);
         }
+    }
+
+    /// Found by the `store_wal` fuzz target: counts near `u64::MAX` in two frames (or one
+    /// late frame) overflowed the cell and the late-drop counter.
+    #[test]
+    fn huge_counts_saturate() {
+        let entry = |window_start: u64| DeltaEntry {
+            campaign_id: 1,
+            window: Window::M5.as_u8(),
+            bucket_start: window_start,
+            dim_kind: Dim::KIND_ALL,
+            dim_value: 0,
+            clicks: u64::MAX - 1,
+            cost_micros: u64::MAX,
+            fraud_clicks: u64::MAX,
+            users: Vec::new(),
+        };
+        let frame = |delta_id: u64, entries: Vec<DeltaEntry>| {
+            let mut buf = Vec::new();
+            let f = DeltaFrame {
+                version: FRAMES_VERSION,
+                box_id: 1,
+                instance_id: 1,
+                core: 0,
+                delta_id,
+                log_lsn: 0,
+                start_lsn: 0,
+                entries,
+                owners: Vec::new(),
+            };
+            encode_delta(&f, &mut buf).unwrap();
+            buf
+        };
+        let mut s = Store::new(Retention::default(), 1_000);
+        apply(&mut s, &frame(1, vec![entry(T0)]), NOW);
+        apply(&mut s, &frame(2, vec![entry(T0)]), NOW);
+        let b = s.series(1, Window::M5, Dim::All, 0, u64::MAX);
+        assert_eq!((b[0].clicks, b[0].cost_micros), (u64::MAX, u64::MAX));
+        // Far past retention: counted as late, saturating too.
+        apply(&mut s, &frame(3, vec![entry(0), entry(0)]), NOW);
+        assert_eq!(s.stats().late_dropped[0], u64::MAX);
     }
 
     #[test]

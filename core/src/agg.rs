@@ -161,10 +161,12 @@ pub struct Counters {
 }
 
 impl Counters {
+    /// Saturates: counts come from frames a peer or a file supplied, and one with values
+    /// near `u64::MAX` must not overflow (a panic in a debug build, a wrap in release).
     pub fn add(&mut self, o: &Counters) {
-        self.clicks += o.clicks;
-        self.cost_micros += o.cost_micros;
-        self.fraud_clicks += o.fraud_clicks;
+        self.clicks = self.clicks.saturating_add(o.clicks);
+        self.cost_micros = self.cost_micros.saturating_add(o.cost_micros);
+        self.fraud_clicks = self.fraud_clicks.saturating_add(o.fraud_clicks);
     }
 }
 
@@ -712,6 +714,24 @@ impl Aggregator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counters_add_saturates() {
+        let mut c = Counters {
+            clicks: u64::MAX - 1,
+            cost_micros: 5,
+            fraud_clicks: u64::MAX,
+        };
+        c.add(&Counters {
+            clicks: 3,
+            cost_micros: 7,
+            fraud_clicks: 1,
+        });
+        assert_eq!(
+            (c.clicks, c.cost_micros, c.fraud_clicks),
+            (u64::MAX, 12, u64::MAX)
+        );
+    }
     use crate::event::EventId;
     use crate::hash::mix64;
     use std::borrow::Cow;

@@ -20,6 +20,7 @@
 use std::borrow::Cow;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use clickgate_core::event::{USER_AGENT_BYTES_MAX, USER_ID_BYTES_MAX};
 use clickgate_core::{Click, Device, EventId};
 
 pub const RECORD_VERSION: u8 = 1;
@@ -37,9 +38,9 @@ pub const RECORD_BYTES_MAX: usize = 2
     + 2
     + 1
     + 1
-    + clickgate_core::event::USER_ID_BYTES_MAX
+    + USER_ID_BYTES_MAX
     + 2
-    + clickgate_core::event::USER_AGENT_BYTES_MAX
+    + USER_AGENT_BYTES_MAX
     + 1
     + RULES_PER_RECORD_MAX * (1 + RULE_ID_BYTES_MAX);
 
@@ -97,6 +98,9 @@ pub enum RecordError {
     Utf8(usize),
     #[error("more than {RULES_PER_RECORD_MAX} rules or a rule id over {RULE_ID_BYTES_MAX} bytes")]
     Rules,
+    /// A string longer than the encoder writes (`user_id`, `user_agent`).
+    #[error("{0} is over its bound")]
+    TooLong(&'static str),
     /// A `raw_clicks` protobuf value that is malformed or out of bounds (`raw_pb`).
     #[error("protobuf value: {0}")]
     Protobuf(&'static str),
@@ -224,9 +228,17 @@ pub fn decode(bytes: &[u8]) -> Result<RawRecord<'_>, RecordError> {
     let country: [u8; 2] = r.take(2)?.try_into().expect("2 bytes");
     let d = r.u8()?;
     let device = Device::from_u8(d).ok_or(RecordError::Device(d))?;
+    // Every bound the encoder (and the protobuf decoder) keeps, so a record that decodes
+    // re-encodes in either form.
     let n = r.u8()? as usize;
+    if n > USER_ID_BYTES_MAX {
+        return Err(RecordError::TooLong("user_id"));
+    }
     let user_id = r.str(n)?;
     let n = u16::from_le_bytes(r.take(2)?.try_into().expect("2")) as usize;
+    if n > USER_AGENT_BYTES_MAX {
+        return Err(RecordError::TooLong("user_agent"));
+    }
     let user_agent = r.str(n)?;
     let count = r.u8()? as usize;
     if count > RULES_PER_RECORD_MAX {
@@ -235,6 +247,9 @@ pub fn decode(bytes: &[u8]) -> Result<RawRecord<'_>, RecordError> {
     let mut rules = Vec::with_capacity(count);
     for _ in 0..count {
         let n = r.u8()? as usize;
+        if n > RULE_ID_BYTES_MAX {
+            return Err(RecordError::Rules);
+        }
         rules.push(r.str(n)?);
     }
     if r.at != bytes.len() {
@@ -359,6 +374,42 @@ mod tests {
             Err(RecordError::Rules)
         );
         assert!(buf.is_empty());
+    }
+
+    /// Found by the `raw_record` fuzz target: a record with a string over its bound
+    /// decoded, but its protobuf value did not (user_id) or it did not re-encode (rule id).
+    #[test]
+    fn strings_over_their_bounds_do_not_decode() {
+        let c = sample("1.2.3.4".parse().unwrap(), "u", "a");
+        let mut buf = Vec::new();
+        encode(&c, Flags::default(), 0, &["r"], &mut buf).unwrap();
+        let uid_at = 2 + 8 + 16 + 6 * 8 + 1 + 4 + 2 + 1;
+        assert_eq!(&buf[uid_at..uid_at + 2], &[1, b'u']);
+        let mut long_uid = buf[..uid_at].to_vec();
+        long_uid.push(USER_ID_BYTES_MAX as u8 + 1);
+        long_uid.extend(std::iter::repeat_n(b'u', USER_ID_BYTES_MAX + 1));
+        long_uid.extend_from_slice(&buf[uid_at + 2..]);
+        assert_eq!(decode(&long_uid), Err(RecordError::TooLong("user_id")));
+        let ua_at = uid_at + 2;
+        let mut long_ua = buf[..ua_at].to_vec();
+        long_ua.extend_from_slice(&(USER_AGENT_BYTES_MAX as u16 + 1).to_le_bytes());
+        long_ua.extend(std::iter::repeat_n(b'a', USER_AGENT_BYTES_MAX + 1));
+        long_ua.extend_from_slice(&buf[ua_at + 3..]);
+        assert_eq!(decode(&long_ua), Err(RecordError::TooLong("user_agent")));
+        let mut long_rule = buf[..buf.len() - 2].to_vec();
+        long_rule.push(RULE_ID_BYTES_MAX as u8 + 1);
+        long_rule.extend(std::iter::repeat_n(b'r', RULE_ID_BYTES_MAX + 1));
+        assert_eq!(decode(&long_rule), Err(RecordError::Rules));
+        // At the bounds, they still decode.
+        let at = sample(
+            c.ip,
+            &"u".repeat(USER_ID_BYTES_MAX),
+            &"a".repeat(USER_AGENT_BYTES_MAX),
+        );
+        let rule = "r".repeat(RULE_ID_BYTES_MAX);
+        let mut ok = Vec::new();
+        encode(&at, Flags::default(), 0, &[rule.as_str()], &mut ok).unwrap();
+        assert_eq!(decode(&ok).unwrap().click, at);
     }
 
     proptest! {

@@ -275,7 +275,11 @@ impl Outbox {
                 }
                 if at == 0 && out.is_empty() && !buf.is_empty() {
                     // A record longer than what we read: read it whole.
-                    let Some(len) = framing::body_len(&buf) else {
+                    // A length past the segment's end is corruption, never a read (nor
+                    // an allocation) of that length.
+                    let Some(len) = framing::body_len(&buf)
+                        .filter(|&n| (HEADER_BYTES + n) as u64 <= len - cursor.1)
+                    else {
                         anyhow::bail!(
                             "redis outbox segment {} is corrupt at byte {}",
                             seq,
@@ -457,6 +461,28 @@ mod tests {
             })
             .count();
         assert_eq!(segs, 1);
+    }
+
+    /// Found by the `redis_outbox` fuzz target: a corrupt record in an older segment whose
+    /// length says 4 GiB made the flusher allocate 4 GiB before reading it.
+    #[test]
+    fn a_corrupt_length_is_an_error_not_an_allocation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("redis");
+        fs::create_dir_all(&dir).unwrap();
+        let mut older = Vec::new();
+        framing::encode(Crc::Body, b"ok", &mut older);
+        older.extend_from_slice(&u32::MAX.to_le_bytes());
+        older.extend_from_slice(&[0; 4]);
+        fs::write(seg_path(&dir, 1), &older).unwrap();
+        fs::write(seg_path(&dir, 2), b"").unwrap();
+        let (ob, _w) = Outbox::open(&dir, 16 << 20).unwrap();
+        let (b, c) = ob.read_batch(10, 1 << 20).unwrap();
+        assert_eq!(bodies(&b), vec![b"ok".to_vec()]);
+        assert_eq!(c, (1, 10));
+        ob.advance(c).unwrap();
+        let e = ob.read_batch(10, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("corrupt at byte 10"), "{e}");
     }
 
     #[test]
