@@ -227,7 +227,7 @@ impl Outbox {
     fn update_bytes(&self) {
         let b = Self::total_bytes(&self.lock());
         self.stats.bytes.store(b, Ordering::Relaxed);
-        if b <= self.spill_bytes_max / 2 {
+        if self.backlog_bytes() <= self.spill_bytes_max / 2 {
             self.stats.dropping.store(false, Ordering::Relaxed);
         }
     }
@@ -360,8 +360,10 @@ impl OutboxWriter {
         let n = self.pending_frames;
         self.pending_frames = 0;
         let ob = self.outbox.clone();
-        let total = ob.stats.bytes.load(Ordering::Relaxed);
-        if total + self.pending.len() as u64 > ob.spill_bytes_max {
+        // The bound is on what Redis has not taken yet: a consumed segment still on disk
+        // (the active one is deleted only once a newer one exists) does not count.
+        let backlog = ob.backlog_bytes();
+        if backlog + self.pending.len() as u64 > ob.spill_bytes_max {
             ob.stats.dropped_deltas.fetch_add(n, Ordering::Relaxed);
             ob.stats.dropping.store(true, Ordering::Relaxed);
             tracing::warn!(
