@@ -308,3 +308,35 @@ fn a_pipelined_flood_is_answered_with_bounded_memory() {
     assert!(grown < 32 << 20, "grew by {} MiB", grown >> 20);
     honest_click_accepted(&cg, 2);
 }
+
+/// The header deadline is per request: a client that keeps a pipeline going for three
+/// times the deadline, every write completing one request and starting the next, is
+/// never cut, and every request is answered.
+#[test]
+fn a_steady_pipelined_client_outlives_the_header_deadline() {
+    let cg = Clickgate::dataplane(&["--cores", "1", "--header-timeout-ms", "1000"]);
+    let mut s = TcpStream::connect(cg.ingest).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /hea").unwrap();
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut text = Vec::new();
+    let mut buf = [0u8; 4096];
+    while started.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(100));
+        s.write_all(b"lthz HTTP/1.1\r\nHost: t\r\n\r\nGET /hea")
+            .expect("the server cut a client that keeps completing requests");
+        sent += 1;
+        let n = s.read(&mut buf).expect("a response");
+        assert!(n > 0, "closed after {sent} requests");
+        text.extend_from_slice(&buf[..n]);
+    }
+    s.write_all(b"lthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    sent += 1;
+    let _ = s.read_to_end(&mut text);
+    let answered = String::from_utf8_lossy(&text)
+        .matches("HTTP/1.1 200")
+        .count();
+    assert_eq!(answered, sent);
+}

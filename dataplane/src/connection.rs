@@ -247,6 +247,8 @@ async fn connection_loop(
         batch.first_202_at = None;
         batch.responses_since = 0;
         batch.accepted_202 = 0;
+        // Requests answered in this round: the one a deadline was set for is done.
+        let mut served = 0usize;
         // Answer every complete request in the buffer, in order.
         loop {
             if out.len() >= OUT_BYTES_MAX {
@@ -295,6 +297,7 @@ async fn connection_loop(
                 batch.accepted_202 += 1;
             }
             rb.consume(head.total_len());
+            served += 1;
             if !keep_alive {
                 close = true;
                 break;
@@ -307,7 +310,8 @@ async fn connection_loop(
             *charged = extra;
         }
         // Deadlines: set when a head or a body starts arriving, never pushed back by
-        // the bytes that follow.
+        // the bytes that follow; a request that completes ends its deadline, so the next
+        // one (pipelined, its start already read) gets its own.
         let now_phase = if rb.is_empty() || pending {
             Phase::Idle
         } else if want > 0 {
@@ -315,7 +319,7 @@ async fn connection_loop(
         } else {
             Phase::Head
         };
-        if now_phase != phase {
+        if now_phase != phase || (served > 0 && now_phase != Phase::Idle) {
             let deadline = match now_phase {
                 Phase::Idle => 0,
                 Phase::Head => mono + shard.cfg.header_timeout_ms,
