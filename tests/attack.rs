@@ -10,7 +10,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{event, metric_sum, uuid, Clickgate, Conn};
+use common::{closed_by_server, event, metric_sum, uuid, Clickgate, Conn};
 
 fn rss_bytes(cg: &Clickgate) -> u64 {
     let pid = cg.child.as_ref().expect("running").id();
@@ -29,21 +29,6 @@ fn honest_click_accepted(cg: &Clickgate, n: u64) {
     let mut c = Conn::new(cg.ingest);
     let r = c.request("POST", "/v1/click", &event(&uuid(n), 7, |_| {}));
     assert_eq!(r.status, 202, "honest client refused: {}", r.body);
-}
-
-/// True once the server has closed `s` (a read returns EOF or an error), waiting at most
-/// 50 ms.
-fn closed_by_server(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let mut b = [0u8; 4096];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    }
 }
 
 fn body_head(len: usize) -> Vec<u8> {

@@ -11,21 +11,7 @@ use std::net::TcpStream;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{metric_sum, Clickgate, BIN};
-
-/// True once the server has closed `s` (a read returns EOF or an error).
-fn closed_by_server(s: &mut TcpStream) -> bool {
-    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
-    let mut b = [0u8; 256];
-    match s.read(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => !matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ),
-    }
-}
+use common::{closed_by_server, localhost_cert, metric_sum, Clickgate, BIN};
 
 #[test]
 fn a_trickled_request_head_is_cut_off_at_the_header_deadline() {
@@ -277,15 +263,6 @@ fn the_open_files_limit_is_raised_at_start() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(soft_hard[0], soft_hard[1], "soft = hard");
-}
-
-/// A self-signed certificate for `localhost` and its key, as PEM files in `dir`.
-fn localhost_cert(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    (cert, key)
 }
 
 fn rules_list(url: &str, ca: Option<&std::path::Path>, token: &str) -> std::process::Output {

@@ -15,7 +15,7 @@ use clickgate_kafka::murmur2::partition_for;
 use clickgate_kafka::rdkafka::consumer::{BaseConsumer, Consumer};
 use clickgate_kafka::rdkafka::message::Headers;
 use clickgate_kafka::rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
-use common::{event, now_ms, uuid, Clickgate};
+use common::{event, free_port, now_ms, uuid, Clickgate};
 
 /// Generous bound for the topic to catch up; a test fails loudly past it.
 const CATCH_UP: Duration = Duration::from_secs(60);
@@ -432,11 +432,7 @@ struct Tansu {
 
 impl Tansu {
     fn start(dir: &Path) -> Tansu {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let mut t = Tansu {
             child: None,
             port,
@@ -560,14 +556,6 @@ fn kill9_with_ack_kafka_keeps_every_202_once() {
     kill9_keeps_every_202("kafka");
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Kills the child on drop.
 struct Reaped(Child);
 
@@ -586,11 +574,11 @@ fn tls_broker(dir: &Path, user: Option<(&str, &str)>) -> (Vec<Reaped>, String, S
     let socat = std::env::var("CLICKGATE_TEST_SOCAT").unwrap_or_else(|_| {
         panic!("CLICKGATE_TEST_SOCAT is not set: run the tests with scripts/test.sh (it installs socat)")
     });
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let cert = dir.join("cert.pem");
+    let (cert, key) = common::localhost_cert(dir);
+    // socat takes the certificate and its key in one file.
     let both = dir.join("both.pem");
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&both, ck.cert.pem() + &ck.signing_key.serialize_pem()).unwrap();
+    let pem = std::fs::read_to_string(&cert).unwrap() + &std::fs::read_to_string(&key).unwrap();
+    std::fs::write(&both, pem).unwrap();
     let (plain, tls) = (free_port(), free_port());
     let wait = |port: u16| {
         let deadline = Instant::now() + CATCH_UP;

@@ -141,11 +141,7 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start() -> PrivateRedis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = common::free_port();
         let mut r = PrivateRedis {
             child: None,
             port,
@@ -658,15 +654,8 @@ fn cluster_answers_like_single_node_and_the_embedded_store_and_keys_carry_ttls()
 #[test]
 fn rediss_flushes_and_reads_over_tls_with_the_given_ca() {
     let tmp = tempfile::tempdir().unwrap();
-    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let (cert, key) = (tmp.path().join("cert.pem"), tmp.path().join("key.pem"));
-    std::fs::write(&cert, ck.cert.pem()).unwrap();
-    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let (cert, key) = common::localhost_cert(tmp.path());
+    let port = common::free_port();
     let bin = env_or_panic("CLICKGATE_TEST_REDIS_SERVER");
     let mut server = Command::new(bin)
         .args(["--port", "0", "--bind", "127.0.0.1", "--save", ""])

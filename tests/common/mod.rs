@@ -288,6 +288,40 @@ impl Drop for Clickgate {
     }
 }
 
+/// True once the server has closed `s` (a read returns EOF or an error), waiting at most
+/// 50 ms; bytes the server sent meanwhile are read and dropped.
+pub fn closed_by_server(s: &mut TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut b = [0u8; 4096];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+/// A loopback port free at the time of the call.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A self-signed certificate for `localhost` and its private key, written to
+/// `dir/cert.pem` and `dir/key.pem` (PEM); returns their paths.
+pub fn localhost_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (cert, key)
+}
+
 /// One request on a fresh connection to `addr`; `None` when the connection fails or
 /// closes before a whole response (a killed server, say).
 pub fn try_request(addr: SocketAddr, method: &str, path: &str, body: &str) -> Option<Response> {
