@@ -247,35 +247,6 @@ fn invoice_text(t: &Truth) -> String {
     s
 }
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn billing(data_dir: &Path, args: &[&str]) -> Out {
-    let out = Command::new(BIN)
-        .arg("billing")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env_remove("CLICKGATE_CONFIG")
-        .env_remove("CLICKGATE_ARCHIVE_URL")
-        .env("CLICKGATE_LOG", "warn")
-        .output()
-        .expect("run clickgate billing");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn date_of(ms: u64) -> String {
-    let (y, m, d) = common::civil_date(ms);
-    format!("{y:04}-{m:02}-{d:02}")
-}
-
 fn apply_rules(cg: &Clickgate) {
     let f = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(f.path(), RULES).unwrap();

@@ -21,7 +21,7 @@ use clickgate_controlplane::archive::writer::PartFile;
 use clickgate_controlplane::archive::{file_name, hour_start, partition_path};
 use clickgate_core::{Click, Device, EventId};
 use clickgate_proto::record::{Flags, RawRecord};
-use common::BIN;
+use common::{billing, date_of};
 
 const DAY_MS: u64 = 86_400_000;
 const MINUTE_MS: u64 = 60_000;
@@ -379,35 +379,6 @@ p = b.predict(xgb.DMatrix(T)).astype(np.float32)
 open("%s/test.pred" % d, "w").write("".join("%08x\n" % v for v in p.view(np.uint32)))
 print(xgb.__version__)
 "#;
-
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn billing(data_dir: &Path, args: &[&str]) -> Out {
-    let out = Command::new(BIN)
-        .arg("billing")
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env_remove("CLICKGATE_CONFIG")
-        .env_remove("CLICKGATE_ARCHIVE_URL")
-        .env("CLICKGATE_LOG", "warn")
-        .output()
-        .expect("run clickgate billing");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
-
-fn date_of(ms: u64) -> String {
-    let (y, m, d) = common::civil_date(ms);
-    format!("{y:04}-{m:02}-{d:02}")
-}
 
 fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))

@@ -288,6 +288,38 @@ impl Drop for Clickgate {
     }
 }
 
+/// What a finished `clickgate` command printed and returned.
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// `clickgate billing --data-dir <data_dir> <args>`, run to completion.
+pub fn billing(data_dir: &Path, args: &[&str]) -> Out {
+    let out = Command::new(BIN)
+        .arg("billing")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("CLICKGATE_CONFIG")
+        .env_remove("CLICKGATE_ARCHIVE_URL")
+        .env("CLICKGATE_LOG", "warn")
+        .output()
+        .expect("run clickgate billing");
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The UTC day of `ms` as `YYYY-MM-DD`.
+pub fn date_of(ms: u64) -> String {
+    let (y, m, d) = civil_date(ms);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
 /// True once the server has closed `s` (a read returns EOF or an error), waiting at most
 /// 50 ms; bytes the server sent meanwhile are read and dropped.
 pub fn closed_by_server(s: &mut TcpStream) -> bool {

@@ -142,12 +142,7 @@ impl RuleSet {
 
     /// Parses and validates a rules file: `{"version"?: N, "rules": [...]}`.
     pub fn parse(text: &str) -> Result<RuleSet, RuleError> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| RuleError::Syntax {
-                line: e.line(),
-                column: e.column(),
-                message: strip_position(&e.to_string()),
-            })?;
+        let value = json_value(text)?;
         RuleSet::from_value(value)
     }
 
@@ -228,6 +223,15 @@ impl RuleSet {
 }
 
 /// serde_json appends " at line L column C"; the error carries them as fields.
+/// JSON text to a value; a syntax error names its line and column.
+fn json_value(text: &str) -> Result<serde_json::Value, RuleError> {
+    serde_json::from_str(text).map_err(|e| RuleError::Syntax {
+        line: e.line(),
+        column: e.column(),
+        message: strip_position(&e.to_string()),
+    })
+}
+
 fn strip_position(msg: &str) -> String {
     match msg.rfind(" at line ") {
         Some(i) => msg[..i].to_string(),
@@ -379,12 +383,7 @@ impl RuleSet {
 
     /// Parses one rule given as JSON text (`{"id":..,"kind":..,...}`).
     pub fn parse_rule(text: &str) -> Result<Rule, RuleError> {
-        let value: serde_json::Value =
-            serde_json::from_str(text).map_err(|e| RuleError::Syntax {
-                line: e.line(),
-                column: e.column(),
-                message: strip_position(&e.to_string()),
-            })?;
+        let value = json_value(text)?;
         parse_rule(0, value)
     }
 }
