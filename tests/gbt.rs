@@ -6,6 +6,8 @@
 //! Needs `CLICKGATE_TEST_XGBOOST`: a Python with xgboost and numpy (scripts/services.sh
 //! installs one). The test fails when it is missing, never skips.
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -78,30 +80,12 @@ m.save_model("%s/multi.json" % out)
 print(xgb.__version__)
 "#;
 
-fn python() -> String {
-    let py = std::env::var("CLICKGATE_TEST_XGBOOST").unwrap_or_else(|_| {
-        panic!(
-            "CLICKGATE_TEST_XGBOOST is not set: the model test needs a Python with xgboost and \
-             numpy (scripts/services.sh installs one)"
-        )
-    });
-    let ok = Command::new(&py)
-        .args(["-c", "import xgboost, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "CLICKGATE_TEST_XGBOOST={py} cannot import xgboost and numpy"
-    );
-    py
-}
-
 /// Train once per test process; the directory lives as long as the process.
 fn models() -> &'static Path {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(python())
+        let out = Command::new(common::xgboost_python())
             .arg("-c")
             .arg(TRAIN)
             .arg(dir.path())

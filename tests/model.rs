@@ -342,24 +342,6 @@ fn hex_rows(rows: impl Iterator<Item = Vec<f32>>) -> String {
     s
 }
 
-fn python() -> String {
-    let py = std::env::var("CLICKGATE_TEST_XGBOOST").unwrap_or_else(|_| {
-        panic!(
-            "CLICKGATE_TEST_XGBOOST is not set: the model test needs a Python with xgboost and \
-             numpy (scripts/services.sh installs one)"
-        )
-    });
-    let ok = Command::new(&py)
-        .args(["-c", "import xgboost, numpy"])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "CLICKGATE_TEST_XGBOOST={py} cannot import xgboost and numpy"
-    );
-    py
-}
-
 /// Trains on train.x / train.y, saves model.json, predicts test.x into test.pred (f32
 /// bit patterns in hex, one row per line), all in the directory argv[1].
 const TRAIN: &str = r#"
@@ -386,7 +368,7 @@ fn read(p: &Path) -> String {
 
 #[test]
 fn billing_scores_every_click_as_xgboost_and_removes_exactly_its_fraud() {
-    let py = python();
+    let py = common::xgboost_python();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let day_a = 20_400 * DAY_MS; // 2025-11-09

@@ -288,6 +288,26 @@ impl Drop for Clickgate {
     }
 }
 
+/// The Python with xgboost and numpy the model tests train and predict with
+/// (`CLICKGATE_TEST_XGBOOST`); fails loudly when it is not set or cannot import them.
+pub fn xgboost_python() -> String {
+    let py = std::env::var("CLICKGATE_TEST_XGBOOST").unwrap_or_else(|_| {
+        panic!(
+            "CLICKGATE_TEST_XGBOOST is not set: the model test needs a Python with xgboost and \
+             numpy (scripts/services.sh installs one)"
+        )
+    });
+    let ok = Command::new(&py)
+        .args(["-c", "import xgboost, numpy"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "CLICKGATE_TEST_XGBOOST={py} cannot import xgboost and numpy"
+    );
+    py
+}
+
 /// What a finished `clickgate` command printed and returned.
 pub struct Out {
     pub code: i32,
