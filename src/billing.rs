@@ -37,7 +37,7 @@ pub struct BillingArgs {
     pub margin_hours: u32,
 
     /// Peak memory, at most, in MiB: the day is billed in memory when it fits (about
-    /// 132 B per row read), else in sorted runs spilled next to --out
+    /// 164 B per row read), else in sorted runs spilled next to --out
     #[arg(long, default_value_t = 1024)]
     pub memory_mib: u64,
 
@@ -73,6 +73,37 @@ pub struct BillingArgs {
     /// (diagnostics)
     #[arg(long, hide = true)]
     pub dump_features: Option<PathBuf>,
+
+    /// Keep the per-IP history across days: clicks and removed clicks per day within
+    /// --ip-history-days, first seen; written to ip_history.csv next to the invoices
+    /// and read back the next day with --ip-history-from (model features, reputation)
+    #[arg(long)]
+    pub ip_history: bool,
+
+    /// The previous day's ip_history.csv (with --ip-history; without it the history
+    /// starts empty)
+    #[arg(long)]
+    pub ip_history_from: Option<PathBuf>,
+
+    /// Days the IP history covers (1..=366)
+    #[arg(long, default_value_t = billing::history::DAYS_DEFAULT)]
+    pub ip_history_days: u32,
+
+    /// IPs the history keeps at most (those with the most removed clicks, then the most
+    /// clicks); about 72 B + 16 B per day each in memory
+    #[arg(long, default_value_t = billing::history::IPS_MAX_DEFAULT)]
+    pub ip_history_ips_max: usize,
+
+    /// Reputation rule (needs --ip-history): an IP that had more than this share
+    /// (0..1) of its clicks removed over the history's previous days has its billable
+    /// clicks removed, each listed in adjustments.csv
+    #[arg(long)]
+    pub reputation_share: Option<f64>,
+
+    /// With --reputation-share: clicks over the previous days an IP needs before the
+    /// rule judges it
+    #[arg(long, default_value_t = billing::history::REPUTATION_MIN_CLICKS_DEFAULT)]
+    pub reputation_min_clicks: u64,
 }
 
 /// Runs billing; the summary line goes to stdout. Returns the exit code.
@@ -112,5 +143,17 @@ fn bill(
     cfg.model = args.model.clone();
     cfg.model_threshold = args.model_threshold;
     cfg.dump_features = args.dump_features.clone();
+    cfg.ip_history = args.ip_history;
+    cfg.history = billing::history::HistoryConfig {
+        from: args.ip_history_from.clone(),
+        days: args.ip_history_days,
+        ips_max: args.ip_history_ips_max,
+    };
+    cfg.reputation = args
+        .reputation_share
+        .map(|share| billing::history::Reputation {
+            share,
+            min_clicks: args.reputation_min_clicks,
+        });
     billing::run(&cfg)
 }

@@ -581,8 +581,13 @@ fn billing_scores_every_click_as_xgboost_and_removes_exactly_its_fraud() {
 
 /// A hand-written XGBoost JSON model: one split on feature 0 (`hour < 12`).
 fn tiny_model(objective: &str, num_feature: usize) -> String {
+    split_model(objective, num_feature, 0, "12.0")
+}
+
+/// One split, `x[feature] < threshold` (or missing) left to -3, else right to +3.
+fn split_model(objective: &str, num_feature: usize, feature: usize, threshold: &str) -> String {
     format!(
-        r#"{{"version":[3,2,0],"learner":{{"objective":{{"name":"{objective}"}},"learner_model_param":{{"base_score":"5E-1","num_class":"0","num_feature":"{num_feature}","num_target":"1"}},"gradient_booster":{{"name":"gbtree","model":{{"gbtree_model_param":{{"num_trees":"1","num_parallel_tree":"1"}},"tree_info":[0],"trees":[{{"left_children":[1,-1,-1],"right_children":[2,-1,-1],"split_indices":[0,0,0],"split_conditions":[12.0,-3.0,3.0],"default_left":[1,0,0],"tree_param":{{"num_nodes":"3","num_feature":"{num_feature}","size_leaf_vector":"1"}}}}]}}}}}}}}"#
+        r#"{{"version":[3,2,0],"learner":{{"objective":{{"name":"{objective}"}},"learner_model_param":{{"base_score":"5E-1","num_class":"0","num_feature":"{num_feature}","num_target":"1"}},"gradient_booster":{{"name":"gbtree","model":{{"gbtree_model_param":{{"num_trees":"1","num_parallel_tree":"1"}},"tree_info":[0],"trees":[{{"left_children":[1,-1,-1],"right_children":[2,-1,-1],"split_indices":[{feature},0,0],"split_conditions":[{threshold},-3.0,3.0],"default_left":[1,0,0],"tree_param":{{"num_nodes":"3","num_feature":"{num_feature}","size_leaf_vector":"1"}}}}]}}}}}}}}"#
     )
 }
 
@@ -627,7 +632,7 @@ fn bad_models_are_refused_before_billing_starts_and_nothing_is_written() {
             Some(tiny_model("binary:logistic", 13)),
             vec![],
             "feature count mismatch: the model has 13 features (num_feature), billing's \
-             feature vector has 12"
+             feature vector has 16"
                 .into(),
         ),
         (
@@ -689,4 +694,369 @@ fn bad_models_are_refused_before_billing_starts_and_nothing_is_written() {
         "{}",
         r.stdout
     );
+}
+
+/// The IP history's key order: IPv4 before IPv6, each in address order.
+fn ip_order(ip: &IpAddr) -> (bool, u128) {
+    match ip {
+        IpAddr::V4(a) => (false, u128::from(u32::from(*a))),
+        IpAddr::V6(a) => (true, u128::from(*a)),
+    }
+}
+
+/// The test's own model of the history: IP → (first seen day, day → (clicks, removed)).
+type Hist = BTreeMap<(bool, u128), (IpAddr, u64, BTreeMap<u64, (u64, u64)>)>;
+
+fn hist_text(h: &Hist) -> String {
+    let mut s = String::from("ip,first_seen,day,clicks,fraud_clicks\n");
+    for (ip, first, days) in h.values() {
+        for (d, (c, f)) in days {
+            s.push_str(&format!(
+                "{ip},{},{},{c},{f}\n",
+                date_of(first * DAY_MS),
+                date_of(d * DAY_MS)
+            ));
+        }
+    }
+    s
+}
+
+/// (days with clicks, clicks, removed, age in days) of `ip` before `day` in `h`, which
+/// holds the window before `day` only.
+fn past_of(h: &Hist, ip: &IpAddr, day: u64) -> (u64, u64, u64, u64) {
+    match h.get(&ip_order(ip)) {
+        None => (0, 0, 0, 0),
+        Some((_, first, days)) => (
+            days.len() as u64,
+            days.values().map(|v| v.0).sum(),
+            days.values().map(|v| v.1).sum(),
+            day - first,
+        ),
+    }
+}
+
+#[test]
+fn the_ip_history_carries_over_three_days_and_its_rule_and_features_change_the_third_invoice() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let first_day = 20_420u64; // 2025-11-29
+    let window = 2u64;
+    let rate_max = 12u32;
+    let camps_max = 12u32;
+    let rules = dir.join("rules.json");
+    std::fs::write(
+        &rules,
+        format!(
+            r#"{{"rules":[{{"id":"crawler","kind":"user_agent","patterns":["evilcrawler"]}},{{"id":"rate","kind":"ip_rate","max_clicks_per_minute":{rate_max}}}]}}"#
+        ),
+    )
+    .unwrap();
+    let window_s = window.to_string();
+    let (rate_s, camps_s) = (rate_max.to_string(), camps_max.to_string());
+    // History expected after each day, built here from the semantics of docs/billing.md.
+    let mut hist: Hist = BTreeMap::new();
+    let mut days_data = Vec::new();
+    for k in 0..3u64 {
+        let day = first_day + k;
+        let data = dir.join(format!("data{k}"));
+        let rows = generate(day * DAY_MS, 100 + k, 1);
+        let lsns = write_archive(&data.join("archive"), &rows);
+        days_data.push((day, data, day_clicks(&rows, &lsns, day * DAY_MS)));
+    }
+    // Evidence the stream's rules and the batch check give: removed, and counted so.
+    let evidence = |s: &Scored| s.ruled || s.x[6] > rate_max as f32 || s.x[8] > camps_max as f32;
+    let base = |date: &str, out: &Path| -> Vec<String> {
+        [
+            "--day",
+            date,
+            "--rules",
+            rules.to_str().unwrap(),
+            "--batch-checks",
+            "--ip-campaigns-max",
+            &camps_s,
+            "--ip-history",
+            "--ip-history-days",
+            &window_s,
+            "--out",
+            out.to_str().unwrap(),
+            "--no-progress",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let _ = rate_s;
+    // The expected history after `day` from the one before and the day's outcome.
+    let advance = |h: &Hist, day: u64, outcome: &[(IpAddr, bool)]| -> Hist {
+        let mut n: Hist = BTreeMap::new();
+        for (k, (ip, first, days)) in h {
+            let kept: BTreeMap<u64, (u64, u64)> = days
+                .range(day + 1 - window..)
+                .map(|(d, v)| (*d, *v))
+                .collect();
+            if !kept.is_empty() {
+                n.insert(*k, (*ip, *first, kept));
+            }
+        }
+        for (ip, removed) in outcome {
+            let e = n.entry(ip_order(ip)).or_insert_with(|| {
+                (
+                    *ip,
+                    h.get(&ip_order(ip)).map_or(day, |e| e.1),
+                    BTreeMap::new(),
+                )
+            });
+            let v = e.2.entry(day).or_default();
+            v.0 += 1;
+            v.1 += u64::from(*removed);
+        }
+        n
+    };
+    let invoice_text = |billed: &[&Scored]| {
+        let mut inv: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
+        for s in billed {
+            let t = inv.entry((s.ev.adv, s.ev.campaign)).or_default();
+            t.0 += 1;
+            t.1 += s.ev.cost;
+        }
+        let mut t = String::from("advertiser_id,campaign_id,clicks,cost_micros\n");
+        for ((a, c), (n, cost)) in &inv {
+            t.push_str(&format!("{a},{c},{n},{cost}\n"));
+        }
+        t
+    };
+
+    // Days 1 and 2: rules and batch check only; the history is written and read back.
+    let mut prev_out: Option<std::path::PathBuf> = None;
+    for (day, data, clicks) in &days_data[..2] {
+        let out = dir.join(format!("out{day}"));
+        let mut args = base(&date_of(day * DAY_MS), &out);
+        if let Some(p) = &prev_out {
+            args.push("--ip-history-from".into());
+            args.push(p.join("ip_history.csv").to_str().unwrap().into());
+        }
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let r = billing(data, &a);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        let outcome: Vec<(IpAddr, bool)> = clicks.iter().map(|s| (s.ev.ip, evidence(s))).collect();
+        hist = advance(&hist, *day, &outcome);
+        assert_eq!(
+            read(&out.join("ip_history.csv")),
+            hist_text(&hist),
+            "day {day}"
+        );
+        assert!(
+            r.stdout
+                .contains(&format!("; {} IPs in ip_history.csv", hist.len())),
+            "{}",
+            r.stdout
+        );
+        prev_out = Some(out);
+    }
+    let history_2 = prev_out.unwrap().join("ip_history.csv");
+    // Over the two days some IPs recur (the burst and campaign-hopping addresses are
+    // the same every day) and some have more than half their clicks removed.
+    let (day3, data3, clicks3) = &days_data[2];
+    let (day3, date3) = (*day3, date_of(day3 * DAY_MS));
+    let bad_ips = hist
+        .values()
+        .filter(|(ip, ..)| {
+            let p = past_of(&hist, ip, day3);
+            p.1 >= 5 && p.2 * 2 > p.1
+        })
+        .count();
+    assert!(bad_ips >= 4, "{bad_ips} IPs with a bad reputation");
+
+    // Day 3 with the reputation rule: share above 0.5 over at least 5 clicks.
+    let out_a = dir.join("out3-reputation");
+    let mut args = base(&date3, &out_a);
+    args.extend(
+        [
+            "--ip-history-from",
+            history_2.to_str().unwrap(),
+            "--reputation-share",
+            "0.5",
+            "--reputation-min-clicks",
+            "5",
+        ]
+        .map(String::from),
+    );
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let r = billing(data3, &a);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let mut billed = Vec::new();
+    let mut by_reputation = BTreeSet::new();
+    let mut outcome = Vec::new();
+    for s in clicks3 {
+        let removed = evidence(s);
+        outcome.push((s.ev.ip, removed));
+        if removed {
+            continue;
+        }
+        let p = past_of(&hist, &s.ev.ip, day3);
+        if p.1 >= 5 && p.2 as f64 > 0.5 * p.1 as f64 {
+            by_reputation.insert(s.ev.id_text());
+        } else {
+            billed.push(s);
+        }
+    }
+    assert!(
+        by_reputation.len() >= 5,
+        "{} removed by reputation",
+        by_reputation.len()
+    );
+    assert_eq!(read(&out_a.join("invoices.csv")), invoice_text(&billed));
+    let adj = read(&out_a.join("adjustments.csv"));
+    let got: BTreeSet<String> = adj
+        .lines()
+        .filter(|l| l.contains(",ip_reputation,ip fraud share "))
+        .map(|l| l[..36].to_string())
+        .collect();
+    assert_eq!(got, by_reputation);
+    assert!(
+        r.stdout.contains(&format!(
+            "; {} removed by IP reputation",
+            by_reputation.len()
+        )),
+        "{}",
+        r.stdout
+    );
+    // The rule's own removals are not evidence: the history counts them as clicks only.
+    let hist3 = advance(&hist, day3, &outcome);
+    assert_eq!(read(&out_a.join("ip_history.csv")), hist_text(&hist3));
+
+    // Day 3 with a model over the history features: one split on
+    // ip_hist_fraud_share (feature 14) at 0.3, a missing share (new IP) going left.
+    let model = dir.join("hist-model.json");
+    std::fs::write(&model, split_model("binary:logistic", 16, 14, "0.3")).unwrap();
+    let run_model = |out: &Path, extra: &[&str]| {
+        let mut args = base(&date3, out);
+        args.extend(
+            [
+                "--ip-history-from",
+                history_2.to_str().unwrap(),
+                "--model",
+                model.to_str().unwrap(),
+                "--dump-features",
+                out.join("features.csv").to_str().unwrap(),
+            ]
+            .map(String::from),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let r = billing(data3, &a);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        r
+    };
+    let out_b = dir.join("out3-model");
+    run_model(&out_b, &[]);
+    let mut billed = Vec::new();
+    let mut by_model = BTreeSet::new();
+    let mut outcome = Vec::new();
+    let mut want_past: BTreeMap<String, [f32; 4]> = BTreeMap::new();
+    for s in clicks3 {
+        if evidence(s) {
+            outcome.push((s.ev.ip, true));
+            continue;
+        }
+        let p = past_of(&hist, &s.ev.ip, day3);
+        let share = if p.1 == 0 {
+            f32::NAN
+        } else {
+            (p.2 as f64 / p.1 as f64) as f32
+        };
+        want_past.insert(s.ev.id_text(), [p.0 as f32, p.1 as f32, share, p.3 as f32]);
+        let removed = share >= 0.3f32;
+        outcome.push((s.ev.ip, removed));
+        if removed {
+            by_model.insert(s.ev.id_text());
+        } else {
+            billed.push(s);
+        }
+    }
+    // A lower share and no minimum of clicks: at least the reputation rule's clicks.
+    assert!(by_model.is_superset(&by_reputation), "{}", by_model.len());
+    assert_eq!(read(&out_b.join("invoices.csv")), invoice_text(&billed));
+    let got: BTreeSet<String> = read(&out_b.join("adjustments.csv"))
+        .lines()
+        .filter(|l| l.contains(",model,model score "))
+        .map(|l| l[..36].to_string())
+        .collect();
+    assert_eq!(got, by_model);
+    // Every scored click's history features, as computed here.
+    let dump = read(&out_b.join("features.csv"));
+    let mut lines = dump.lines();
+    assert!(lines
+        .next()
+        .unwrap()
+        .ends_with(",country,ip_hist_days,ip_hist_clicks,ip_hist_fraud_share,ip_age_days,score"));
+    let mut seen = 0;
+    for l in lines {
+        let f: Vec<&str> = l.split(',').collect();
+        assert_eq!(f.len(), 18, "{l}");
+        let got: Vec<f32> = f[13..17].iter().map(|v| v.parse().unwrap()).collect();
+        let want = want_past[f[0]];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                "{l}: {want:?}"
+            );
+        }
+        seen += 1;
+    }
+    assert_eq!(seen, want_past.len());
+    // The model's removals are evidence for the next day.
+    let hist3 = advance(&hist, day3, &outcome);
+    assert_eq!(read(&out_b.join("ip_history.csv")), hist_text(&hist3));
+
+    // The same bytes on one thread with spilled runs.
+    let out_c = dir.join("out3-model-spilled");
+    let r = run_model(&out_c, &["--threads", "1", "--run-rows", "300"]);
+    assert!(r.stdout.contains("sorted runs spilled"), "{}", r.stdout);
+    for f in [
+        "invoices.csv",
+        "adjustments.csv",
+        "ip_history.csv",
+        "features.csv",
+    ] {
+        assert!(read(&out_b.join(f)) == read(&out_c.join(f)), "{f} differs");
+    }
+
+    // Refusals, before anything is written: a history that is not an earlier day's, a
+    // history model without the history, the rule without the history.
+    let out_x = dir.join("out-refused");
+    let (day2, data2, _) = &days_data[1];
+    let mut args = base(&date_of(day2 * DAY_MS), &out_x);
+    args.extend(
+        [
+            "--ip-history-from",
+            out_b.join("ip_history.csv").to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let r = billing(data2, &a);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("--ip-history-from") && r.stderr.contains("is not before the day billed"),
+        "{}",
+        r.stderr
+    );
+    for (extra, want) in [
+        (
+            vec!["--model", model.to_str().unwrap()],
+            "the model reads the IP history features",
+        ),
+        (
+            vec!["--reputation-share", "0.5"],
+            "--reputation-share needs --ip-history",
+        ),
+    ] {
+        let mut a = vec!["--day", &date3, "--out", out_x.to_str().unwrap()];
+        a.extend(extra);
+        let r = billing(data3, &a);
+        assert_eq!(r.code, 2, "{}", r.stderr);
+        assert!(r.stderr.contains(want), "{}", r.stderr);
+    }
+    assert!(!out_x.exists());
 }

@@ -35,6 +35,7 @@
 //! file and row order (adjustments), written to a temporary name and renamed: two runs
 //! give the same bytes, whatever the memory setting or thread count.
 
+pub mod history;
 pub mod runs;
 pub mod scan;
 
@@ -54,7 +55,7 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::{Int32Type, TimestampMillisecondType, UInt64Type};
 use arrow_array::{Array, ArrayRef, RecordBatch};
 use clickgate_core::agg::Dim;
-use clickgate_core::fraud::features::{self, IpDay, UaTraits};
+use clickgate_core::fraud::features::{self, IpDay, IpPast, UaTraits};
 use clickgate_core::fraud::{CompiledRules, RuleSet, UaFacts};
 use clickgate_core::gbt::{GbtModel, Link};
 use clickgate_core::hash::mix64;
@@ -66,6 +67,7 @@ use crate::archive::{partition_files, partition_path, Date, DAY_MS};
 use crate::durable::Durable;
 use crate::store::Store;
 use crate::ControlplaneConfig;
+use history::{History, HistoryConfig, IpKey, Reputation};
 use runs::{Fixed, Merge, Run, RunSet};
 use scan::ArchiveFile;
 
@@ -136,6 +138,12 @@ pub struct BillingConfig {
     pub model_threshold: f64,
     /// Writes every scored click's feature vector and score here (diagnostics, tests).
     pub dump_features: Option<PathBuf>,
+    /// Keep the per-IP history across days ([`history`]): read `history.from`, write
+    /// `ip_history.csv` next to the invoices.
+    pub ip_history: bool,
+    pub history: HistoryConfig,
+    /// The reputation rule (needs `ip_history`).
+    pub reputation: Option<Reputation>,
 }
 
 impl BillingConfig {
@@ -157,6 +165,9 @@ impl BillingConfig {
             model: None,
             model_threshold: MODEL_THRESHOLD_DEFAULT,
             dump_features: None,
+            ip_history: false,
+            history: HistoryConfig::default(),
+            reputation: None,
         }
     }
 }
@@ -222,6 +233,10 @@ pub struct Summary {
     pub reconciled: bool,
     /// Clicks the model removed (`None`: no model given).
     pub model_removed: Option<u64>,
+    /// Clicks the reputation rule removed (`None`: rule off).
+    pub reputation_removed: Option<u64>,
+    /// The IP history written (`None`: not kept).
+    pub history: Option<history::Written>,
 }
 
 impl fmt::Display for Summary {
@@ -248,6 +263,15 @@ impl fmt::Display for Summary {
         )?;
         if let Some(n) = self.model_removed {
             write!(f, "; {n} removed by the model (adjustments.csv)")?;
+        }
+        if let Some(n) = self.reputation_removed {
+            write!(f, "; {n} removed by IP reputation (adjustments.csv)")?;
+        }
+        if let Some(h) = self.history {
+            write!(f, "; {} IPs in {}", h.ips, history::FILE_NAME)?;
+            if h.dropped > 0 {
+                write!(f, " ({} more left out by --ip-history-ips-max)", h.dropped)?;
+            }
         }
         if self.spilled_runs > 0 {
             write!(f, "; {} sorted runs spilled", self.spilled_runs)?;
@@ -290,8 +314,9 @@ pub fn load_rules(cfg: &BillingConfig) -> Result<CompiledRules, BillingError> {
 }
 
 /// Loads and checks billing's model (`--model`): an XGBoost JSON model of a
-/// probability (`binary:logistic`, `reg:logistic`) over exactly the
-/// [`features::FEATURES`] features of [`features::vector`]. Every refusal names the
+/// probability (`binary:logistic`, `reg:logistic`) over the [`features::FEATURES`]
+/// features of [`features::vector`], or its first [`features::FEATURES_DAY`] (the
+/// ones that need no IP history). Every refusal names the
 /// file and the problem (exit 2); it happens before any archive file is read.
 pub fn load_model(path: &Path) -> Result<GbtModel, BillingError> {
     let bad = |m: String| BillingError::BadInput(format!("--model {}: {m}", path.display()));
@@ -313,13 +338,14 @@ pub fn load_model(path: &Path) -> Result<GbtModel, BillingError> {
             model.objective()
         )));
     }
-    if model.num_feature() != features::FEATURES {
+    if model.num_feature() != features::FEATURES && model.num_feature() != features::FEATURES_DAY {
         return Err(bad(format!(
             "feature count mismatch: the model has {} features (num_feature), billing's \
-             feature vector has {} ({}; docs/model.md)",
+             feature vector has {} ({}; docs/model.md), or {} without the IP history ones",
             model.num_feature(),
             features::FEATURES,
-            features::FEATURE_NAMES.join(", ")
+            features::FEATURE_NAMES.join(", "),
+            features::FEATURES_DAY
         )));
     }
     Ok(model)
@@ -465,6 +491,37 @@ impl Fixed for ExtRec {
     }
 }
 
+/// A click of the day for the IP history (pass D, `--ip-history` only): its IP and
+/// whether billing removed it (the reputation rule aside).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct MarkRec {
+    ip: IpKey,
+    removed: bool,
+}
+
+impl Fixed for MarkRec {
+    const BYTES: usize = 18;
+    fn group(&self) -> u64 {
+        mix64(self.ip.hi ^ self.ip.lo.rotate_left(17) ^ u64::from(self.ip.v6))
+    }
+    fn put(&self, o: &mut [u8]) {
+        o[0] = u8::from(self.ip.v6);
+        o[1..9].copy_from_slice(&self.ip.hi.to_le_bytes());
+        o[9..17].copy_from_slice(&self.ip.lo.to_le_bytes());
+        o[17] = u8::from(self.removed);
+    }
+    fn get(b: &[u8]) -> MarkRec {
+        MarkRec {
+            ip: IpKey {
+                v6: b[0] != 0,
+                hi: u64::from_le_bytes(b[1..9].try_into().expect("8")),
+                lo: u64::from_le_bytes(b[9..17].try_into().expect("8")),
+            },
+            removed: b[17] != 0,
+        }
+    }
+}
+
 /// A record holding one value of one archive row (pass C's outputs).
 trait RowWord: Fixed {
     type V: Copy + Default;
@@ -574,6 +631,7 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
             "--dump-features needs --model".into(),
         ));
     }
+    let past = history_of(cfg, model.as_ref())?;
     if !cfg.archive_dir.is_dir() {
         return Err(BillingError::BadInput(format!(
             "--archive-url: {} is not a directory",
@@ -635,6 +693,7 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
         cfg,
         &rules,
         model.as_ref(),
+        past,
         &files,
         &spill_dir,
         other.as_ref(),
@@ -643,6 +702,68 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
     let _ = fs::remove_dir_all(&spill_dir);
     result?;
     Ok(sum)
+}
+
+/// adjustments.csv is written (and event ids decoded for it).
+fn adjusting(cfg: &BillingConfig) -> bool {
+    cfg.batch_checks || cfg.model.is_some() || cfg.reputation.is_some()
+}
+
+/// Checks the history and reputation settings and reads the previous history (before
+/// any archive file); `None` when no history is kept.
+fn history_of(
+    cfg: &BillingConfig,
+    model: Option<&GbtModel>,
+) -> Result<Option<History>, BillingError> {
+    let bad = |m: String| Err(BillingError::BadInput(m));
+    let h = &cfg.history;
+    if !cfg.ip_history {
+        if h.from.is_some() {
+            return bad("--ip-history-from needs --ip-history".into());
+        }
+        if cfg.reputation.is_some() {
+            return bad(
+                "--reputation-share needs --ip-history (the rule reads the IP history)".into(),
+            );
+        }
+        if model.is_some_and(|m| m.num_feature() == features::FEATURES) {
+            return bad(format!(
+                "--model: the model reads the IP history features ({} features); give \
+                 --ip-history (and --ip-history-from, the previous day's {})",
+                features::FEATURES,
+                history::FILE_NAME
+            ));
+        }
+        return Ok(None);
+    }
+    if !(1..=history::DAYS_MAX).contains(&h.days) {
+        return bad(format!(
+            "--ip-history-days must be between 1 and {}, got {}",
+            history::DAYS_MAX,
+            h.days
+        ));
+    }
+    if !(1..=history::IPS_MAX_MAX).contains(&h.ips_max) {
+        return bad(format!(
+            "--ip-history-ips-max must be between 1 and {}, got {}",
+            history::IPS_MAX_MAX,
+            h.ips_max
+        ));
+    }
+    if let Some(r) = cfg.reputation {
+        if !(r.share >= 0.0 && r.share < 1.0) {
+            return bad(format!(
+                "--reputation-share must be at least 0 and below 1, got {}",
+                r.share
+            ));
+        }
+        if r.min_clicks == 0 {
+            return bad("--reputation-min-clicks must be at least 1".into());
+        }
+    }
+    History::load(h, cfg.day)
+        .map(Some)
+        .map_err(|e| BillingError::BadInput(format!("--ip-history-from {e}")))
 }
 
 /// How the passes hold their records.
@@ -656,6 +777,7 @@ struct Plan {
 fn plan(
     cfg: &BillingConfig,
     files: &[ArchiveFile],
+    past: Option<&History>,
     spill_dir: &Path,
 ) -> Result<Plan, BillingError> {
     let rows: u64 = files.iter().map(|f| f.rows).sum();
@@ -666,11 +788,23 @@ fn plan(
     } else {
         0
     };
+    // The IP history: what was read, held throughout, and the next one made at the
+    // end (at most prune_at(ips_max) IPs); each click's mark of pass D is in flight
+    // with its file (the marks themselves go where the records were).
+    let (history_bytes, mark_row) = match past {
+        None => (0, 0),
+        Some(p) => {
+            let h = &cfg.history;
+            let ips = (history::prune_at(h.ips_max) as u64).min(p.len() as u64 + rows);
+            let next = ips * (history::IP_BYTES + u64::from(h.days) * history::DAY_BYTES);
+            (p.bytes() + next, std::mem::size_of::<MarkRec>() as u64)
+        }
+    };
     // Count words of the files in flight in pass D (queued, decoding, finished).
-    let in_flight = (2 * cfg.threads as u64 + 1) * largest_file * (4 + model_row);
+    let in_flight = (2 * cfg.threads as u64 + 1) * largest_file * (4 + model_row + mark_row);
     // The real-time counters, read beside the passes.
     let store = STORE_BYTES_PER_DISK_BYTE * store_disk_bytes(&cfg.data_dir);
-    let fixed = BASE_BYTES + cfg.threads as u64 * THREAD_BYTES + in_flight + store;
+    let fixed = BASE_BYTES + cfg.threads as u64 * THREAD_BYTES + in_flight + store + history_bytes;
     let Some(budget) = cfg
         .memory_bytes
         .checked_sub(fixed)
@@ -678,12 +812,13 @@ fn plan(
     else {
         return Err(BillingError::BadInput(format!(
             "--memory-mib {} is too small for this archive: {} MiB go to decoding {} \
-             threads, the largest file's {largest_file} rows and the real-time counters \
-             ({} MiB)",
+             threads, the largest file's {largest_file} rows, the real-time counters \
+             ({} MiB) and the IP history ({} MiB)",
             cfg.memory_bytes >> 20,
             fixed >> 20,
             cfg.threads,
-            store >> 20
+            store >> 20,
+            history_bytes >> 20
         )));
     };
     if let Some(n) = cfg.run_rows {
@@ -775,6 +910,7 @@ fn bill(
     cfg: &BillingConfig,
     rules: &CompiledRules,
     model: Option<&GbtModel>,
+    past: Option<History>,
     files: &[ArchiveFile],
     spill_dir: &Path,
     other: Option<&Invoice>,
@@ -782,7 +918,7 @@ fn bill(
 ) -> Result<(), BillingError> {
     let day_start = cfg.day.start_ms();
     let in_day = |ts: u64| ts >= day_start && ts < day_start + DAY_MS;
-    let plan = plan(cfg, files, spill_dir)?;
+    let plan = plan(cfg, files, past.as_ref(), spill_dir)?;
     // The real-time counters (for reconciliation.csv) are read beside the passes: a
     // replay of the store's WAL, independent of the archive.
     let data_dir = cfg.data_dir.clone();
@@ -1110,14 +1246,15 @@ fn bill(
         PathBuf::from(t)
     });
     let mut dump = match (&dump_tmp, model) {
-        (Some(p), Some(_)) => {
+        (Some(p), Some(m)) => {
             let mut w = BufWriter::new(fs::File::create(p)?);
-            writeln!(w, "event_id,{},score", features::FEATURE_NAMES.join(","))?;
+            let names = &features::FEATURE_NAMES[..m.num_feature()];
+            writeln!(w, "event_id,{},score", names.join(","))?;
             Some(w)
         }
         _ => None,
     };
-    let mut adj = if cfg.batch_checks || model.is_some() {
+    let mut adj = if adjusting(cfg) {
         let mut w = BufWriter::new(fs::File::create(&adj_tmp)?);
         writeln!(
             w,
@@ -1127,10 +1264,23 @@ fn bill(
     } else {
         None
     };
+    // The IP history's marks: one per click of the day, sorted by IP when the day is
+    // done (in the records' memory, free by now, or spilled as runs).
+    let mut marks = past.as_ref().map(|_| {
+        let spill = plan.spill.as_ref().map(|d| (d.clone(), "mark".to_string()));
+        let cap = match spill {
+            None => sum.events as usize,
+            Some(_) => {
+                plan.run_recs * std::mem::size_of::<KeyRec>() / 2 / std::mem::size_of::<MarkRec>()
+            }
+        };
+        RunSet::<MarkRec>::new(cap.max(1), spill, cfg.threads)
+    });
     let totals = judge(
         cfg,
         rules,
         model,
+        past.as_ref(),
         files,
         direct,
         direct_ext,
@@ -1142,6 +1292,11 @@ fn bill(
             }
             if let Some(w) = dump.as_mut() {
                 w.write_all(&out.dump)?;
+            }
+            if let Some(m) = marks.as_mut() {
+                for r in &out.marks {
+                    m.push(*r)?;
+                }
             }
             Ok(())
         },
@@ -1159,6 +1314,10 @@ fn bill(
     sum.fraud = totals.fraud;
     sum.adjusted = totals.adjusted;
     sum.model_removed = model.map(|_| totals.model_removed);
+    sum.reputation_removed = cfg.reputation.map(|_| totals.reputation_removed);
+    if let (Some(past), Some(marks)) = (past, marks) {
+        sum.history = Some(write_history(cfg, past, marks)?);
+    }
     let invoices: BTreeMap<(u64, u64), CampaignTotals> = totals.invoices.into_iter().collect();
     let campaigns: BTreeMap<u64, CampaignTotals> = totals.campaigns.into_iter().collect();
     for t in invoices.values() {
@@ -1204,6 +1363,41 @@ fn bill(
     }
     write_atomic(&cfg.out_dir.join("reconciliation.csv"), out.as_bytes())?;
     Ok(())
+}
+
+/// Adds the day's marks to the history read and writes `ip_history.csv`.
+fn write_history(
+    cfg: &BillingConfig,
+    past: History,
+    marks: RunSet<MarkRec>,
+) -> Result<history::Written, BillingError> {
+    let (mem, runs) = marks.finish()?;
+    let mut m = Merge::new(&mem, &runs)?;
+    let mut carry: Option<MarkRec> = None;
+    // One IP's marks are together in the merge's order.
+    let today = || -> std::io::Result<Option<(IpKey, u32, u32)>> {
+        let Some(first) = carry.take().map_or_else(|| m.pop(), |r| Ok(Some(r)))? else {
+            return Ok(None);
+        };
+        let (mut clicks, mut removed) = (1u32, u32::from(first.removed));
+        while let Some(r) = m.pop()? {
+            if r.ip != first.ip {
+                carry = Some(r);
+                break;
+            }
+            clicks = clicks.saturating_add(1);
+            removed = removed.saturating_add(u32::from(r.removed));
+        }
+        Ok(Some((first.ip, clicks, removed)))
+    };
+    let (ips, dropped) = past.next(today, cfg.history.days, cfg.history.ips_max)?;
+    let mut text = Vec::new();
+    history::write(&mut text, &ips)?;
+    write_atomic(&history::path_in(&cfg.out_dir), &text)?;
+    Ok(history::Written {
+        ips: ips.len() as u64,
+        dropped,
+    })
 }
 
 type IdMap<K, V> = HashMap<K, V, clickgate_core::hash::IdBuildHasher>;
@@ -1401,6 +1595,7 @@ struct Totals {
     fraud: u64,
     adjusted: u64,
     model_removed: u64,
+    reputation_removed: u64,
 }
 
 /// Pass C's spilled outputs: count words, and the model's day words.
@@ -1412,11 +1607,13 @@ struct Words {
     ext_runs: Vec<Run>,
 }
 
-/// One file's lines for adjustments.csv and the feature dump.
+/// One file's lines for adjustments.csv and the feature dump, and its clicks' marks
+/// for the IP history.
 #[derive(Default)]
 struct FileOut {
     adj: Vec<u8>,
     dump: Vec<u8>,
+    marks: Vec<MarkRec>,
 }
 
 impl Totals {
@@ -1434,6 +1631,7 @@ impl Totals {
         self.fraud += o.fraud;
         self.adjusted += o.adjusted;
         self.model_removed += o.model_removed;
+        self.reputation_removed += o.reputation_removed;
     }
 }
 
@@ -1446,6 +1644,7 @@ fn judge(
     cfg: &BillingConfig,
     rules: &CompiledRules,
     model: Option<&GbtModel>,
+    past: Option<&History>,
     files: &[ArchiveFile],
     direct: Option<Vec<Vec<u32>>>,
     direct_ext: Option<Vec<Vec<u64>>>,
@@ -1463,10 +1662,12 @@ fn judge(
         .collect();
     debug_assert_eq!(cols[0], "ts");
     debug_assert_eq!(cols[9], "cost_micros");
-    if cfg.batch_checks || model.is_some() {
+    let adjusting = adjusting(cfg);
+    if adjusting {
         cols.push("event_id");
     }
     let dump = cfg.dump_features.is_some();
+    let reputation = cfg.reputation;
     let judge_file = |t: &mut Totals,
                       f: usize,
                       counts: &[u32],
@@ -1487,7 +1688,10 @@ fn judge(
             let (ip, country, device) = (s(5), s(7), s(8));
             let ua = b.column(6).as_dictionary::<Int32Type>();
             let ua_values = ua.values().as_string::<i32>();
-            if !ua_dict.as_ref().is_some_and(|d| Arc::ptr_eq(d, ua.values())) {
+            if !ua_dict
+                .as_ref()
+                .is_some_and(|d| Arc::ptr_eq(d, ua.values()))
+            {
                 ua_dict = Some(ua.values().clone());
                 ua_facts.clear();
                 ua_facts.resize(ua_values.len(), None);
@@ -1497,16 +1701,15 @@ fn judge(
                 }
             }
             let ua_keys = ua.keys();
-            let id = (cfg.batch_checks || model.is_some()).then(|| s(10));
+            let id = adjusting.then(|| s(10));
             for i in 0..b.num_rows() {
                 let row = at as usize + i;
                 let val = counts[row];
                 if val == 0 {
                     continue;
                 }
-                let bad = |what: &str| {
-                    anyhow::anyhow!("{}: row {row}: bad {what}", af.path.display())
-                };
+                let bad =
+                    |what: &str| anyhow::anyhow!("{}: row {row}: bad {what}", af.path.display());
                 let count = val & !MANY_CAMPAIGNS;
                 let k = usize::try_from(ua_keys.value(i))
                     .ok()
@@ -1536,29 +1739,46 @@ fn judge(
                 };
                 let facts = *ua_facts[k].get_or_insert_with(|| rules.ua_facts(user_agent));
                 let camp = t.campaigns.entry(c.campaign_id).or_default();
+                let key = past.map(|_| IpKey::of(c.ip));
+                let mut mark = |removed: bool| {
+                    if let Some(ip) = key {
+                        out.marks.push(MarkRec { ip, removed });
+                    }
+                };
                 let rate_fired = ip_rate.iter().any(|&(_, max)| count > max);
                 if rate_fired || rules.evaluate_static_with(&c, count, &facts).fraud() {
                     t.fraud += 1;
+                    mark(true);
                     continue;
                 }
-                if val & MANY_CAMPAIGNS != 0 {
-                    t.adjusted += 1;
-                    let mut idt = [0u8; 36];
+                let mut idt = [0u8; 36];
+                if adjusting {
                     c.event_id.write_text(&mut idt);
+                }
+                let idt = std::str::from_utf8(&idt).expect("ascii");
+                let mut adjust = |check: &str, reason: std::fmt::Arguments<'_>| {
                     writeln!(
                         out.adj,
-                        "{},{},{},{},{},{},{},ip_many_campaigns,ip clicked more than {} campaigns in the day",
-                        std::str::from_utf8(&idt).expect("ascii"),
-                        c.advertiser_id,
-                        c.campaign_id,
-                        c.ad_id,
-                        c.ts_ms,
-                        c.ip,
-                        c.cost_micros,
-                        cfg.ip_campaigns_max
+                        "{idt},{},{},{},{},{},{},{check},{reason}",
+                        c.advertiser_id, c.campaign_id, c.ad_id, c.ts_ms, c.ip, c.cost_micros,
+                    )
+                };
+                if val & MANY_CAMPAIGNS != 0 {
+                    t.adjusted += 1;
+                    adjust(
+                        "ip_many_campaigns",
+                        format_args!(
+                            "ip clicked more than {} campaigns in the day",
+                            cfg.ip_campaigns_max
+                        ),
                     )?;
+                    mark(true);
                     continue;
                 }
+                let ip_past = match (past, key) {
+                    (Some(h), Some(k)) => h.past(&k),
+                    _ => IpPast::default(),
+                };
                 if let Some(m) = model {
                     let e = ext[row];
                     let ip_day = IpDay {
@@ -1567,11 +1787,9 @@ fn judge(
                         day_campaigns: e as u32,
                     };
                     let ua = *ua_traits[k].get_or_insert_with(|| features::ua_traits(user_agent));
-                    let x = features::vector(&c, &ua, &ip_day);
-                    let score = m.predict(&x);
-                    let mut idt = [0u8; 36];
-                    c.event_id.write_text(&mut idt);
-                    let idt = std::str::from_utf8(&idt).expect("ascii");
+                    let x = features::vector(&c, &ua, &ip_day, &ip_past);
+                    let x = &x[..m.num_feature()];
+                    let score = m.predict(x);
                     if dump {
                         let d = &mut out.dump;
                         d.extend_from_slice(idt.as_bytes());
@@ -1582,16 +1800,24 @@ fn judge(
                     }
                     if f64::from(score) >= cfg.model_threshold {
                         t.model_removed += 1;
-                        writeln!(
-                            out.adj,
-                            "{idt},{},{},{},{},{},{},model,model score {score} >= {}",
-                            c.advertiser_id,
-                            c.campaign_id,
-                            c.ad_id,
-                            c.ts_ms,
-                            c.ip,
-                            c.cost_micros,
-                            cfg.model_threshold
+                        adjust(
+                            "model",
+                            format_args!("model score {score} >= {}", cfg.model_threshold),
+                        )?;
+                        mark(true);
+                        continue;
+                    }
+                }
+                mark(false);
+                if let Some(r) = reputation {
+                    if r.fires(&ip_past) {
+                        t.reputation_removed += 1;
+                        adjust(
+                            "ip_reputation",
+                            format_args!(
+                                "ip fraud share {}/{} over the previous {} days > {}",
+                                ip_past.fraud, ip_past.clicks, cfg.history.days, r.share
+                            ),
                         )?;
                         continue;
                     }

@@ -22,8 +22,14 @@
 //! | 9 | `cost_units` | `cost_micros / 10^6` in `f64`, rounded to `f32` |
 //! | 10 | `device` | 0 mobile, 1 desktop, 2 tablet, 3 ctv, 4 other |
 //! | 11 | `country` | `256 × byte 0 + byte 1` of the two-letter code (`US` = 21843) |
+//! | 12 | `ip_hist_days` | days with a click of the IP among the history's days before this one |
+//! | 13 | `ip_hist_clicks` | the IP's deduplicated clicks over those days |
+//! | 14 | `ip_hist_fraud_share` | its clicks billing removed over those days / `ip_hist_clicks` (`f64`, then `f32`); missing (NaN) without clicks |
+//! | 15 | `ip_age_days` | days since the IP was first seen (0: first seen this day) |
 //!
-//! Counts are converted with `as f32` (round to nearest; exact below 2^24).
+//! The first [`FEATURES_DAY`] need only the day; the last four, the IP's history kept
+//! across days ([`IpPast`]). Counts are converted with `as f32` (round to nearest;
+//! exact below 2^24).
 
 use std::net::IpAddr;
 use std::sync::OnceLock;
@@ -33,8 +39,11 @@ use aho_corasick::{AhoCorasick, AhoCorasickBuilder, AhoCorasickKind};
 use super::{BOT_UA_TOKENS, MOBILE_UA_TOKENS};
 use crate::{Click, Device};
 
-/// Length of the feature vector: a model must have exactly this `num_feature`.
-pub const FEATURES: usize = 12;
+/// Length of the feature vector: a model has this `num_feature`, or [`FEATURES_DAY`].
+pub const FEATURES: usize = 16;
+
+/// The features computed from the day alone (indices below this one).
+pub const FEATURES_DAY: usize = 12;
 
 /// The features' names, by index (docs/model.md).
 pub const FEATURE_NAMES: [&str; FEATURES] = [
@@ -50,6 +59,10 @@ pub const FEATURE_NAMES: [&str; FEATURES] = [
     "cost_units",
     "device",
     "country",
+    "ip_hist_days",
+    "ip_hist_clicks",
+    "ip_hist_fraud_share",
+    "ip_age_days",
 ];
 
 /// What the features read from a user agent: computed once per distinct user agent.
@@ -69,6 +82,30 @@ pub struct IpDay {
     pub minute_clicks: u32,
     pub day_clicks: u32,
     pub day_campaigns: u32,
+}
+
+/// The click's IP in the history kept across days, before the click's day.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IpPast {
+    /// Days with a click of the IP.
+    pub days: u32,
+    pub clicks: u64,
+    /// Of those clicks, the ones billing removed.
+    pub fraud: u64,
+    /// Days since the IP was first seen (0: first seen on the click's day).
+    pub age_days: u32,
+}
+
+impl IpPast {
+    /// `fraud / clicks`, missing (NaN) without clicks.
+    #[inline]
+    pub fn fraud_share(&self) -> f32 {
+        if self.clicks == 0 {
+            f32::NAN
+        } else {
+            (self.fraud as f64 / self.clicks as f64) as f32
+        }
+    }
 }
 
 /// One automaton over the bot tokens then the mobile tokens (pattern index below
@@ -145,7 +182,7 @@ pub fn cost_units(cost_micros: u64) -> f64 {
 
 /// The feature vector of one click (the table in the module docs).
 #[inline]
-pub fn vector(click: &Click<'_>, ua: &UaTraits, ip: &IpDay) -> [f32; FEATURES] {
+pub fn vector(click: &Click<'_>, ua: &UaTraits, ip: &IpDay, past: &IpPast) -> [f32; FEATURES] {
     let b = |v: bool| if v { 1.0 } else { 0.0 };
     [
         hour_of_day(click.ts_ms) as f32,
@@ -160,6 +197,10 @@ pub fn vector(click: &Click<'_>, ua: &UaTraits, ip: &IpDay) -> [f32; FEATURES] {
         cost_units(click.cost_micros) as f32,
         click.device as u8 as f32,
         (u32::from(click.country[0]) * 256 + u32::from(click.country[1])) as f32,
+        past.days as f32,
+        past.clicks as f32,
+        past.fraud_share(),
+        past.age_days as f32,
     ]
 }
 
@@ -198,11 +239,36 @@ mod tests {
             day_clicks: 40,
             day_campaigns: 7,
         };
-        let v = vector(&c, &ua, &ip);
+        let past = IpPast {
+            days: 2,
+            clicks: 30,
+            fraud: 10,
+            age_days: 9,
+        };
+        let v = vector(&c, &ua, &ip, &past);
         assert_eq!(
             v,
-            [5.0, 1.0, 0.0, 13.0, 1.0, 1.0, 3.0, 40.0, 7.0, 1.5, 2.0, 21843.0]
+            [
+                5.0,
+                1.0,
+                0.0,
+                13.0,
+                1.0,
+                1.0,
+                3.0,
+                40.0,
+                7.0,
+                1.5,
+                2.0,
+                21843.0,
+                2.0,
+                30.0,
+                (1.0f64 / 3.0) as f32,
+                9.0
+            ]
         );
+        let new = vector(&c, &ua, &ip, &IpPast::default());
+        assert!(new[14].is_nan() && new[12] == 0.0 && new[15] == 0.0);
         assert_eq!(FEATURE_NAMES.len(), v.len());
         assert!(!ip_v6("::ffff:1.2.3.4".parse().unwrap()));
         let m = ua_traits("Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X)");
