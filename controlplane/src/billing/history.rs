@@ -12,6 +12,7 @@
 //! the most clicks, then the lowest address. The file is read in one pass with the same
 //! rule applied as it goes, so memory stays bounded by `ips_max` whatever the file holds.
 
+use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -38,6 +39,9 @@ const LINE_MAX: usize = 256;
 /// Planned memory per IP held: key, first seen and its days' vector (56 B) and the
 /// allocator's header of that vector.
 pub const IP_BYTES: u64 = 72;
+/// Planned memory per IP of a history read, for its lookup table (56 B entries, the
+/// table at most 7/8 full and a power of two in size).
+pub const INDEX_BYTES: u64 = 128;
 /// Planned memory per (IP, day) held: 12 B and the vectors' rounding.
 pub const DAY_BYTES: u64 = 16;
 
@@ -158,6 +162,9 @@ pub struct History {
     day: u32,
     /// Sorted by key.
     ips: Vec<(IpKey, IpHist)>,
+    /// Each IP's summary and position in `ips`, looked up per click (a binary search
+    /// of `ips` missed the cache a dozen times per click).
+    index: HashMap<IpKey, (IpPast, u32), clickgate_core::hash::IdBuildHasher>,
     /// Lines held (in the window).
     pub lines: u64,
     /// IPs left out by `ips_max` while reading.
@@ -344,6 +351,17 @@ impl History {
         h.dropped += keep_heaviest(&mut kept, cfg.ips_max);
         kept.sort_unstable_by_key(|(k, _)| *k);
         h.lines = kept.iter().map(|(_, e)| e.days.len() as u64).sum();
+        h.index.reserve(kept.len());
+        for (i, (k, e)) in kept.iter().enumerate() {
+            let (fraud, clicks) = e.weight();
+            let past = IpPast {
+                days: e.days.len() as u32,
+                clicks,
+                fraud,
+                age_days: h.day - e.first_seen,
+            };
+            h.index.insert(*k, (past, i as u32));
+        }
         h.ips = kept;
         Ok(h)
     }
@@ -359,25 +377,13 @@ impl History {
 
     /// Planned memory of what was read.
     pub fn bytes(&self) -> u64 {
-        self.ips.len() as u64 * IP_BYTES + self.lines * DAY_BYTES
+        self.ips.len() as u64 * (IP_BYTES + INDEX_BYTES) + self.lines * DAY_BYTES
     }
 
     /// The IP before the day billed.
     #[inline]
     pub fn past(&self, key: &IpKey) -> IpPast {
-        match self.ips.binary_search_by_key(key, |(k, _)| *k) {
-            Err(_) => IpPast::default(),
-            Ok(i) => {
-                let e = &self.ips[i].1;
-                let (fraud, clicks) = e.weight();
-                IpPast {
-                    days: e.days.len() as u32,
-                    clicks,
-                    fraud,
-                    age_days: self.day - e.first_seen,
-                }
-            }
-        }
+        self.index.get(key).map_or_else(IpPast::default, |e| e.0)
     }
 
     /// The history after the day billed: the days of the window ending with it, with
@@ -404,8 +410,8 @@ impl History {
             }
         };
         while let Some((key, clicks, fraud)) = today()? {
-            let mut e = match self.ips.binary_search_by_key(&key, |(k, _)| *k) {
-                Ok(i) => {
+            let mut e = match self.index.get(&key).map(|e| e.1 as usize) {
+                Some(i) => {
                     used[i] = true;
                     std::mem::replace(
                         &mut self.ips[i].1,
@@ -415,7 +421,7 @@ impl History {
                         },
                     )
                 }
-                Err(_) => IpHist {
+                None => IpHist {
                     first_seen: day,
                     days: Vec::new(),
                 },
@@ -424,6 +430,7 @@ impl History {
             e.days.push(DayCount { day, clicks, fraud });
             push(&mut out, (key, e));
         }
+        drop(self.index);
         for (i, (key, mut e)) in self.ips.into_iter().enumerate() {
             if !used[i] {
                 e.days.retain(|d| d.day >= first);
@@ -439,17 +446,19 @@ impl History {
 /// Writes a history as [`FILE_NAME`]'s text.
 pub fn write(w: &mut impl Write, ips: &[(IpKey, IpHist)]) -> std::io::Result<()> {
     writeln!(w, "{HEADER}")?;
+    // Few distinct days: each one's text made once.
+    let mut dates: HashMap<u32, String> = HashMap::new();
+    let mut date = |d: u32| -> String {
+        dates
+            .entry(d)
+            .or_insert_with(|| Date::from_days(i64::from(d)).to_string())
+            .clone()
+    };
     for (k, e) in ips {
         let ip = k.ip();
-        let first = Date::from_days(i64::from(e.first_seen));
+        let first = date(e.first_seen);
         for d in &e.days {
-            writeln!(
-                w,
-                "{ip},{first},{},{},{}",
-                Date::from_days(i64::from(d.day)),
-                d.clicks,
-                d.fraud
-            )?;
+            writeln!(w, "{ip},{first},{},{},{}", date(d.day), d.clicks, d.fraud)?;
         }
     }
     Ok(())
