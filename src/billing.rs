@@ -90,7 +90,7 @@ pub struct BillingArgs {
     pub ip_history_days: u32,
 
     /// IPs the history keeps at most (those with the most removed clicks, then the most
-    /// clicks); about 72 B + 16 B per day each in memory
+    /// clicks); about 200 B + 16 B per day each in memory
     #[arg(long, default_value_t = billing::history::IPS_MAX_DEFAULT)]
     pub ip_history_ips_max: usize,
 
