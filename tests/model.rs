@@ -752,7 +752,7 @@ fn the_ip_history_carries_over_three_days_and_its_rule_and_features_change_the_t
     )
     .unwrap();
     let window_s = window.to_string();
-    let (rate_s, camps_s) = (rate_max.to_string(), camps_max.to_string());
+    let camps_s = camps_max.to_string();
     // History expected after each day, built here from the semantics of docs/billing.md.
     let mut hist: Hist = BTreeMap::new();
     let mut days_data = Vec::new();
@@ -785,7 +785,6 @@ fn the_ip_history_carries_over_three_days_and_its_rule_and_features_change_the_t
         .map(|s| s.to_string())
         .collect()
     };
-    let _ = rate_s;
     // The expected history after `day` from the one before and the day's outcome.
     let advance = |h: &Hist, day: u64, outcome: &[(IpAddr, bool)]| -> Hist {
         let mut n: Hist = BTreeMap::new();

@@ -333,7 +333,6 @@ impl History {
             }
             last_day = d;
             if d >= first {
-                h.lines += 1;
                 let (_, e) = cur.as_mut().expect("set above");
                 e.days.push(DayCount {
                     day: d,

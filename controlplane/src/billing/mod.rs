@@ -1751,16 +1751,24 @@ fn judge(
                     mark(true);
                     continue;
                 }
-                let mut idt = [0u8; 36];
-                if adjusting {
-                    c.event_id.write_text(&mut idt);
-                }
-                let idt = std::str::from_utf8(&idt).expect("ascii");
+                // The event id's text, made only for a line that is written.
+                let id_text = || {
+                    let mut b = [0u8; 36];
+                    c.event_id.write_text(&mut b);
+                    b
+                };
                 let mut adjust = |check: &str, reason: std::fmt::Arguments<'_>| {
+                    let idt = id_text();
                     writeln!(
                         out.adj,
-                        "{idt},{},{},{},{},{},{},{check},{reason}",
-                        c.advertiser_id, c.campaign_id, c.ad_id, c.ts_ms, c.ip, c.cost_micros,
+                        "{},{},{},{},{},{},{},{check},{reason}",
+                        std::str::from_utf8(&idt).expect("ascii"),
+                        c.advertiser_id,
+                        c.campaign_id,
+                        c.ad_id,
+                        c.ts_ms,
+                        c.ip,
+                        c.cost_micros,
                     )
                 };
                 if val & MANY_CAMPAIGNS != 0 {
@@ -1792,7 +1800,7 @@ fn judge(
                     let score = m.predict(x);
                     if dump {
                         let d = &mut out.dump;
-                        d.extend_from_slice(idt.as_bytes());
+                        d.extend_from_slice(&id_text());
                         for v in x {
                             write!(d, ",{v}")?;
                         }
