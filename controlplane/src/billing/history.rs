@@ -54,31 +54,22 @@ pub struct IpKey {
 }
 
 impl IpKey {
+    /// The key of `ip`: billing's one keying of an address ([`super::ip_parts`]).
     pub fn of(ip: IpAddr) -> IpKey {
-        match ip {
-            IpAddr::V4(a) => IpKey {
-                v6: false,
-                hi: 0,
-                lo: u64::from(u32::from(a)),
-            },
-            IpAddr::V6(a) => {
-                let v = u128::from(a);
-                IpKey {
-                    v6: true,
-                    hi: (v >> 64) as u64,
-                    lo: v as u64,
-                }
-            }
+        let (v6, v) = super::ip_parts(ip);
+        IpKey {
+            v6,
+            hi: (v >> 64) as u64,
+            lo: v as u64,
         }
     }
 
     pub fn ip(&self) -> IpAddr {
+        let v = u128::from(self.hi) << 64 | u128::from(self.lo);
         if self.v6 {
-            IpAddr::V6(Ipv6Addr::from(
-                u128::from(self.hi) << 64 | u128::from(self.lo),
-            ))
+            IpAddr::V6(Ipv6Addr::from(v))
         } else {
-            IpAddr::V4(Ipv4Addr::from(self.lo as u32))
+            IpAddr::V4(Ipv4Addr::from((v >> 96) as u32))
         }
     }
 }
