@@ -78,13 +78,6 @@ pub fn run(args: &ArchiveArgs, settings: &Settings) -> anyhow::Result<()> {
     if !args.from_kafka {
         bail!("clickgate archive needs --from-kafka (a box archives its own log in `run` / `controlplane`)");
     }
-    if std::env::var_os("CLICKGATE_EXPERIMENTAL_KAFKA_ARCHIVER").is_none() {
-        bail!(
-            "clickgate archive --from-kafka is not enabled in this build: its end-to-end test \
-             (two archivers in one consumer group, one killed) does not pass yet, so it could \
-             lose or repeat rows; archive each box's own log with `run` / `controlplane`"
-        );
-    }
     let Some(kafka) = settings.kafka()? else {
         bail!("clickgate archive --from-kafka needs --kafka-brokers (CLICKGATE_KAFKA_BROKERS)");
     };

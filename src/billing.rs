@@ -128,7 +128,18 @@ fn bill(
     let data_dir = settings.data_dir();
     let loc = ArchiveLocation::parse(settings.archive_url.as_deref(), &data_dir)
         .map_err(|e| BillingError::BadInput(format!("--archive-url: {e}")))?;
-    let mut cfg = BillingConfig::new(day, loc.dir().to_path_buf(), data_dir, args.out.clone());
+    // An archive in S3 is billed from a local copy of the day's partitions.
+    let staged = match &loc {
+        ArchiveLocation::S3 { .. } => Some(billing::fetch::stage(
+            &loc,
+            day,
+            args.margin_hours.min(billing::MARGIN_HOURS_MAX),
+            &args.out,
+        )?),
+        ArchiveLocation::Dir(_) => None,
+    };
+    let archive_dir = staged.as_ref().map_or(loc.dir(), |s| s.dir()).to_path_buf();
+    let mut cfg = BillingConfig::new(day, archive_dir, data_dir, args.out.clone());
     cfg.rules_file = args.rules.clone();
     cfg.batch_checks = args.batch_checks;
     cfg.ip_campaigns_max = args.ip_campaigns_max;
@@ -155,5 +166,7 @@ fn bill(
             share,
             min_clicks: args.reputation_min_clicks,
         });
-    billing::run(&cfg)
+    let summary = billing::run(&cfg);
+    drop(staged);
+    summary
 }

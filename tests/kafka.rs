@@ -129,7 +129,8 @@ fn read_topic_with(brokers: &str, topic: &str, extra: &[(&str, String)]) -> Vec<
         if m.offset() + 1 >= ends[&m.partition()] {
             open.remove(&m.partition());
         }
-        let rec = clickgate_proto::record::decode(m.payload().expect("value")).expect("record");
+        let rec = clickgate_proto::raw_pb::decode(m.payload().expect("value"))
+            .expect("a raw_clicks protobuf value");
         let mut core = None;
         let mut lsn = None;
         for h in m.headers().expect("headers").iter() {

@@ -70,7 +70,8 @@ fn read_topic(brokers: &str, topic: &str) -> Vec<((u64, u64), String)> {
         if m.offset() + 1 >= ends[&m.partition()] {
             open.remove(&m.partition());
         }
-        let rec = clickgate_proto::record::decode(m.payload().expect("value")).expect("record");
+        let rec = clickgate_proto::raw_pb::decode(m.payload().expect("value"))
+            .expect("a raw_clicks protobuf value");
         let (mut core, mut lsn) = (None, None);
         for h in m.headers().expect("headers").iter() {
             let v = std::str::from_utf8(h.value.unwrap()).unwrap();

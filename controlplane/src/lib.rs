@@ -271,6 +271,7 @@ impl Controlplane {
                     query: redis_store::RedisQuery::new(rc, stats.clone()),
                     outbox,
                     stats,
+                    owners: Arc::default(),
                 });
                 (Some(w), Some(side))
             }
@@ -364,6 +365,14 @@ impl Controlplane {
             }
             _ => None,
         };
+        if let Some(side) = &redis_side {
+            tasks.push(tokio::spawn(redis_store::owners::sync_task(
+                side.clone(),
+                store.clone(),
+                side.owners.clone(),
+                stop_rx.clone(),
+            )));
+        }
         let reader: Arc<dyn read::CounterRead> = match &redis_side {
             Some(side) => Arc::new(read::RedisRead::new(side.clone(), store.clone())),
             None => Arc::new(read::EmbeddedRead::new(store.clone())),

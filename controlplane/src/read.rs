@@ -5,9 +5,11 @@
 //!
 //! Campaign ownership (which advertiser a campaign's events named) lives in the embedded
 //! store, which every applied delta reaches whichever backend answers counter reads;
-//! [`RedisRead`] answers ownership and the per-dimension breakdown from it (Redis keeps
-//! no index of a campaign's dimension values, and the embedded store has exactly the same
-//! applied deltas). Series and top-N come from Redis.
+//! with Redis it is also shared by every box (`redis_store::owners`, first report wins),
+//! and [`RedisRead`] answers ownership from that shared copy first, so every box's query
+//! API decides alike. The per-dimension breakdown comes from the embedded store (Redis
+//! keeps no index of a campaign's dimension values): a box breaks down what it applied.
+//! Series and top-N come from Redis.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -183,7 +185,6 @@ impl CounterRead for RedisRead {
             None => Box::pin(self.query().top(window, start, n)),
             Some(a) => {
                 let own: Vec<u64> = self
-                    .embedded
                     .campaigns(Some(a))
                     .into_iter()
                     .map(|(c, _)| c)
@@ -211,10 +212,20 @@ impl CounterRead for RedisRead {
     }
 
     fn owner(&self, campaign_id: u64) -> Option<u64> {
-        self.embedded.owner(campaign_id)
+        self.redis
+            .owners
+            .owner(campaign_id)
+            .or_else(|| self.embedded.owner(campaign_id))
     }
 
     fn campaigns(&self, advertiser: Option<u64>) -> Vec<(u64, u64)> {
-        self.embedded.campaigns(advertiser)
+        // The shared copy decides a campaign's owner; the store adds what it applied and
+        // Redis does not show yet.
+        let mut all: std::collections::BTreeMap<u64, u64> =
+            self.embedded.campaigns(None).into_iter().collect();
+        all.extend(self.redis.owners.campaigns(None));
+        all.into_iter()
+            .filter(|(_, a)| advertiser.is_none_or(|want| want == *a))
+            .collect()
     }
 }

@@ -6,8 +6,9 @@
 //! LSN order; the acknowledged prefix is published to the dataplane
 //! (`SinkStatus::set_acked_lsn`, for `ack = kafka`) and written as the `kafka` cursor
 //! (so the log keeps everything after it). Key: the campaign id as decimal text; value:
-//! the raw record bytes (`proto::record`); timestamp: the receive time; headers: box id,
-//! core, LSN.
+//! the record as Protocol Buffers (`clickgate.raw.v1.RawClick`, `proto::raw_pb`; a log
+//! record that does not decode goes as its bytes, which `raw_pb::decode_value` tells
+//! apart); timestamp: the receive time; headers: box id, core, LSN.
 //!
 //! Exactly once across a crash: records between the cursor and what the broker has were
 //! produced but their cursor was not written. With the cursor, the forwarder writes per
@@ -28,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context as _};
 use clickgate_proto::cursor;
-use clickgate_proto::record;
 use clickgate_proto::segment::{self, LogReader, FRAME_HEADER_BYTES};
 use clickgate_proto::sink::{SinkState, SinkStatus};
+use clickgate_proto::{raw_pb, record};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders};
@@ -190,6 +191,9 @@ struct CoreForwarder {
     /// Per partition: where this core's records after `acked` can start.
     scan_from: HashMap<i32, i64>,
     status: Arc<SinkStatus>,
+    /// The record's `raw_clicks` value (protobuf), reused for every record (the
+    /// producer copies it on send).
+    value: Vec<u8>,
 }
 
 impl CoreForwarder {
@@ -222,6 +226,7 @@ impl CoreForwarder {
             acked: from,
             scan_from: HashMap::new(),
             status,
+            value: Vec::with_capacity(512),
         })
     }
 
@@ -405,17 +410,22 @@ impl CoreForwarder {
                 });
                 continue;
             }
-            let (k, ts) = match record::decode(payload) {
-                Ok(r) => (
-                    Some(crate::murmur2::campaign_key(r.click.campaign_id, &mut key)),
-                    Some(r.recv_ms as i64),
-                ),
+            let (k, ts, value) = match record::decode(payload) {
+                Ok(r) => {
+                    self.value.clear();
+                    raw_pb::encode(&r, &mut self.value);
+                    (
+                        Some(crate::murmur2::campaign_key(r.click.campaign_id, &mut key)),
+                        Some(r.recv_ms as i64),
+                        &self.value[..],
+                    )
+                }
                 Err(e) => {
                     self.status
                         .undecodable_records
                         .fetch_add(1, Ordering::Relaxed);
-                    tracing::error!(core = self.core, lsn, error = %e, "kafka forwarder: log record does not decode; producing it without a key");
-                    (None, None)
+                    tracing::error!(core = self.core, lsn, error = %e, "kafka forwarder: log record does not decode; producing its bytes as they are, without a key");
+                    (None, None, payload)
                 }
             };
             let headers = OwnedHeaders::new_with_capacity(3)
@@ -433,7 +443,7 @@ impl CoreForwarder {
                 });
             let mut rec =
                 BaseRecord::<[u8], [u8], usize>::with_opaque_to(&self.cfg.topic, lsn as usize)
-                    .payload(payload)
+                    .payload(value)
                     .headers(headers);
             if let Some(k) = k {
                 rec = rec.key(k);

@@ -156,7 +156,8 @@ struct Counter {
 
 impl Counter {
     fn add(&mut self, bytes: &[u8], sink: &mut Sink) -> anyhow::Result<()> {
-        let rec = record::decode(bytes).map_err(|e| anyhow!("record does not decode: {e}"))?;
+        let rec = clickgate_proto::raw_pb::decode_value(bytes)
+            .map_err(|e| anyhow!("record does not decode: {e}"))?;
         self.summary.records += 1;
         if !self.seen.insert(rec.click.event_id) {
             self.summary.duplicates += 1;

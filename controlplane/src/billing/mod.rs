@@ -35,6 +35,7 @@
 //! file and row order (adjustments), written to a temporary name and renamed: two runs
 //! give the same bytes, whatever the memory setting or thread count.
 
+pub mod fetch;
 pub mod history;
 pub mod runs;
 pub mod scan;

@@ -8,6 +8,7 @@
 //! - `users:{campaign}:{window}:{bucket_start}:{dim}` — a Redis HyperLogLog, the union
 //!   of every box's and core's sketch (see [`hll`]).
 //! - `top:{window:bucket_start}` — sorted set of `campaign:ad` by billable clicks.
+//! - `owners:{owners}` — hash campaign → advertiser, shared by every box (see [`owners`]).
 //! - `applied:{tag}` — hash `box:instance:core` → last delta id applied to that tag.
 //! - every key gets `PEXPIREAT bucket end + ttl(window)`; marks live as long as the
 //!   longest of them. An optional `redis_key_prefix` goes in front of all of them.
@@ -38,6 +39,7 @@ pub mod hll;
 pub mod keys;
 pub mod metrics;
 pub mod outbox;
+pub mod owners;
 pub mod plan;
 pub mod query;
 pub mod scripts;

@@ -32,6 +32,8 @@ pub struct RedisSide {
     pub query: RedisQuery,
     pub outbox: Outbox,
     pub stats: Arc<RedisStats>,
+    /// Campaign ownership as every box reported it (`owners`).
+    pub owners: Arc<super::owners::SharedOwners>,
 }
 
 impl RedisSide {
