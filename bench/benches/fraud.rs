@@ -3,6 +3,9 @@
 //! fraud gate of one click — against the same rules with only the exact `CidrSet` in
 //! place of the bloom-fronted blocklist (the baseline the pre-check must beat).
 //!
+//! `gate_per_click_cached_user_agents` is the same gate as the dataplane runs it, with a
+//! core's `UaCache` (the corpus has a few browser user agents, as a core sees them).
+//!
 //! Run: `cargo bench -p clickgate-bench --bench fraud`.
 //!
 //! Clicks are mostly clean (as real traffic is): random public IPv4/IPv6 addresses,
@@ -13,7 +16,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use clickgate_core::cidr::CidrSet;
-use clickgate_core::fraud::{CompiledRules, IpBlocklist, IpRate, RuleSet};
+use clickgate_core::fraud::{CompiledRules, IpBlocklist, IpRate, RuleSet, UaCache};
 use clickgate_core::hash::mix64;
 use clickgate_core::{Click, Device, EventId};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -111,6 +114,20 @@ fn bench(c: &mut Criterion) {
             for c in &clicks {
                 let n = rate.hit(c.ip, c.ts_ms);
                 fraud += rules.evaluate(black_box(c), n).fraud() as u32;
+            }
+            black_box(fraud)
+        })
+    });
+
+    // The dataplane's gate: the same rules with this core's user-agent cache (what
+    // `dataplane::pipeline` calls per click).
+    let mut cache = UaCache::new();
+    g.bench_function("gate_per_click_cached_user_agents", |b| {
+        b.iter(|| {
+            let mut fraud = 0u32;
+            for c in &clicks {
+                let n = rate.hit(c.ip, c.ts_ms);
+                fraud += rules.evaluate_cached(black_box(c), n, &mut cache).fraud() as u32;
             }
             black_box(fraud)
         })

@@ -295,7 +295,7 @@ fn judge<L: EventLog>(st: &Stages<'_, L>, c: &Click<'_>) -> Decision {
     } else {
         0
     };
-    let d = rules.evaluate(c, ip_clicks);
+    let d = rules.evaluate_cached(c, ip_clicks, &mut st.rules.ua_cache.borrow_mut());
     if d.fraud() {
         st.metrics.fraud_event();
         for &r in d.fired() {

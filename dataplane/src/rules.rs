@@ -22,7 +22,7 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use clickgate_core::cidr::CidrSet;
-use clickgate_core::fraud::{CompiledRules, FIRED_MAX, RULE_ID_BYTES_MAX};
+use clickgate_core::fraud::{CompiledRules, UaCache, FIRED_MAX, RULE_ID_BYTES_MAX};
 use clickgate_proto::control_files::{self, RuntimeOverrides};
 use clickgate_proto::record::{RULES_PER_RECORD_MAX, RULE_ID_BYTES_MAX as RECORD_RULE_ID_MAX};
 
@@ -39,6 +39,9 @@ const _: () = assert!(RULE_ID_BYTES_MAX <= RECORD_RULE_ID_MAX);
 pub struct ActiveRules {
     pub rules: CompiledRules,
     pub slots: Vec<u16>,
+    /// This core's user-agent facts under these rules (the gate's text scans, once per
+    /// distinct user agent; [`UaCache::memory_bytes`] per core).
+    pub ua_cache: RefCell<UaCache>,
 }
 
 impl ActiveRules {
@@ -46,7 +49,11 @@ impl ActiveRules {
     pub fn new(rules: CompiledRules, m: &CoreMetrics) -> ActiveRules {
         let slots = rules.rule_ids().iter().map(|id| m.fraud_slot(id)).collect();
         m.rules_loaded(rules.version(), rules.len() as u64);
-        ActiveRules { rules, slots }
+        ActiveRules {
+            rules,
+            slots,
+            ua_cache: RefCell::new(UaCache::new()),
+        }
     }
 }
 

@@ -88,6 +88,9 @@ pub struct UaFacts {
 #[derive(Debug)]
 pub struct CompiledRules {
     version: u64,
+    /// Unique per compiled set in this process: a [`UaCache`] filled from another set is
+    /// emptied before use.
+    instance: u64,
     ids: Vec<String>,
     kinds: Vec<&'static str>,
     /// Exact prefix sets: measured faster than the bloom-fronted [`IpBlocklist`] (see
@@ -117,8 +120,10 @@ impl CompiledRules {
     }
 
     pub fn compile(set: &RuleSet) -> Result<CompiledRules, RuleError> {
+        static INSTANCES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let mut c = CompiledRules {
             version: set.version,
+            instance: INSTANCES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             ids: set.rules.iter().map(|r| r.id.clone()).collect(),
             kinds: set.rules.iter().map(|r| r.spec.kind()).collect(),
             blocklists: Vec::new(),
@@ -244,6 +249,26 @@ impl CompiledRules {
         d
     }
 
+    /// [`CompiledRules::evaluate`] with the user agent's facts from `cache` (the same
+    /// decision; the stream's gate, where a core sees the same few user agents again
+    /// and again).
+    #[inline]
+    pub fn evaluate_cached(
+        &self,
+        click: &Click<'_>,
+        ip_clicks: u32,
+        cache: &mut UaCache,
+    ) -> Decision {
+        let ua = cache.facts(self, &click.user_agent);
+        let mut d = self.evaluate_static_with(click, ip_clicks, &ua);
+        for &(r, max) in &self.ip_rates {
+            if ip_clicks > max {
+                d.fire(r);
+            }
+        }
+        d
+    }
+
     /// Every rule but `ip_rate`: what billing evaluates per click before applying the
     /// exact per-minute rule itself. `ip_clicks` feeds the models' `ip_rate` feature.
     #[inline]
@@ -355,4 +380,101 @@ impl fmt::Display for CompiledRules {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "rules v{} ({} rules)", self.version, self.ids.len())
     }
+}
+
+/// User agents cached per slot, at most; longer ones are scanned every time.
+pub const UA_CACHE_SLOTS: usize = 256;
+/// Longest user agent a slot holds, in bytes.
+pub const UA_CACHED_BYTES_MAX: usize = 192;
+
+struct UaSlot {
+    /// 0: empty.
+    len: u16,
+    text: [u8; UA_CACHED_BYTES_MAX],
+    facts: UaFacts,
+}
+
+/// The [`UaFacts`] of recently judged user agents, for one thread (a dataplane core):
+/// direct-mapped, [`UA_CACHE_SLOTS`] slots of the whole text (up to
+/// [`UA_CACHED_BYTES_MAX`] bytes), so a hit is a hash and a comparison instead of the
+/// automaton scans, and the answer is exactly the scan's (the text is compared, never
+/// just its hash). Memory: [`UaCache::memory_bytes`], allocated once. A user agent that
+/// collides with another only costs the scan; a set of rules other than the one that
+/// filled it empties it first.
+pub struct UaCache {
+    instance: u64,
+    slots: Box<[UaSlot]>,
+    pub hits: u64,
+    pub misses: u64,
+}
+
+impl Default for UaCache {
+    fn default() -> Self {
+        UaCache::new()
+    }
+}
+
+impl UaCache {
+    pub fn new() -> UaCache {
+        UaCache {
+            instance: 0,
+            slots: (0..UA_CACHE_SLOTS)
+                .map(|_| UaSlot {
+                    len: 0,
+                    text: [0; UA_CACHED_BYTES_MAX],
+                    facts: UaFacts::default(),
+                })
+                .collect(),
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    pub fn memory_bytes() -> usize {
+        UA_CACHE_SLOTS * std::mem::size_of::<UaSlot>()
+    }
+
+    /// `rules.ua_facts(ua)`, from the cache when `ua` is in it.
+    #[inline]
+    pub fn facts(&mut self, rules: &CompiledRules, ua: &str) -> UaFacts {
+        if rules.ua.is_none() && rules.model_ua.is_none() {
+            return UaFacts::default();
+        }
+        let b = ua.as_bytes();
+        if b.is_empty() || b.len() > UA_CACHED_BYTES_MAX {
+            return rules.ua_facts(ua);
+        }
+        if self.instance != rules.instance {
+            for s in self.slots.iter_mut() {
+                s.len = 0;
+            }
+            self.instance = rules.instance;
+        }
+        let slot = &mut self.slots[text_hash(b) as usize % UA_CACHE_SLOTS];
+        if usize::from(slot.len) == b.len() && slot.text[..b.len()] == *b {
+            self.hits += 1;
+            return slot.facts;
+        }
+        self.misses += 1;
+        let f = rules.ua_facts(ua);
+        slot.len = b.len() as u16;
+        slot.text[..b.len()].copy_from_slice(b);
+        slot.facts = f;
+        f
+    }
+}
+
+/// A fast hash of a short text (8 bytes at a time); only picks a slot.
+#[inline]
+fn text_hash(b: &[u8]) -> u64 {
+    let mut h = b.len() as u64;
+    let mut chunks = b.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes(c.try_into().expect("8 bytes"));
+        h = (h ^ w).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(29);
+    }
+    let mut tail = [0u8; 8];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = (h ^ u64::from_le_bytes(tail)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    h ^ (h >> 32)
 }

@@ -12,21 +12,26 @@ const IP_RATE_WAYS: usize = 8;
 #[derive(Clone, Copy, Default)]
 struct RateSlot {
     key: u128,
-    /// UTC minute (ts_ms / 60000) and clicks in it, for the latest minute seen and the
-    /// one before (events arrive a little out of order).
-    minute: u64,
+    /// UTC minute (ts_ms / 60000, which fits 32 bits until the year 10136) and clicks in
+    /// it, for the latest minute seen and the one before (events arrive a little out of
+    /// order).
+    minute: u32,
     count: u32,
     prev_count: u32,
-    /// Table tick of the last hit: the least recently hit slot of a set is evicted.
-    touched: u64,
-    used: bool,
+    /// Set tick of the last hit: the slot hit longest ago (by wrapping distance from the
+    /// set's tick) is evicted.
+    touched: u32,
 }
 
-/// The slots of one set and the set's own tick (for least-recently-hit eviction).
+/// The slots of one set, their tags and the set's own tick. The tags (a 32-bit hash
+/// fragment of each slot's address, 0: free) sit with the tick in the set's first cache
+/// line, so a hit reads that line and the one slot it finds (32 bytes), not every slot.
 #[derive(Default)]
+#[repr(C)]
 struct RateSet {
+    tick: u32,
+    tags: [u32; IP_RATE_WAYS],
     slots: [RateSlot; IP_RATE_WAYS],
-    tick: u64,
 }
 
 /// Clicks per (ip, UTC minute of event time) for the whole box: every core counts into
@@ -78,15 +83,17 @@ impl IpRate {
     /// that UTC minute so far, this one included.
     pub fn hit(&self, ip: IpAddr, ts_ms: u64) -> u32 {
         let key = canonical(ip);
-        let minute = ts_ms / 60_000;
+        let minute = (ts_ms / 60_000).min(u64::from(u32::MAX)) as u32;
         let h = mix64(key as u64 ^ mix64((key >> 64) as u64 ^ self.hash_key));
         let set = ((h as u128 * self.sets.len() as u128) >> 64) as usize;
+        let tag = (h as u32) | 1;
         let nways = self.ways;
         self.sets[set].with(|set| {
-            set.tick += 1;
+            set.tick = set.tick.wrapping_add(1);
             let tick = set.tick;
-            let ways = &mut set.slots[..nways];
-            if let Some(s) = ways.iter_mut().find(|s| s.used && s.key == key) {
+            let hit = (0..nways).find(|&i| set.tags[i] == tag && set.slots[i].key == key);
+            if let Some(i) = hit {
+                let s = &mut set.slots[i];
                 s.touched = tick;
                 return if minute == s.minute {
                     s.count = s.count.saturating_add(1);
@@ -103,27 +110,25 @@ impl IpRate {
                     1
                 };
             }
-            let victim = match ways.iter().position(|s| !s.used) {
+            let victim = match (0..nways).find(|&i| set.tags[i] == 0) {
                 Some(i) => {
                     self.tracked.fetch_add(1, Ordering::Relaxed);
                     i
                 }
                 None => {
                     self.evictions.fetch_add(1, Ordering::Relaxed);
-                    ways.iter()
-                        .enumerate()
-                        .min_by_key(|(_, s)| s.touched)
-                        .map(|(i, _)| i)
+                    (0..nways)
+                        .max_by_key(|&i| tick.wrapping_sub(set.slots[i].touched))
                         .expect("a set has ways")
                 }
             };
-            ways[victim] = RateSlot {
+            set.tags[victim] = tag;
+            set.slots[victim] = RateSlot {
                 key,
                 minute,
                 count: 1,
                 prev_count: 0,
                 touched: tick,
-                used: true,
             };
             1
         })

@@ -613,7 +613,46 @@ fn ip_rate_counts_for_the_box_across_threads() {
         }
     });
     assert_eq!(max.into_inner(), 4_000);
-    // The figure the settings document: 56 bytes per address.
-    assert_eq!(rate.memory_bytes(), rate.capacity() * 56);
+    // The figure the settings document: 40 bytes per address.
+    assert_eq!(rate.memory_bytes(), rate.capacity() * 40);
     assert_eq!(rate.hit(ip, T0), 4_001);
+}
+
+#[test]
+fn the_user_agent_cache_gives_the_scans_answer_and_follows_the_rules() {
+    let a = compile(CONTRACT_FILE);
+    let b = compile(
+        r#"{"rules":[{"id":"other","kind":"user_agent","patterns":["iphone"]},
+            {"id":"risk","kind":"risk_model","threshold":0.5,"model":{"bias":-1.0,"weights":{"ua_device_mismatch":3.0}}}]}"#,
+    );
+    let long = format!("Mozilla/5.0 {}bot", "x".repeat(UA_CACHED_BYTES_MAX));
+    // Far more distinct user agents than slots (collisions), each seen several times,
+    // some long enough to bypass the cache, under two rule sets in turn.
+    let mut uas: Vec<String> = (0..3 * UA_CACHE_SLOTS)
+        .map(|i| match i % 5 {
+            0 => format!("Mozilla/5.0 (iPhone) crawler {i}"),
+            1 => format!("Mozilla/5.0 (Windows NT 10.0) Chrome/{i}"),
+            2 => format!("HeadlessChrome/{i} (Android)"),
+            3 => format!("curl/{i}"),
+            _ => format!("{MOBILE_UA} {i}"),
+        })
+        .collect();
+    uas.push(long);
+    uas.push(String::new());
+    let mut cache = UaCache::new();
+    for round in 0..4 {
+        let rules = if round % 2 == 0 { &a } else { &b };
+        for ua in uas.iter().chain(uas.iter().rev()) {
+            let c = click("203.0.113.9", ua, 5);
+            for n in [1, 150] {
+                assert_eq!(
+                    rules.evaluate_cached(&c, n, &mut cache),
+                    rules.evaluate(&c, n),
+                    "{ua:?} under set {}",
+                    round % 2
+                );
+            }
+        }
+    }
+    assert!(cache.hits > 0 && cache.misses > 0);
 }
