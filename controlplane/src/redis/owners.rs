@@ -56,10 +56,6 @@ impl SharedOwners {
         self.map.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn len(&self) -> usize {
-        self.read().len()
-    }
-
     fn replace(&self, m: HashMap<u64, u64>) {
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = m;
     }
@@ -84,6 +80,7 @@ async fn sync_once(
     store: &RwLock<Store>,
     shared: &SharedOwners,
     written: &mut HashSet<u64>,
+    read_len: &mut Option<usize>,
 ) -> anyhow::Result<()> {
     let key = key(q);
     let fresh: Vec<(u64, u64)> = store
@@ -108,7 +105,8 @@ async fn sync_once(
         .first()
         .and_then(int)
         .unwrap_or(0) as usize;
-    if len == shared.len() {
+    // The hash only grows (first report wins): the same length is the same content.
+    if *read_len == Some(len) {
         return Ok(());
     }
     let mut m = HashMap::with_capacity(len.min(OWNERS_MAX));
@@ -152,6 +150,7 @@ async fn sync_once(
         );
     }
     shared.replace(m);
+    *read_len = Some(len);
     Ok(())
 }
 
@@ -163,9 +162,10 @@ pub async fn sync_task(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut written = HashSet::new();
+    let mut read_len = None;
     let mut failing = false;
     loop {
-        match sync_once(&q.query, &store, &shared, &mut written).await {
+        match sync_once(&q.query, &store, &shared, &mut written, &mut read_len).await {
             Ok(()) => failing = false,
             Err(e) => {
                 if !failing {
