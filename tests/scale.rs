@@ -827,6 +827,19 @@ fn two_boxes_kafka_fed_archivers_and_billing_make_one_system() {
         }
     }
     assert_eq!(advertiser_of(ONLY_ON_A), 1);
+    // The shared owners hash expires like every key: after the 1d window's TTL and a day.
+    let mut con = redis::Client::open(redis.as_str())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(format!("{prefix}owners:{{owners}}"))
+        .query(&mut con)
+        .unwrap();
+    assert!(
+        pttl > 90 * 86_400_000 && pttl <= 91 * 86_400_000,
+        "owners hash PTTL {pttl}"
+    );
 }
 
 #[test]

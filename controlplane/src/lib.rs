@@ -365,11 +365,16 @@ impl Controlplane {
             }
             _ => None,
         };
-        if let Some(side) = &redis_side {
+        if let (Some(rc), Some(side)) = (&cfg.redis, &redis_side) {
+            // The owners hash lives as long as the longest-lived counter key.
+            let ttl_ms = rc
+                .ttl_ms(clickgate_core::window::Window::D1)
+                .saturating_add(86_400_000);
             tasks.push(tokio::spawn(redis_store::owners::sync_task(
                 side.clone(),
                 store.clone(),
                 side.owners.clone(),
+                ttl_ms,
                 stop_rx.clone(),
             )));
         }

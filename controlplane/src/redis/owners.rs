@@ -3,9 +3,13 @@
 //!
 //! Key `owners:{owners}` (with the key prefix; one hash, one Cluster slot): campaign id →
 //! advertiser id, written with `HSETNX`, so the first box to report a campaign decides
-//! and the answer never changes afterwards. Every `OWNERS_SYNC` the sync task:
+//! and the answer never changes afterwards. Like every key, it expires: each write
+//! pipeline sets its TTL to the longest window's (`redis_ttl_1d_secs` + a day), so it
+//! lives that long after the last campaign any box reported. Every `OWNERS_SYNC` the sync
+//! task:
 //! 1. writes the campaigns the embedded store learnt since its last successful write
-//!    (pipelines of [`WRITE_BATCH`] `HSETNX`);
+//!    (pipelines of [`WRITE_BATCH`] `HSETNX` and one `PEXPIRE`; all of them again when
+//!    the hash shrank, i.e. expired);
 //! 2. reads `HLEN`; when it differs from the copy it holds, reads the whole hash again
 //!    (`HSCAN`, [`SCAN_COUNT`] per call), at most [`OWNERS_MAX`] campaigns.
 //!
@@ -81,6 +85,7 @@ async fn sync_once(
     shared: &SharedOwners,
     written: &mut HashSet<u64>,
     read_len: &mut Option<usize>,
+    ttl_ms: u64,
 ) -> anyhow::Result<()> {
     let key = key(q);
     let fresh: Vec<(u64, u64)> = store
@@ -96,6 +101,7 @@ async fn sync_once(
         for (c, a) in chunk {
             p.cmd("HSETNX").arg(&key).arg(c).arg(a).ignore();
         }
+        p.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
         conn.pipe(&p, q.timeout).await?;
         written.extend(chunk.iter().map(|(c, _)| *c));
     }
@@ -108,6 +114,10 @@ async fn sync_once(
     // The hash only grows (first report wins): the same length is the same content.
     if *read_len == Some(len) {
         return Ok(());
+    }
+    if read_len.is_some_and(|was| len < was) {
+        // Expired (or deleted): report every campaign again on the next sync.
+        written.clear();
     }
     let mut m = HashMap::with_capacity(len.min(OWNERS_MAX));
     let mut cursor = 0u64;
@@ -159,13 +169,23 @@ pub async fn sync_task(
     q: Arc<super::RedisSide>,
     store: Arc<RwLock<Store>>,
     shared: Arc<SharedOwners>,
+    ttl_ms: u64,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut written = HashSet::new();
     let mut read_len = None;
     let mut failing = false;
     loop {
-        match sync_once(&q.query, &store, &shared, &mut written, &mut read_len).await {
+        match sync_once(
+            &q.query,
+            &store,
+            &shared,
+            &mut written,
+            &mut read_len,
+            ttl_ms,
+        )
+        .await
+        {
             Ok(()) => failing = false,
             Err(e) => {
                 if !failing {
