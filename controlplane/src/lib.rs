@@ -369,7 +369,7 @@ impl Controlplane {
             // The owners hash lives as long as the longest-lived counter key.
             let ttl_ms = rc
                 .ttl_ms(clickgate_core::window::Window::D1)
-                .saturating_add(86_400_000);
+                .saturating_add(crate::archive::DAY_MS);
             tasks.push(tokio::spawn(redis_store::owners::sync_task(
                 side.clone(),
                 store.clone(),

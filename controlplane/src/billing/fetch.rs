@@ -12,10 +12,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use super::BillingError;
-use crate::archive::{ArchiveLocation, ArchiveReader, Date, FileData, DAY_MS};
-
-const HOUR_MS: u64 = 3_600_000;
+use super::{billed_hours, BillingError};
+use crate::archive::{ArchiveLocation, ArchiveReader, Date, FileData};
 
 /// The staged copy; removed on drop.
 pub struct Staged {
@@ -62,14 +60,10 @@ pub fn stage(
         files: 0,
         bytes: 0,
     };
-    let margin = u64::from(margin_hours) * HOUR_MS;
-    let start = day.start_ms();
-    let mut hour = start.saturating_sub(margin);
-    while hour < start + DAY_MS + margin {
+    for hour in billed_hours(day, margin_hours) {
         copy_hour(&reader, hour, &mut staged)
             .with_context(|| format!("copying the archive's hour {hour} from {loc}"))
             .map_err(BillingError::Failed)?;
-        hour += HOUR_MS;
     }
     tracing::info!(files = staged.files, bytes = staged.bytes, from = %loc, "billing: archive files copied from S3");
     Ok(staged)

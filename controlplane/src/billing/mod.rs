@@ -74,6 +74,14 @@ use scan::ArchiveFile;
 
 const HOUR_MS: u64 = 3_600_000;
 const MINUTE_MS: u64 = 60_000;
+/// The archive hours billing `day` reads: `[day - margin, day + 1 day + margin)`, as the
+/// start of each hour in ms.
+pub(crate) fn billed_hours(day: Date, margin_hours: u32) -> impl Iterator<Item = u64> {
+    let margin = u64::from(margin_hours) * HOUR_MS;
+    let start = day.start_ms();
+    (start.saturating_sub(margin)..start + DAY_MS + margin).step_by(HOUR_MS as usize)
+}
+
 /// Largest `margin_hours`.
 pub const MARGIN_HOURS_MAX: u32 = 48;
 /// Memory per row read when the whole day is held in memory: two [`KeyRec`]s (the
@@ -648,19 +656,14 @@ pub fn run(cfg: &BillingConfig) -> Result<Summary, BillingError> {
     let rules = load_rules(cfg)?;
     fs::create_dir_all(&cfg.out_dir)
         .map_err(|e| BillingError::BadInput(format!("--out {}: {e}", cfg.out_dir.display())))?;
-    let day_start = cfg.day.start_ms();
-    let day_end = day_start + DAY_MS;
-    let margin = u64::from(cfg.margin_hours) * HOUR_MS;
     let mut paths = Vec::new();
-    let mut hour = day_start.saturating_sub(margin);
-    while hour < day_end + margin {
+    for hour in billed_hours(cfg.day, cfg.margin_hours) {
         let dir = cfg.archive_dir.join(partition_path(hour));
         if dir.is_dir() {
             paths.extend(
                 partition_files(&dir).with_context(|| format!("listing {}", dir.display()))?,
             );
         }
-        hour += HOUR_MS;
     }
     if paths.len() > u32::MAX as usize {
         return Err(BillingError::BadInput(format!(
