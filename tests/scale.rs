@@ -602,29 +602,11 @@ fn day_clicks(cg: &Clickgate, campaign: u64, key: &str) -> Option<u64> {
         &format!("/v1/campaigns/{campaign}/metrics?window=1d"),
         Some(key),
     );
-    if r.status == 404 {
-        return None;
-    }
-    assert_eq!(r.status, 200, "{}", r.body);
-    Some(
-        r.json()["buckets"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|b| b["clicks"].as_u64().unwrap())
-            .sum(),
-    )
+    (r.status != 404).then(|| clicks_of(&r))
 }
 
 fn campaign_list(cg: &Clickgate, key: &str) -> Vec<u64> {
-    let r = cg.query_as("/v1/campaigns", Some(key));
-    assert_eq!(r.status, 200, "{}", r.body);
-    let mut v: Vec<u64> = r.json()["campaigns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["campaign_id"].as_u64().unwrap())
-        .collect();
+    let mut v = campaign_ids(&cg.query_as("/v1/campaigns", Some(key)));
     v.sort_unstable();
     v
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{event, get_as, metric_sum, uuid, Clickgate, Response, BIN};
+use common::{campaign_ids, clicks_of, event, get_as, metric_sum, uuid, Clickgate, Response, BIN};
 
 const KEY_A: &str = "advertiser-a-key-0001";
 const KEY_B: &str = "advertiser-b-key-0002";
@@ -79,16 +79,6 @@ fn wait_visible(cg: &Clickgate) {
     }
 }
 
-fn campaign_ids(r: &Response) -> Vec<u64> {
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["campaigns"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["campaign_id"].as_u64().unwrap())
-        .collect()
-}
-
 fn top_campaigns(r: &Response) -> Vec<u64> {
     assert_eq!(r.status, 200, "{}", r.body);
     let mut v: Vec<u64> = r.json()["ads"]
@@ -104,16 +94,6 @@ fn top_campaigns(r: &Response) -> Vec<u64> {
 
 fn metrics_path(campaign: u64) -> String {
     format!("/v1/campaigns/{campaign}/metrics?window=1d")
-}
-
-fn clicks_of(r: &Response) -> u64 {
-    assert_eq!(r.status, 200, "{}", r.body);
-    r.json()["buckets"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["clicks"].as_u64().unwrap())
-        .sum()
 }
 
 #[test]

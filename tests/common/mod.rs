@@ -400,6 +400,28 @@ pub fn get_as(addr: SocketAddr, path_and_query: &str, key: Option<&str>) -> Resp
 }
 
 /// Sum of every sample of a metric family (all label sets) in Prometheus text.
+/// The campaign ids of a `/v1/campaigns` answer (200 asserted), in its order.
+pub fn campaign_ids(r: &Response) -> Vec<u64> {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["campaigns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["campaign_id"].as_u64().unwrap())
+        .collect()
+}
+
+/// The clicks summed over a `/metrics` answer's buckets (200 asserted).
+pub fn clicks_of(r: &Response) -> u64 {
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.json()["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["clicks"].as_u64().unwrap())
+        .sum()
+}
+
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
         .filter(|l| !l.starts_with('#'))
