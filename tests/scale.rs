@@ -742,21 +742,19 @@ fn two_boxes_kafka_fed_archivers_and_billing_make_one_system() {
     let mut billed: BTreeMap<(u64, u64), (u64, u64)> = BTreeMap::new();
     for day in &days {
         let out = tmp.path().join(format!("bill-{day}"));
-        let r = Command::new(BIN)
-            .args(["billing", "--day", day, "--archive-url", &url, "--out"])
-            .arg(&out)
-            .arg("--data-dir")
-            .arg(tmp.path().join("billing"))
-            .env_remove("CLICKGATE_CONFIG")
-            .env("CLICKGATE_LOG", "warn")
-            .envs(s3_env(&endpoint))
-            .output()
-            .unwrap();
-        assert!(
-            r.status.success(),
-            "billing {day}: {}",
-            String::from_utf8_lossy(&r.stderr)
+        // S3 credentials and endpoint: the test process's (`test_env`), inherited.
+        let r = billing(
+            &tmp.path().join("billing"),
+            &[
+                "--day",
+                day,
+                "--archive-url",
+                &url,
+                "--out",
+                out.to_str().unwrap(),
+            ],
         );
+        assert_eq!(r.code, 0, "billing {day}: {}", r.stderr);
         assert!(
             !out.join(format!(".archive-{day}")).exists(),
             "billing left its copy of the archive"
