@@ -10,8 +10,8 @@
 //!   no allocation. The fill buffer starts with a copy of the last partial block already
 //!   on disk, so each commit rewrites that block whole (same prefix, more frames).
 //! - The commit task swaps the fill buffer with the spare one, copies it into DMA buffers
-//!   (one write of up to 1 MiB each, buffers of the same size reused), writes whole blocks
-//!   at block-aligned offsets, fdatasyncs, then advances the durable LSN and wakes the
+//!   (up to 1 MiB each, all in flight at once; buffers of the same size reused), writes
+//!   whole blocks at block-aligned offsets, fdatasyncs, then advances the durable LSN and wakes the
 //!   `durable` waiters (a heap ordered by LSN). Records appended meanwhile form the next
 //!   group. Commits start at least `commit_interval_us` apart, so a light but steady load
 //!   is still grouped; an idle log commits the first record at once.
@@ -36,7 +36,7 @@
 use std::cell::RefCell;
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BinaryHeap, VecDeque};
-use std::future::poll_fn;
+use std::future::{poll_fn, Future};
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -373,6 +373,7 @@ impl CoreLog {
             active_end: data_end,
             sealed,
             pool: Vec::with_capacity(POOL_BUFFERS_MAX),
+            chunks: Vec::new(),
             last_retention_check: Instant::now(),
             last_sync: Instant::now(),
         };
@@ -537,6 +538,8 @@ struct Committer {
     sealed: VecDeque<Sealed>,
     /// Free DMA buffers, reused when a write has the same size (most recent last).
     pool: Vec<Rc<DmaBuffer>>,
+    /// The chunks of the write in flight (kept for its allocation).
+    chunks: Vec<(Rc<DmaBuffer>, u64)>,
     last_retention_check: Instant,
     /// When the log was last fdatasync'd (for `sync_interval_ms`).
     last_sync: Instant,
@@ -786,14 +789,19 @@ impl Committer {
         Ok((write_nanos, t.elapsed().as_nanos() as u64))
     }
 
-    /// Writes `bytes` at block-aligned `off`, zero padded to whole blocks.
+    /// Writes `bytes` at block-aligned `off`, zero padded to whole blocks, in chunks of
+    /// at most `WRITE_CHUNK_BYTES_MAX` that are all in flight at once: a chunk's
+    /// completion is only seen when the reactor polls its ring, which under load is once
+    /// per pass over every ready task, so chunks awaited one after the other cost one
+    /// pass each (measured: 1 MiB per ≈ 10 ms pass at 500 k events/s, 100 MB/s, the log
+    /// falling behind its own core), while concurrent chunks cost one pass per commit.
     async fn write_blocks(&mut self, bytes: &[u8], off: u64) -> io::Result<()> {
         debug_assert_eq!(off % BLOCK_BYTES as u64, 0);
         let total = bytes.len().next_multiple_of(BLOCK_BYTES);
+        let mut chunks = std::mem::take(&mut self.chunks);
+        chunks.clear();
         let mut done = 0;
         while done < total {
-            // One write of the exact size: sequential writes within a commit cost far more
-            // than their size on glommio (measured: ~4 ms for a second 4 KiB write).
             let size = (total - done).min(WRITE_CHUNK_BYTES_MAX);
             let mut buf = match self.pool.iter().position(|b| b.len() == size) {
                 Some(k) => self.pool.swap_remove(k),
@@ -805,25 +813,58 @@ impl Committer {
                 .as_bytes_mut();
             dst[..n].copy_from_slice(&bytes[done..done + n]);
             dst[n..].fill(0);
-            let written = self
-                .active
-                .write_rc_at(buf.clone(), off + done as u64)
-                .await?;
-            if written != size {
-                return Err(io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("short write: {written} of {size} bytes (disk full?)"),
-                ));
+            chunks.push((buf, off + done as u64));
+            done += size;
+        }
+        let file = &self.active;
+        let mut writes: Vec<_> = chunks
+            .iter()
+            .map(|(buf, at)| Some(Box::pin(file.write_rc_at(buf.clone(), *at))))
+            .collect();
+        let mut outcome: io::Result<()> = Ok(());
+        poll_fn(|cx| {
+            let mut pending = false;
+            for (w, (buf, _)) in writes.iter_mut().zip(&chunks) {
+                let Some(f) = w else { continue };
+                match f.as_mut().poll(cx) {
+                    Poll::Pending => pending = true,
+                    Poll::Ready(r) => {
+                        *w = None;
+                        let failed = match r {
+                            Err(e) => Some(io::Error::from(e)),
+                            Ok(written) if written != buf.len() => Some(io::Error::new(
+                                io::ErrorKind::WriteZero,
+                                format!(
+                                    "short write: {written} of {} bytes (disk full?)",
+                                    buf.len()
+                                ),
+                            )),
+                            Ok(_) => None,
+                        };
+                        if let (Some(e), Ok(())) = (failed, &outcome) {
+                            outcome = Err(e);
+                        }
+                    }
+                }
             }
+            if pending {
+                Poll::Pending
+            } else {
+                Poll::Ready(())
+            }
+        })
+        .await;
+        drop(writes);
+        for (buf, _) in chunks.drain(..) {
             if Rc::strong_count(&buf) == 1 {
                 if self.pool.len() == POOL_BUFFERS_MAX {
                     self.pool.remove(0);
                 }
                 self.pool.push(buf);
             }
-            done += size;
         }
-        Ok(())
+        self.chunks = chunks;
+        outcome
     }
 
     /// Seals the active segment (written and fdatasync'd) and starts one at `base`.
@@ -1027,7 +1068,6 @@ mod tests {
     use super::*;
     use clickgate_proto::segment::LogReader;
     use glommio::{LocalExecutorBuilder, Placement};
-    use std::future::Future;
 
     fn run<G, F>(gen: G)
     where
@@ -1105,6 +1145,36 @@ mod tests {
                 prev_end = *end;
             }
             assert!(r.next().unwrap().is_none());
+        });
+    }
+
+    /// One commit larger than `WRITE_CHUNK_BYTES_MAX` goes as several chunks in flight at
+    /// once: every byte lands at its offset, in order, across a segment rotation too.
+    #[test]
+    fn a_commit_of_several_chunks_is_written_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log/core-0");
+        let p = path.clone();
+        run(move || async move {
+            let cfg = LogConfig {
+                buffer_bytes_max: 6 * WRITE_CHUNK_BYTES_MAX,
+                segment_bytes: 4 * WRITE_CHUNK_BYTES_MAX as u64,
+                ..cfg()
+            };
+            let log = CoreLog::open(p, 0, cfg).await.unwrap();
+            // Appended without yielding: the commit task takes them in one group.
+            let (mut n, mut last) = (0u64, 0);
+            while log.pending_bytes() < 5 * WRITE_CHUNK_BYTES_MAX + 4096 {
+                last = append(&log, n).unwrap();
+                n += 1;
+            }
+            log.durable(last).await.unwrap();
+            let s = log.stats();
+            assert_eq!(s.commits, 1, "one group: {s:?}");
+            assert!(s.segments >= 2, "rotated within the commit: {s:?}");
+            log.close().await.unwrap();
+            let mut r = LogReader::open(&path, 0).unwrap();
+            assert_eq!(read_check(&mut r, 0), n);
         });
     }
 

@@ -151,6 +151,9 @@ pub struct CoreMetrics {
     log_pending_bytes: AtomicU64,
     log_written_bytes: AtomicU64,
     log_synced_lsn: AtomicU64,
+    log_commits: AtomicU64,
+    log_write_nanos: AtomicU64,
+    log_fsync_nanos: AtomicU64,
     dedup_memory_bytes: AtomicU64,
     dedup_bits_per_event_milli: AtomicU64,
     ratelimit_tracked: AtomicU64,
@@ -236,10 +239,13 @@ impl CoreMetrics {
     pub fn connections_open(&self) -> u64 {
         self.connections_open.load(Relaxed)
     }
-    pub fn set_log(&self, pending_bytes: u64, written_bytes: u64, synced_lsn: u64) {
+    pub fn set_log(&self, pending_bytes: u64, st: &crate::log::LogStats) {
         self.log_pending_bytes.store(pending_bytes, Relaxed);
-        self.log_written_bytes.store(written_bytes, Relaxed);
-        self.log_synced_lsn.store(synced_lsn, Relaxed);
+        self.log_written_bytes.store(st.appended_bytes, Relaxed);
+        self.log_synced_lsn.store(st.durable_lsn, Relaxed);
+        self.log_commits.store(st.commits, Relaxed);
+        self.log_write_nanos.store(st.write_nanos_sum, Relaxed);
+        self.log_fsync_nanos.store(st.fsync_nanos_sum, Relaxed);
     }
     pub fn set_dedup(&self, memory_bytes: u64, bits_per_event: f64) {
         self.dedup_memory_bytes.store(memory_bytes, Relaxed);
@@ -456,6 +462,30 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
         "Log position known durable (fsync'd) on the core.",
     );
     per_core(out, name, cores, |c| &c.log_synced_lsn);
+    let name = "clickgate_log_commits_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Group commits of the core's local log (one write of everything appended since the last).",
+    );
+    per_core(out, name, cores, |c| &c.log_commits);
+    let name = "clickgate_log_write_seconds_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Time the core's local log spent in its O_DIRECT writes.",
+    );
+    per_core_seconds(out, name, cores, |c| &c.log_write_nanos);
+    let name = "clickgate_log_fsync_seconds_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Time the core's local log spent in fdatasync.",
+    );
+    per_core_seconds(out, name, cores, |c| &c.log_fsync_nanos);
     let name = "clickgate_dedup_memory_bytes";
     header(
         out,
@@ -588,6 +618,19 @@ fn per_core(
 ) {
     for (k, c) in cores.iter().enumerate() {
         let _ = writeln!(out, "{name}{{core=\"{k}\"}} {}", f(c).load(Relaxed));
+    }
+}
+
+/// Like `per_core`, for a counter kept in nanoseconds and exported in seconds.
+fn per_core_seconds(
+    out: &mut String,
+    name: &str,
+    cores: &[CoreMetrics],
+    f: impl Fn(&CoreMetrics) -> &AtomicU64,
+) {
+    for (k, c) in cores.iter().enumerate() {
+        let secs = f(c).load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}{{core=\"{k}\"}} {secs:.6}");
     }
 }
 

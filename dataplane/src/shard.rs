@@ -187,11 +187,7 @@ impl Shard {
         self.m()
             .set_inflight_body_bytes(self.inflight_body_bytes.get() as u64);
         let st = self.log.stats();
-        self.m().set_log(
-            self.log.pending_bytes() as u64,
-            st.appended_bytes,
-            st.durable_lsn,
-        );
+        self.m().set_log(self.log.pending_bytes() as u64, &st);
         if self.k == 0 {
             let s = &self.shared;
             self.m().set_ratelimit_tracked(s.limiter.tracked() as u64);
