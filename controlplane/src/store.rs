@@ -24,6 +24,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use clickgate_core::agg::{Counters, Dim};
+use clickgate_core::hash::SecretIdBuildHasher;
 use clickgate_core::hll::Hll;
 use clickgate_core::window::Window;
 use clickgate_proto::frames::{
@@ -115,7 +116,8 @@ pub enum Applied {
     Duplicate,
 }
 
-type Bucket = HashMap<(u64, Dim), Cell>;
+/// Keyed by ids clients choose: hashed with the process's secret (cheap, not steerable).
+type Bucket = HashMap<(u64, Dim), Cell, SecretIdBuildHasher>;
 
 pub struct Store {
     buckets: BTreeMap<(Window, u64), Bucket>,

@@ -54,6 +54,53 @@ pub fn box_secret() -> u64 {
     })
 }
 
+/// [`IdHasher`]'s folding started from [`box_secret`], with every integer width folded
+/// the same way (derived `Hash` of enums writes their discriminant as an `isize`): for
+/// tables keyed by integers that clients choose (the controlplane store's cells), so
+/// they cost an `IdHasher`'s time and still cannot be aimed at one probe chain.
+#[derive(Clone, Copy)]
+pub struct SecretIdHasher(u64);
+
+impl std::hash::Hasher for SecretIdHasher {
+    fn finish(&self) -> u64 {
+        mix64(self.0)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = mix64(self.0) ^ v;
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.write_u64(u64::from(v));
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.write_u64(v as u64);
+    }
+    fn write_isize(&mut self, v: isize) {
+        self.write_u64(v as u64);
+    }
+}
+
+/// `BuildHasher` of [`SecretIdHasher`].
+#[derive(Clone, Copy, Default)]
+pub struct SecretIdBuildHasher;
+
+impl std::hash::BuildHasher for SecretIdBuildHasher {
+    type Hasher = SecretIdHasher;
+    fn build_hasher(&self) -> SecretIdHasher {
+        SecretIdHasher(box_secret())
+    }
+}
+
 /// `BuildHasher` of [`IdHasher`], for `HashMap<K, V, IdBuildHasher>`.
 pub type IdBuildHasher = std::hash::BuildHasherDefault<IdHasher>;
 
@@ -97,6 +144,35 @@ mod tests {
         assert_eq!(h.hash_one(42u64), mix64(42));
         assert_ne!(h.hash_one((1u64, 2u64)), h.hash_one((2u64, 1u64)));
         assert_ne!(h.hash_one((7u64, 7u64)), h.hash_one((9u64, 9u64)));
+    }
+
+    /// The store's cell hasher is keyed (a client cannot compute where an id lands) and
+    /// still tells apart what a derived `Hash` writes: enum variants of one value, and
+    /// swapped pairs.
+    #[test]
+    fn the_secret_id_hasher_is_keyed_and_tells_variants_apart() {
+        use crate::agg::Dim;
+        use std::hash::BuildHasher;
+        let k = SecretIdBuildHasher;
+        let u = IdBuildHasher::default();
+        assert_eq!(
+            k.hash_one((7u64, Dim::Ad(3))),
+            k.hash_one((7u64, Dim::Ad(3)))
+        );
+        assert_ne!(
+            k.hash_one(7u64),
+            u.hash_one(7u64),
+            "keyed by the box secret"
+        );
+        assert_ne!(
+            k.hash_one((7u64, Dim::Ad(3))),
+            k.hash_one((7u64, Dim::Publisher(3)))
+        );
+        assert_ne!(k.hash_one((1u64, 2u64)), k.hash_one((2u64, 1u64)));
+        // Ids one apart spread over a small table's slots.
+        let slots: std::collections::HashSet<u64> =
+            (0..64u64).map(|c| k.hash_one((c, Dim::All)) % 64).collect();
+        assert!(slots.len() > 32, "{} of 64 slots", slots.len());
     }
 
     #[test]
