@@ -398,6 +398,7 @@ set +e
     echo
     echo "| stage | page | one command |"
     echo "|---|---|---|"
+    echo "| the whole box with Kafka, Redis and the archive, per-stage lag, RSS, CPU per thread (table and plot of the last run) | [soak/soak.md](soak/soak.md), [soak/soak.svg](soak/soak.svg) | \`bench/soak.sh --events-per-sec 90000 --duration 300s\` (command and load report at the top of soak/soak.txt) |"
     echo "| Kafka forwarder, ack modes | [KAFKA.md](KAFKA.md) | \`bench/kafka.sh --duration 5s --brokers HOST:PORT\` |"
     echo "| Redis flush and queries | [REDIS.md](REDIS.md) | \`cargo run --release -p clickgate-controlplane --example redis_bench -- redis://127.0.0.1:16379 100\` |"
     echo "| Parquet archive and billing | [ARCHIVE.md](ARCHIVE.md) | \`bench/archive.sh [EVENTS]\` |"
