@@ -16,7 +16,7 @@ pub struct ReplayArgs {
     /// Consumer group id; its committed offsets record what was replayed
     #[arg(long, default_value = "clickgate-replay")]
     pub group: String,
-    /// Distinct event ids kept for exact dedup, at most (~16 bytes each)
+    /// Distinct event ids kept for exact dedup, at most (~48 bytes each)
     #[arg(long, default_value_t = 10_000_000)]
     pub dedup_events_max: usize,
 }

@@ -3,13 +3,16 @@
 //! Reads `raw_clicks` through a consumer group (offsets committed after the store made
 //! the counts durable), or the local log when no broker is configured, keeps the records
 //! in the range, removes duplicates exactly by `event_id` (the earliest copy wins, as in
-//! billing), counts with `core::agg::Aggregator` exactly as a dataplane core does (the
+//! billing: the smallest receive time, then stream name as bytes, then position; a first
+//! pass finds each id's earliest copy, a second pass over exactly the same records
+//! counts those copies, so the read order of partitions or cores never matters), counts with `core::agg::Aggregator` exactly as a dataplane core does (the
 //! record's fraud decision counts as it did live), and sends the deltas to the
 //! controlplane over its control socket as frames of a replay instance of their own.
 //! Replaying a range that the store already counted counts it again: replay into a
 //! fresh store, or over a range the store lost.
 
-use std::collections::HashSet;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -19,7 +22,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clickgate_core::agg::{AggConfig, Aggregator};
 use clickgate_core::EventId;
 use clickgate_proto::frames::{access_ack, encode_delta, frame_len, frames_from_delta};
-use clickgate_proto::record;
+use clickgate_proto::record::{self, RawRecord};
 use clickgate_proto::segment::{self, LogReader};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -67,7 +70,7 @@ pub struct ReplayConfig {
     pub data_dir: PathBuf,
     /// The controlplane's Unix socket.
     pub control_socket: PathBuf,
-    /// Distinct event ids remembered for exact dedup, at most (memory: ~16 B each).
+    /// Distinct event ids remembered for exact dedup, at most (memory: ~48 B each).
     pub dedup_events_max: usize,
     /// Aggregate keys held between two deltas sent, at most.
     pub keys_max: usize,
@@ -146,29 +149,81 @@ impl Sink {
     }
 }
 
-/// Counts one record; `false` when it is outside the range.
+/// Where a copy of an event sits: `(recv_ms, stream rank, position)` packed so that
+/// integer order is billing's order (`recv_ts`, then the stream's name as bytes, then
+/// the LSN or offset): the smallest is the earliest copy, whatever order the source is
+/// read in.
+fn copy_key(recv_ms: u64, rank: u16, pos: u64) -> anyhow::Result<u128> {
+    if pos >= 1 << 48 {
+        bail!("position {pos} is past 2^48");
+    }
+    Ok(u128::from(recv_ms) << 64 | u128::from(rank) << 48 | u128::from(pos))
+}
+
+/// Ranks of the stream names (`core-<k>`, `<topic>-p<p>`) in byte order, as billing
+/// ranks an archive's `source` column.
+fn ranks(names: &[String]) -> anyhow::Result<Vec<u16>> {
+    if names.len() > usize::from(u16::MAX) {
+        bail!("more than {} streams", u16::MAX);
+    }
+    let mut order: Vec<usize> = (0..names.len()).collect();
+    order.sort_by(|&a, &b| names[a].as_bytes().cmp(names[b].as_bytes()));
+    let mut rank = vec![0u16; names.len()];
+    for (r, i) in order.into_iter().enumerate() {
+        rank[i] = r as u16;
+    }
+    Ok(rank)
+}
+
+/// Pass 1: the earliest copy of every event id in the range (≈ 40 B per id).
+struct Winners {
+    best: HashMap<EventId, u128>,
+    max: usize,
+}
+
+impl Winners {
+    fn note(&mut self, id: EventId, key: u128) -> anyhow::Result<()> {
+        let full = self.max <= self.best.len();
+        match self.best.entry(id) {
+            Entry::Occupied(mut e) => {
+                if key < *e.get() {
+                    e.insert(key);
+                }
+            }
+            Entry::Vacant(e) => {
+                if full {
+                    bail!(
+                        "more than {} distinct events in the range (--dedup-events-max)",
+                        self.max
+                    );
+                }
+                e.insert(key);
+            }
+        }
+        Ok(())
+    }
+
+    fn wins(&self, id: &EventId, key: u128) -> bool {
+        self.best.get(id) == Some(&key)
+    }
+}
+
+/// Pass 2: counts the winners with the stream's aggregation code.
 struct Counter {
-    seen: HashSet<EventId>,
-    dedup_max: usize,
+    winners: Winners,
+    counted: u64,
     agg: Aggregator,
     summary: ReplaySummary,
 }
 
 impl Counter {
-    fn add(&mut self, bytes: &[u8], sink: &mut Sink) -> anyhow::Result<()> {
-        let rec = clickgate_proto::raw_pb::decode_value(bytes)
-            .map_err(|e| anyhow!("record does not decode: {e}"))?;
+    fn add(&mut self, rec: &RawRecord<'_>, key: u128, sink: &mut Sink) -> anyhow::Result<()> {
         self.summary.records += 1;
-        if !self.seen.insert(rec.click.event_id) {
+        if !self.winners.wins(&rec.click.event_id, key) {
             self.summary.duplicates += 1;
             return Ok(());
         }
-        if self.seen.len() > self.dedup_max {
-            bail!(
-                "more than {} distinct events in the range (--dedup-events-max)",
-                self.dedup_max
-            );
-        }
+        self.counted += 1;
         let fraud = rec.flags.fraud();
         self.agg.add(&rec.click, !fraud, fraud);
         if self.agg.len() * 10 >= self.agg.config().keys_max * 9 {
@@ -178,24 +233,83 @@ impl Counter {
     }
 }
 
+fn decode(bytes: &[u8]) -> anyhow::Result<RawRecord<'_>> {
+    clickgate_proto::raw_pb::decode_value(bytes).map_err(|e| anyhow!("record does not decode: {e}"))
+}
+
+/// One pass over the range: every record in it, with its copy key. `stop` holds, per
+/// stream, the position the first pass ended at; the second pass reads exactly that far.
+trait Source {
+    fn pass(
+        &mut self,
+        stop: &mut Option<Vec<Option<u64>>>,
+        each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()>;
+}
+
+/// Two passes, so that the earliest copy of an event wins however the source
+/// interleaves its streams (a retry can be read before the copy it repeats: Kafka hands
+/// out partitions in any order, and each core's log is read whole in turn).
 pub fn run(cfg: &ReplayConfig) -> anyhow::Result<ReplaySummary> {
     let mut sink = Sink::connect(&cfg.control_socket)?;
+    match &cfg.kafka {
+        Some(k) => {
+            let mut src = KafkaSource::open(cfg, k)?;
+            let summary = count(cfg, &mut src, &mut sink)?;
+            src.commit()?;
+            Ok(summary)
+        }
+        None => count(cfg, &mut LogSource::open(cfg)?, &mut sink),
+    }
+}
+
+fn count(
+    cfg: &ReplayConfig,
+    src: &mut dyn Source,
+    sink: &mut Sink,
+) -> anyhow::Result<ReplaySummary> {
+    let mut stop = None;
+    let winners = find_winners(cfg.dedup_events_max, src, &mut stop)?;
     let mut c = Counter {
-        seen: HashSet::new(),
-        dedup_max: cfg.dedup_events_max,
+        winners,
+        counted: 0,
         agg: Aggregator::new(AggConfig {
             keys_max: cfg.keys_max,
             ..AggConfig::default()
         }),
         summary: ReplaySummary::default(),
     };
-    match &cfg.kafka {
-        Some(k) => from_kafka(cfg, k, &mut c, &mut sink)?,
-        None => from_log(cfg, &mut c, &mut sink)?,
+    src.pass(&mut stop, &mut |bytes, key| {
+        c.add(&decode(bytes)?, key, sink)
+    })?;
+    let events = c.winners.best.len() as u64;
+    if c.counted != events {
+        bail!(
+            "{} of {events} events were not there on the second read of the range \
+             (did retention delete records while the replay ran?); the counts sent so far \
+             stay in the store and the group's offsets were not committed",
+            events - c.counted
+        );
     }
     sink.send(&mut c.agg)?;
     c.summary.frames = sink.frames;
     Ok(c.summary)
+}
+
+/// Pass 1 over `src`.
+fn find_winners(
+    max: usize,
+    src: &mut dyn Source,
+    stop: &mut Option<Vec<Option<u64>>>,
+) -> anyhow::Result<Winners> {
+    let mut winners = Winners {
+        best: HashMap::new(),
+        max,
+    };
+    src.pass(stop, &mut |bytes, key| {
+        winners.note(decode(bytes)?.click.event_id, key)
+    })?;
+    Ok(winners)
 }
 
 fn in_time(pos: Position, to: Option<Position>, recv_ms: i64) -> (bool, bool) {
@@ -210,130 +324,298 @@ fn in_time(pos: Position, to: Option<Position>, recv_ms: i64) -> (bool, bool) {
     (after_from, before_to)
 }
 
-fn from_log(cfg: &ReplayConfig, c: &mut Counter, sink: &mut Sink) -> anyhow::Result<()> {
-    let root = cfg.data_dir.join("log");
-    for (core, dir) in segment::core_dirs(&root)? {
-        let start = match cfg.from {
-            Position::Offset(lsn) => lsn as u64,
-            Position::TimeMs(_) => 0,
-        };
-        let mut r = LogReader::open(&dir, start)
-            .with_context(|| format!("core {core}: opening {}", dir.display()))?;
-        while let Some((lsn, bytes)) = r.next()? {
-            if matches!(cfg.to, Some(Position::Offset(end)) if lsn as i64 >= end) {
-                break;
-            }
-            let recv = record::decode(bytes).map(|r| r.recv_ms as i64).unwrap_or(0);
-            let (after, before) = in_time(cfg.from, cfg.to, recv);
-            if after && before {
-                c.add(bytes, sink)
-                    .with_context(|| format!("core {core} lsn {lsn}"))?;
-            }
-        }
-    }
-    Ok(())
+/// The local log of every core under `data_dir` (streams `core-<k>`).
+struct LogSource {
+    from: Position,
+    to: Option<Position>,
+    cores: Vec<(usize, PathBuf)>,
+    ranks: Vec<u16>,
 }
 
-fn from_kafka(
-    cfg: &ReplayConfig,
-    k: &KafkaConfig,
-    c: &mut Counter,
-    sink: &mut Sink,
-) -> anyhow::Result<()> {
-    let timeout = k.start_timeout();
-    let consumer: BaseConsumer = k
-        .client_config()
-        .set("group.id", &cfg.group)
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .create()?;
-    let md = consumer
-        .fetch_metadata(Some(&k.topic), timeout)
-        .map_err(|e| anyhow!("topic {:?} on {}: {e}", k.topic, k.brokers))?;
-    let parts = md
-        .topics()
-        .iter()
-        .find(|t| t.name() == k.topic && t.error().is_none())
-        .map(|t| t.partitions().len() as i32)
-        .filter(|&n| n > 0)
-        .ok_or_else(|| anyhow!("topic {:?} does not exist on {}", k.topic, k.brokers))?;
-    let mut tpl = TopicPartitionList::new();
-    let mut ends = std::collections::HashMap::new();
-    for p in 0..parts {
-        let (low, high) = consumer.fetch_watermarks(&k.topic, p, timeout)?;
-        let start = match cfg.from {
-            Position::Offset(o) => o.max(low),
-            Position::TimeMs(_) => low,
-        };
-        let end = match cfg.to {
-            Some(Position::Offset(o)) => o.min(high),
-            _ => high,
-        };
-        if start < end {
-            tpl.add_partition_offset(&k.topic, p, Offset::Offset(start))?;
-            ends.insert(p, end);
+impl LogSource {
+    fn open(cfg: &ReplayConfig) -> anyhow::Result<LogSource> {
+        let cores = segment::core_dirs(&cfg.data_dir.join("log"))?;
+        let names: Vec<String> = cores.iter().map(|(k, _)| format!("core-{k}")).collect();
+        Ok(LogSource {
+            from: cfg.from,
+            to: cfg.to,
+            ranks: ranks(&names)?,
+            cores,
+        })
+    }
+}
+
+impl Source for LogSource {
+    fn pass(
+        &mut self,
+        stop: &mut Option<Vec<Option<u64>>>,
+        each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let first = stop.is_none();
+        let stops = stop.get_or_insert_with(|| vec![None; self.cores.len()]);
+        for (i, (core, dir)) in self.cores.iter().enumerate() {
+            let start = match self.from {
+                Position::Offset(lsn) => lsn as u64,
+                Position::TimeMs(_) => 0,
+            };
+            let mut r = LogReader::open(dir, start)
+                .with_context(|| format!("core {core}: opening {}", dir.display()))?;
+            while let Some((lsn, bytes)) = r.next()? {
+                if matches!(self.to, Some(Position::Offset(end)) if lsn as i64 >= end) {
+                    break;
+                }
+                // The second pass ends where the first did (the log keeps growing).
+                if !first && stops[i].is_none_or(|end| lsn >= end) {
+                    break;
+                }
+                if first {
+                    stops[i] = Some(lsn + 1);
+                }
+                let recv = record::decode(bytes).map(|r| r.recv_ms).unwrap_or(0);
+                let (after, before) = in_time(self.from, self.to, recv as i64);
+                if after && before {
+                    copy_key(recv, self.ranks[i], lsn)
+                        .and_then(|key| each(bytes, key))
+                        .with_context(|| format!("core {core} lsn {lsn}"))?;
+                }
+            }
         }
+        Ok(())
     }
-    if ends.is_empty() {
-        return Ok(());
+}
+
+/// `raw_clicks` (streams `<topic>-p<p>`), read through the replay's consumer group.
+struct KafkaSource {
+    consumer: BaseConsumer,
+    topic: String,
+    brokers: String,
+    timeout: Duration,
+    timeout_ms: u64,
+    from: Position,
+    to: Option<Position>,
+    /// Partition → (start, end as the replay starts).
+    range: std::collections::BTreeMap<i32, (i64, i64)>,
+    ranks: Vec<u16>,
+    /// Partition → the offset after the last record read (what is committed).
+    done: HashMap<i32, i64>,
+}
+
+impl KafkaSource {
+    fn open(cfg: &ReplayConfig, k: &KafkaConfig) -> anyhow::Result<KafkaSource> {
+        let timeout = k.start_timeout();
+        let consumer: BaseConsumer = k
+            .client_config()
+            .set("group.id", &cfg.group)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .create()?;
+        let md = consumer
+            .fetch_metadata(Some(&k.topic), timeout)
+            .map_err(|e| anyhow!("topic {:?} on {}: {e}", k.topic, k.brokers))?;
+        let parts = md
+            .topics()
+            .iter()
+            .find(|t| t.name() == k.topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|&n| n > 0)
+            .ok_or_else(|| anyhow!("topic {:?} does not exist on {}", k.topic, k.brokers))?;
+        let mut range = std::collections::BTreeMap::new();
+        for p in 0..parts {
+            let (low, high) = consumer.fetch_watermarks(&k.topic, p, timeout)?;
+            let start = match cfg.from {
+                Position::Offset(o) => o.max(low),
+                Position::TimeMs(_) => low,
+            };
+            let end = match cfg.to {
+                Some(Position::Offset(o)) => o.min(high),
+                _ => high,
+            };
+            if start < end {
+                range.insert(p, (start, end));
+            }
+        }
+        let names: Vec<String> = (0..parts).map(|p| format!("{}-p{p}", k.topic)).collect();
+        Ok(KafkaSource {
+            consumer,
+            topic: k.topic.clone(),
+            brokers: k.brokers.clone(),
+            timeout,
+            timeout_ms: k.start_timeout_ms,
+            from: cfg.from,
+            to: cfg.to,
+            range,
+            ranks: ranks(&names)?,
+            done: HashMap::new(),
+        })
     }
-    consumer.assign(&tpl)?;
-    let mut open: HashSet<i32> = ends.keys().copied().collect();
-    let mut idle_since = Instant::now();
-    let mut done = std::collections::HashMap::new();
-    // Without `--to` the end is soft: tansu's high watermark can lag what a fetch
-    // returns, so read on until a poll comes back empty.
-    let hard_end = matches!(cfg.to, Some(Position::Offset(_)));
-    loop {
-        let Some(m) = consumer.poll(Duration::from_millis(300)) else {
-            if open.is_empty() {
+
+    /// Commits what was read: only once the store acknowledged the counts.
+    fn commit(&self) -> anyhow::Result<()> {
+        if self.done.is_empty() {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &o) in &self.done {
+            tpl.add_partition_offset(&self.topic, p, Offset::Offset(o))?;
+        }
+        self.consumer.commit(&tpl, CommitMode::Sync)?;
+        Ok(())
+    }
+}
+
+impl Source for KafkaSource {
+    fn pass(
+        &mut self,
+        stop: &mut Option<Vec<Option<u64>>>,
+        each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let first = stop.is_none();
+        // Pass 1 ends where the range does; without `--to` the end is soft: tansu's
+        // high watermark can lag what a fetch returns, so it reads on until a poll
+        // comes back empty. Pass 2 ends exactly where pass 1 did.
+        let mut ends: HashMap<i32, i64> = match stop {
+            None => self.range.iter().map(|(&p, &(_, e))| (p, e)).collect(),
+            Some(_) => self.done.clone(),
+        };
+        let hard_end = !first || matches!(self.to, Some(Position::Offset(_)));
+        let mut tpl = TopicPartitionList::new();
+        for (&p, &(start, _)) in &self.range {
+            if ends.get(&p).is_some_and(|&e| start < e) {
+                tpl.add_partition_offset(&self.topic, p, Offset::Offset(start))?;
+            } else {
+                ends.remove(&p);
+            }
+        }
+        *stop = Some(Vec::new());
+        if ends.is_empty() {
+            return Ok(());
+        }
+        self.consumer.assign(&tpl)?;
+        let mut open: HashSet<i32> = ends.keys().copied().collect();
+        let mut idle_since = Instant::now();
+        loop {
+            if !first && open.is_empty() {
                 break;
             }
-            if idle_since.elapsed() > timeout {
-                bail!(
-                    "no records from {:?} on {} for {} ms before the end of the range",
-                    k.topic,
-                    k.brokers,
-                    k.start_timeout_ms
-                );
+            let Some(m) = self.consumer.poll(Duration::from_millis(300)) else {
+                if open.is_empty() {
+                    break;
+                }
+                if idle_since.elapsed() > self.timeout {
+                    bail!(
+                        "no records from {:?} on {} for {} ms before the end of the range",
+                        self.topic,
+                        self.brokers,
+                        self.timeout_ms
+                    );
+                }
+                continue;
+            };
+            idle_since = Instant::now();
+            let m = m.map_err(|e| anyhow!("reading {:?}: {e}", self.topic))?;
+            let (p, o) = (m.partition(), m.offset());
+            let Some(&end) = ends.get(&p) else { continue };
+            if o >= end && hard_end {
+                open.remove(&p);
+                continue;
             }
-            continue;
-        };
-        idle_since = Instant::now();
-        let m = m.map_err(|e| anyhow!("reading {:?}: {e}", k.topic))?;
-        let (p, o) = (m.partition(), m.offset());
-        let Some(&end) = ends.get(&p) else { continue };
-        if o >= end && hard_end {
-            open.remove(&p);
-            continue;
+            if o + 1 >= end {
+                open.remove(&p);
+            }
+            let bytes = m.payload().unwrap_or_default();
+            let recv = m.timestamp().to_millis().unwrap_or(0);
+            let (after, before) = in_time(self.from, self.to, recv);
+            if after && before {
+                let rank = self.ranks.get(p as usize).copied().unwrap_or(u16::MAX);
+                copy_key(recv.max(0) as u64, rank, o.max(0) as u64)
+                    .and_then(|key| each(bytes, key))
+                    .with_context(|| format!("partition {p} offset {o}"))?;
+            }
+            if first {
+                self.done.insert(p, o + 1);
+            }
         }
-        if o + 1 >= end {
-            open.remove(&p);
-        }
-        let bytes = m.payload().unwrap_or_default();
-        let recv = m.timestamp().to_millis().unwrap_or(0);
-        let (after, before) = in_time(cfg.from, cfg.to, recv);
-        if after && before {
-            c.add(bytes, sink)
-                .with_context(|| format!("partition {p} offset {o}"))?;
-        }
-        done.insert(p, o + 1);
+        self.consumer.unassign()?;
+        Ok(())
     }
-    sink.send(&mut c.agg)?;
-    // Committed only once the store acknowledged the counts.
-    if !done.is_empty() {
-        let mut tpl = TopicPartitionList::new();
-        for (p, o) in done {
-            tpl.add_partition_offset(&k.topic, p, Offset::Offset(o))?;
-        }
-        consumer.commit(&tpl, CommitMode::Sync)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Records handed out in a fixed order, as a source that interleaves its streams
+    /// would: (record bytes, recv_ms, stream rank, position).
+    struct Fixed(Vec<(Vec<u8>, u64, u16, u64)>);
+
+    impl Source for Fixed {
+        fn pass(
+            &mut self,
+            stop: &mut Option<Vec<Option<u64>>>,
+            each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+        ) -> anyhow::Result<()> {
+            *stop = Some(Vec::new());
+            for (bytes, recv, rank, pos) in &self.0 {
+                each(bytes, copy_key(*recv, *rank, *pos)?)?;
+            }
+            Ok(())
+        }
+    }
+
+    fn rec(id: u8, campaign: u64, recv_ms: u64) -> Vec<u8> {
+        let c = clickgate_core::event::Click {
+            event_id: EventId([id; 16]),
+            ts_ms: recv_ms,
+            campaign_id: campaign,
+            ad_id: 1,
+            publisher_id: 1,
+            advertiser_id: 1,
+            user_id: "u".into(),
+            ip: std::net::IpAddr::from([203, 0, 113, 7]),
+            user_agent: "".into(),
+            country: *b"US",
+            device: clickgate_core::event::Device::Mobile,
+            cost_micros: 1,
+        };
+        let mut out = Vec::new();
+        record::encode(&c, Default::default(), recv_ms, &[], &mut out).unwrap();
+        out
+    }
+
+    /// A retry read before the copy it repeats still loses to it: the earliest copy
+    /// wins (receive time, then the stream's name as bytes, then the position), as in
+    /// billing, whatever the read order.
+    #[test]
+    fn the_earliest_copy_wins_whatever_the_read_order() {
+        let names: Vec<String> = ["core-2", "core-10", "core-0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let r = ranks(&names).unwrap();
+        assert_eq!(r, vec![2, 1, 0], "byte order: core-0 < core-10 < core-2");
+        let mut src = Fixed(vec![
+            // The retry (campaign 3, received later) comes first in read order.
+            (rec(1, 3, 2_000), 2_000, r[0], 7),
+            (rec(2, 3, 2_000), 2_000, r[0], 8),
+            (rec(1, 2, 1_000), 1_000, r[1], 900),
+            // Event 2's copies share a receive time: core-10 sorts before core-2.
+            (rec(2, 4, 2_000), 2_000, r[1], 901),
+            // Same stream and time: the smaller position wins.
+            (rec(3, 5, 3_000), 3_000, r[2], 41),
+            (rec(3, 6, 3_000), 3_000, r[2], 40),
+        ]);
+        let mut stop = None;
+        let w = find_winners(10, &mut src, &mut stop).unwrap();
+        assert_eq!(w.best.len(), 3);
+        assert!(w.wins(&EventId([1; 16]), copy_key(1_000, r[1], 900).unwrap()));
+        assert!(!w.wins(&EventId([1; 16]), copy_key(2_000, r[0], 7).unwrap()));
+        assert!(w.wins(&EventId([2; 16]), copy_key(2_000, r[1], 901).unwrap()));
+        assert!(!w.wins(&EventId([2; 16]), copy_key(2_000, r[0], 8).unwrap()));
+        assert!(w.wins(&EventId([3; 16]), copy_key(3_000, r[2], 40).unwrap()));
+        let err = find_winners(2, &mut src, &mut None).err().unwrap();
+        assert!(err.to_string().contains("--dedup-events-max"), "{err}");
+        assert!(copy_key(1, 0, 1 << 48).is_err());
+    }
 
     #[test]
     fn positions_parse() {
