@@ -963,3 +963,65 @@ fn replay_of_the_topic_gives_the_same_aggregates_as_live() {
     );
     assert_eq!(campaign_buckets(&fresh), live_buckets);
 }
+
+/// Without a broker the replay reads the local log of every core. Replayed into the
+/// running store (which counts it again), every campaign doubles exactly: the retries,
+/// sent under another campaign and read on whichever core took them, count for nobody.
+#[test]
+fn replay_of_the_local_log_counts_each_event_once_more() {
+    let cg = Clickgate::run(&[]);
+    let mut ids = Vec::new();
+    // One connection per batch: the batches land on both cores.
+    for k in 0..13 {
+        ids.extend(send_events(&cg, k * 50, 50));
+    }
+    assert_eq!(ids.len(), 650);
+    let retry: String = ids
+        .iter()
+        .step_by(30)
+        .map(|id| event(id, 3, |_| {}) + "\n")
+        .collect();
+    for _ in 0..2 {
+        let r = cg.connect().request("POST", "/v1/clicks", &retry);
+        assert_eq!(r.status, 202, "{}", r.body);
+        assert_eq!(r.json()["accepted"], 0, "{}", r.body);
+    }
+    let wait_for = |want: u64| {
+        let deadline = Instant::now() + CATCH_UP;
+        loop {
+            let b = campaign_buckets(&cg);
+            if total_clicks(&b) == want {
+                break b;
+            }
+            assert!(Instant::now() < deadline, "counts never reached {want}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    };
+    let live = wait_for(650);
+    let out = Command::new(common::BIN)
+        .arg("replay")
+        .arg("--data-dir")
+        .arg(&cg.data_dir)
+        .args(["--from", "0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (summary["records"].as_u64(), summary["duplicates"].as_u64()),
+        (Some(650 + 44), Some(44))
+    );
+    let doubled = wait_for(1300);
+    let per_campaign = |b: &[serde_json::Value]| -> Vec<u64> {
+        b.iter()
+            .map(|c| total_clicks(std::slice::from_ref(c)))
+            .collect()
+    };
+    assert_eq!(per_campaign(&live), vec![50; 13]);
+    assert_eq!(per_campaign(&doubled), vec![100; 13]);
+}

@@ -175,7 +175,7 @@ fn ranks(names: &[String]) -> anyhow::Result<Vec<u16>> {
     Ok(rank)
 }
 
-/// Pass 1: the earliest copy of every event id in the range (≈ 40 B per id).
+/// Pass 1: the earliest copy of every event id in the range (≈ 48 B per id).
 struct Winners {
     best: HashMap<EventId, u128>,
     max: usize,
@@ -237,12 +237,12 @@ fn decode(bytes: &[u8]) -> anyhow::Result<RawRecord<'_>> {
     clickgate_proto::raw_pb::decode_value(bytes).map_err(|e| anyhow!("record does not decode: {e}"))
 }
 
-/// One pass over the range: every record in it, with its copy key. `stop` holds, per
-/// stream, the position the first pass ended at; the second pass reads exactly that far.
+/// One pass over the range: every record in it, with its copy key. The first pass
+/// notes where each stream ended; the second reads exactly that far.
 trait Source {
     fn pass(
         &mut self,
-        stop: &mut Option<Vec<Option<u64>>>,
+        first: bool,
         each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
     ) -> anyhow::Result<()>;
 }
@@ -268,8 +268,7 @@ fn count(
     src: &mut dyn Source,
     sink: &mut Sink,
 ) -> anyhow::Result<ReplaySummary> {
-    let mut stop = None;
-    let winners = find_winners(cfg.dedup_events_max, src, &mut stop)?;
+    let winners = find_winners(cfg.dedup_events_max, src)?;
     let mut c = Counter {
         winners,
         counted: 0,
@@ -279,9 +278,7 @@ fn count(
         }),
         summary: ReplaySummary::default(),
     };
-    src.pass(&mut stop, &mut |bytes, key| {
-        c.add(&decode(bytes)?, key, sink)
-    })?;
+    src.pass(false, &mut |bytes, key| c.add(&decode(bytes)?, key, sink))?;
     let events = c.winners.best.len() as u64;
     if c.counted != events {
         bail!(
@@ -297,16 +294,12 @@ fn count(
 }
 
 /// Pass 1 over `src`.
-fn find_winners(
-    max: usize,
-    src: &mut dyn Source,
-    stop: &mut Option<Vec<Option<u64>>>,
-) -> anyhow::Result<Winners> {
+fn find_winners(max: usize, src: &mut dyn Source) -> anyhow::Result<Winners> {
     let mut winners = Winners {
         best: HashMap::new(),
         max,
     };
-    src.pass(stop, &mut |bytes, key| {
+    src.pass(true, &mut |bytes, key| {
         winners.note(decode(bytes)?.click.event_id, key)
     })?;
     Ok(winners)
@@ -330,6 +323,8 @@ struct LogSource {
     to: Option<Position>,
     cores: Vec<(usize, PathBuf)>,
     ranks: Vec<u16>,
+    /// Per core, the LSN after the last record of the first pass.
+    stops: Vec<Option<u64>>,
 }
 
 impl LogSource {
@@ -340,6 +335,7 @@ impl LogSource {
             from: cfg.from,
             to: cfg.to,
             ranks: ranks(&names)?,
+            stops: vec![None; cores.len()],
             cores,
         })
     }
@@ -348,11 +344,10 @@ impl LogSource {
 impl Source for LogSource {
     fn pass(
         &mut self,
-        stop: &mut Option<Vec<Option<u64>>>,
+        first: bool,
         each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let first = stop.is_none();
-        let stops = stop.get_or_insert_with(|| vec![None; self.cores.len()]);
+        let stops = &mut self.stops;
         for (i, (core, dir)) in self.cores.iter().enumerate() {
             let start = match self.from {
                 Position::Offset(lsn) => lsn as u64,
@@ -466,16 +461,16 @@ impl KafkaSource {
 impl Source for KafkaSource {
     fn pass(
         &mut self,
-        stop: &mut Option<Vec<Option<u64>>>,
+        first: bool,
         each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let first = stop.is_none();
         // Pass 1 ends where the range does; without `--to` the end is soft: tansu's
         // high watermark can lag what a fetch returns, so it reads on until a poll
         // comes back empty. Pass 2 ends exactly where pass 1 did.
-        let mut ends: HashMap<i32, i64> = match stop {
-            None => self.range.iter().map(|(&p, &(_, e))| (p, e)).collect(),
-            Some(_) => self.done.clone(),
+        let mut ends: HashMap<i32, i64> = if first {
+            self.range.iter().map(|(&p, &(_, e))| (p, e)).collect()
+        } else {
+            self.done.clone()
         };
         let hard_end = !first || matches!(self.to, Some(Position::Offset(_)));
         let mut tpl = TopicPartitionList::new();
@@ -486,7 +481,6 @@ impl Source for KafkaSource {
                 ends.remove(&p);
             }
         }
-        *stop = Some(Vec::new());
         if ends.is_empty() {
             return Ok(());
         }
@@ -535,7 +529,6 @@ impl Source for KafkaSource {
                 self.done.insert(p, o + 1);
             }
         }
-        self.consumer.unassign()?;
         Ok(())
     }
 }
@@ -551,10 +544,9 @@ mod tests {
     impl Source for Fixed {
         fn pass(
             &mut self,
-            stop: &mut Option<Vec<Option<u64>>>,
+            _first: bool,
             each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
         ) -> anyhow::Result<()> {
-            *stop = Some(Vec::new());
             for (bytes, recv, rank, pos) in &self.0 {
                 each(bytes, copy_key(*recv, *rank, *pos)?)?;
             }
@@ -604,15 +596,14 @@ mod tests {
             (rec(3, 5, 3_000), 3_000, r[2], 41),
             (rec(3, 6, 3_000), 3_000, r[2], 40),
         ]);
-        let mut stop = None;
-        let w = find_winners(10, &mut src, &mut stop).unwrap();
+        let w = find_winners(10, &mut src).unwrap();
         assert_eq!(w.best.len(), 3);
         assert!(w.wins(&EventId([1; 16]), copy_key(1_000, r[1], 900).unwrap()));
         assert!(!w.wins(&EventId([1; 16]), copy_key(2_000, r[0], 7).unwrap()));
         assert!(w.wins(&EventId([2; 16]), copy_key(2_000, r[1], 901).unwrap()));
         assert!(!w.wins(&EventId([2; 16]), copy_key(2_000, r[0], 8).unwrap()));
         assert!(w.wins(&EventId([3; 16]), copy_key(3_000, r[2], 40).unwrap()));
-        let err = find_winners(2, &mut src, &mut None).err().unwrap();
+        let err = find_winners(2, &mut src).err().unwrap();
         assert!(err.to_string().contains("--dedup-events-max"), "{err}");
         assert!(copy_key(1, 0, 1 << 48).is_err());
     }
