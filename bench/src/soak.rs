@@ -376,7 +376,7 @@ impl SoakReport {
         }
         let _ = writeln!(
             s,
-            "\n| t (s) | load | accepted/s | kafka lag (records) | archive lag (records) | redis lag (s) | store apply lag (s) | RSS (MiB) |\n|---|---|---|---|---|---|---|---|"
+            "\n| t (s) | load | accepted/s | kafka lag (records) | archive lag (records) | redis lag (s) | store apply lag (s) | RSS, all processes (MiB) |\n|---|---|---|---|---|---|---|---|"
         );
         for x in &self.samples {
             let _ = writeln!(
