@@ -681,12 +681,15 @@ fn two_boxes_kafka_fed_archivers_and_billing_make_one_system() {
     send_round(1, &mut copies);
     let reader = ArchiveReader::open(Some(&url), tmp.path()).unwrap();
     wait_for("the archivers writing files", 60, || rows_in(&reader) > 0);
-    // One archiver dies mid-run, its range half written; the other goes on.
+    // One archiver dies mid-run, its range half written; the other goes on. (How much
+    // of the whole the survivor can reach alone depends on what the dead one published
+    // before it died and on how the campaigns' keys fall on the partitions, so the
+    // check is progress: rows published after the kill, which only the survivor can do.)
     a1.signal(libc::SIGKILL);
+    let at_kill = rows_in(&reader);
     send_round(1000, &mut copies);
-    let want: u64 = copies.values().map(|&n| u64::from(n)).sum();
     wait_for("the surviving archiver going on", 90, || {
-        rows_in(&reader) >= want / 2
+        rows_in(&reader) > at_kill
     });
     // It comes back after its session ran out (the consumer's 10 s session timeout)
     // and joins again: a rebalance with a running member. (On this broker the dead
