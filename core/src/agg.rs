@@ -22,7 +22,7 @@
 //! ## Bounds and memory
 //! At most [`AggConfig::keys_max`] keys live between two drains. At the bound a new key is
 //! refused: that (event, dimension) update is not counted in real time and
-//! [`Aggregator::overflow_total`] (metric `agg_overflow`) goes up by one. Existing keys keep
+//! [`Aggregator::overflow_total`] (metric `clickgate_agg_overflow_total`) goes up by one. Existing keys keep
 //! counting. The event itself is still in the raw log, archived and billed (billing
 //! replays the log, it does not read these counters).
 //!
@@ -432,8 +432,8 @@ impl Aggregator {
         self.order.is_empty()
     }
 
-    /// (event, dimension) updates refused at `keys_max` since start: the `agg_overflow`
-    /// metric.
+    /// (event, dimension) updates refused at `keys_max` since start: the dataplane's
+    /// `clickgate_agg_overflow_total`.
     pub fn overflow_total(&self) -> u64 {
         self.overflow_total
     }

@@ -152,6 +152,8 @@ pub struct CoreMetrics {
     log_written_bytes: AtomicU64,
     log_synced_lsn: AtomicU64,
     log_commits: AtomicU64,
+    agg_keys: AtomicU64,
+    agg_overflow: AtomicU64,
     log_write_nanos: AtomicU64,
     log_fsync_nanos: AtomicU64,
     dedup_memory_bytes: AtomicU64,
@@ -246,6 +248,10 @@ impl CoreMetrics {
         self.log_commits.store(st.commits, Relaxed);
         self.log_write_nanos.store(st.write_nanos_sum, Relaxed);
         self.log_fsync_nanos.store(st.fsync_nanos_sum, Relaxed);
+    }
+    pub fn set_agg(&self, keys: u64, overflow_total: u64) {
+        self.agg_keys.store(keys, Relaxed);
+        self.agg_overflow.store(overflow_total, Relaxed);
     }
     pub fn set_dedup(&self, memory_bytes: u64, bits_per_event: f64) {
         self.dedup_memory_bytes.store(memory_bytes, Relaxed);
@@ -486,6 +492,22 @@ pub fn render(cores: &[CoreMetrics], out: &mut String) {
         "Time the core's local log spent in fdatasync.",
     );
     per_core_seconds(out, name, cores, |c| &c.log_fsync_nanos);
+    let name = "clickgate_agg_keys";
+    header(
+        out,
+        name,
+        "gauge",
+        "Aggregate keys the core holds since its last delta was drained (bound: agg_keys_max).",
+    );
+    per_core(out, name, cores, |c| &c.agg_keys);
+    let name = "clickgate_agg_overflow_total";
+    header(
+        out,
+        name,
+        "counter",
+        "Event updates refused at agg_keys_max: missing from the real-time counts only (the events are logged and billed).",
+    );
+    per_core(out, name, cores, |c| &c.agg_overflow);
     let name = "clickgate_dedup_memory_bytes";
     header(
         out,
@@ -589,7 +611,7 @@ fn render_fraud(cores: &[CoreMetrics], out: &mut String) {
         out,
         name,
         "gauge",
-        "Addresses held by the per-core per-minute click counters.",
+        "Addresses held by the box's per-minute click counters (ip_rate).",
     );
     let _ = writeln!(out, "{name} {}", sum(cores, |c| &c.ip_rate_tracked));
     let name = "clickgate_fraud_ip_rate_evictions_total";
@@ -648,6 +670,7 @@ mod tests {
         cores[0].latency_202(80, 1);
         cores[1].latency_202(2_000_000, 1);
         cores[0].set_dedup(1024, 14.4);
+        cores[1].set_agg(5, 3);
         let mut out = String::new();
         render(&cores, &mut out);
         assert!(
@@ -660,6 +683,8 @@ mod tests {
         assert!(out.contains("clickgate_ingest_accept_latency_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(out.contains("clickgate_dedup_bytes_per_event 1.8\n"));
         assert!(out.contains("clickgate_log_pending_bytes{core=\"1\"} 0\n"));
+        assert!(out.contains("clickgate_agg_keys{core=\"1\"} 5\n"), "{out}");
+        assert!(out.contains("clickgate_agg_overflow_total{core=\"1\"} 3\n"));
         // Every sample line belongs to a declared metric.
         for line in out.lines().filter(|l| !l.starts_with('#')) {
             let metric = line.split(['{', ' ']).next().unwrap();

@@ -188,6 +188,10 @@ impl Shard {
             .set_inflight_body_bytes(self.inflight_body_bytes.get() as u64);
         let st = self.log.stats();
         self.m().set_log(self.log.pending_bytes() as u64, &st);
+        // Never borrowed across an await; `try_` all the same (a gauge can wait a tick).
+        if let Ok(a) = self.agg.try_borrow() {
+            self.m().set_agg(a.len() as u64, a.overflow_total());
+        }
         if self.k == 0 {
             let s = &self.shared;
             self.m().set_ratelimit_tracked(s.limiter.tracked() as u64);

@@ -14,8 +14,8 @@
 //!   into the newest pending entry if that one was never sent (merging sent frames could
 //!   count an applied one twice), as long as it stays under `pending_entries_max` keys.
 //!   Otherwise the drain is **deferred**: the aggregator keeps counting in place, bounded by
-//!   its own `keys_max`, past which new keys are refused and counted in `agg_overflow`
-//!   (those events are still in the raw log and billed).
+//!   its own `keys_max`, past which new keys are refused and counted in
+//!   `clickgate_agg_overflow_total` (those events are still in the raw log and billed).
 //! - Each delta id is used once per `(box_id, instance_id, core)`; a new process takes a
 //!   new `instance_id`, so ids may restart.
 //!
