@@ -360,7 +360,7 @@ pub struct Settings {
     #[arg(long, env = "CLICKGATE_AGG_FLUSH_INTERVAL_MS", global = true, help_heading = DATAPLANE)]
     pub agg_flush_interval_ms: Option<u64>,
 
-    /// Aggregate keys a dataplane core holds between two flushes, at most [default: 100000]
+    /// Aggregate keys a dataplane core holds between two flushes, at most [default: 400000]
     #[arg(long, env = "CLICKGATE_AGG_KEYS_MAX", global = true, help_heading = DATAPLANE)]
     pub agg_keys_max: Option<usize>,
 

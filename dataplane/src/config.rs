@@ -190,7 +190,7 @@ impl Default for DataplaneConfig {
             control_socket: None,
             box_id: 0,
             agg_flush_interval_ms: 500,
-            agg_keys_max: 100_000,
+            agg_keys_max: 400_000,
             ship_unacked_frames_max: 64,
             sink: None,
             kafka_ack_timeout_ms: 5_000,
