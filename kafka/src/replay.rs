@@ -22,7 +22,7 @@ use anyhow::{anyhow, bail, Context as _};
 use clickgate_core::agg::{AggConfig, Aggregator};
 use clickgate_core::EventId;
 use clickgate_proto::frames::{access_ack, encode_delta, frame_len, frames_from_delta};
-use clickgate_proto::record::{self, RawRecord};
+use clickgate_proto::record::RawRecord;
 use clickgate_proto::segment::{self, LogReader};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -243,7 +243,7 @@ trait Source {
     fn pass(
         &mut self,
         first: bool,
-        each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+        each: &mut dyn FnMut(&RawRecord<'_>, u128) -> anyhow::Result<()>,
     ) -> anyhow::Result<()>;
 }
 
@@ -278,7 +278,7 @@ fn count(
         }),
         summary: ReplaySummary::default(),
     };
-    src.pass(false, &mut |bytes, key| c.add(&decode(bytes)?, key, sink))?;
+    src.pass(false, &mut |rec, key| c.add(rec, key, sink))?;
     let events = c.winners.best.len() as u64;
     if c.counted != events {
         bail!(
@@ -299,9 +299,7 @@ fn find_winners(max: usize, src: &mut dyn Source) -> anyhow::Result<Winners> {
         best: HashMap::new(),
         max,
     };
-    src.pass(true, &mut |bytes, key| {
-        winners.note(decode(bytes)?.click.event_id, key)
-    })?;
+    src.pass(true, &mut |rec, key| winners.note(rec.click.event_id, key))?;
     Ok(winners)
 }
 
@@ -345,7 +343,7 @@ impl Source for LogSource {
     fn pass(
         &mut self,
         first: bool,
-        each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+        each: &mut dyn FnMut(&RawRecord<'_>, u128) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let stops = &mut self.stops;
         for (i, (core, dir)) in self.cores.iter().enumerate() {
@@ -366,11 +364,12 @@ impl Source for LogSource {
                 if first {
                     stops[i] = Some(lsn + 1);
                 }
-                let recv = record::decode(bytes).map(|r| r.recv_ms).unwrap_or(0);
+                let rec = decode(bytes);
+                let recv = rec.as_ref().map(|r| r.recv_ms).unwrap_or(0);
                 let (after, before) = in_time(self.from, self.to, recv as i64);
                 if after && before {
                     copy_key(recv, self.ranks[i], lsn)
-                        .and_then(|key| each(bytes, key))
+                        .and_then(|key| each(&rec?, key))
                         .with_context(|| format!("core {core} lsn {lsn}"))?;
                 }
             }
@@ -462,7 +461,7 @@ impl Source for KafkaSource {
     fn pass(
         &mut self,
         first: bool,
-        each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+        each: &mut dyn FnMut(&RawRecord<'_>, u128) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         // Pass 1 ends where the range does; without `--to` the end is soft: tansu's
         // high watermark can lag what a fetch returns, so it reads on until a poll
@@ -522,7 +521,7 @@ impl Source for KafkaSource {
             if after && before {
                 let rank = self.ranks.get(p as usize).copied().unwrap_or(u16::MAX);
                 copy_key(recv.max(0) as u64, rank, o.max(0) as u64)
-                    .and_then(|key| each(bytes, key))
+                    .and_then(|key| each(&decode(bytes)?, key))
                     .with_context(|| format!("partition {p} offset {o}"))?;
             }
             if first {
@@ -545,10 +544,10 @@ mod tests {
         fn pass(
             &mut self,
             _first: bool,
-            each: &mut dyn FnMut(&[u8], u128) -> anyhow::Result<()>,
+            each: &mut dyn FnMut(&RawRecord<'_>, u128) -> anyhow::Result<()>,
         ) -> anyhow::Result<()> {
             for (bytes, recv, rank, pos) in &self.0 {
-                each(bytes, copy_key(*recv, *rank, *pos)?)?;
+                each(&decode(bytes)?, copy_key(*recv, *rank, *pos)?)?;
             }
             Ok(())
         }
@@ -570,7 +569,7 @@ mod tests {
             cost_micros: 1,
         };
         let mut out = Vec::new();
-        record::encode(&c, Default::default(), recv_ms, &[], &mut out).unwrap();
+        clickgate_proto::record::encode(&c, Default::default(), recv_ms, &[], &mut out).unwrap();
         out
     }
 
