@@ -918,6 +918,43 @@ fn total_clicks(buckets: &[serde_json::Value]) -> u64 {
         .sum()
 }
 
+/// `campaign_buckets` once their clicks add up to `want` (within `CATCH_UP`).
+fn buckets_at_total(cg: &Clickgate, want: u64) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + CATCH_UP;
+    loop {
+        let b = campaign_buckets(cg);
+        if total_clicks(&b) == want {
+            return b;
+        }
+        assert!(Instant::now() < deadline, "counts never reached {want}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `clickgate replay --from 0` into the controlplane of `data_dir`: (records, duplicates)
+/// of its summary; fails the test, with the output, when it does not succeed.
+fn replay(data_dir: &Path, args: &[&str]) -> (u64, u64) {
+    let out = Command::new(common::BIN)
+        .arg("replay")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(["--from", "0"])
+        .args(args)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    (
+        summary["records"].as_u64().unwrap(),
+        summary["duplicates"].as_u64().unwrap(),
+    )
+}
+
 #[test]
 fn replay_of_the_topic_gives_the_same_aggregates_as_live() {
     let brokers = broker();
@@ -931,35 +968,23 @@ fn replay_of_the_topic_gives_the_same_aggregates_as_live() {
         .map(|id| event(id, 3, |_| {}) + "\n")
         .collect();
     assert_eq!(live.request("POST", "/v1/clicks", &retry).status, 202);
-    let deadline = Instant::now() + CATCH_UP;
-    let live_buckets = loop {
-        let b = campaign_buckets(&live);
-        if total_clicks(&b) == 650 {
-            break b;
-        }
-        assert!(Instant::now() < deadline, "live counts never reached 650");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let live_buckets = buckets_at_total(&live, 650);
     // A fresh store, filled only by the replay of the topic.
     let fresh = Clickgate::run(&[]);
-    let out = Command::new(common::BIN)
-        .arg("replay")
-        .arg("--data-dir")
-        .arg(&fresh.data_dir)
-        .args(["--kafka-brokers", &brokers, "--kafka-topic", &topic])
-        .args(["--from", "0", "--group", &format!("{topic}-replay")])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let group = format!("{topic}-replay");
     assert_eq!(
-        (summary["records"].as_u64(), summary["duplicates"].as_u64()),
-        (Some(670), Some(20))
+        replay(
+            &fresh.data_dir,
+            &[
+                "--kafka-brokers",
+                &brokers,
+                "--kafka-topic",
+                &topic,
+                "--group",
+                &group
+            ]
+        ),
+        (670, 20)
     );
     assert_eq!(campaign_buckets(&fresh), live_buckets);
 }
@@ -986,37 +1011,9 @@ fn replay_of_the_local_log_counts_each_event_once_more() {
         assert_eq!(r.status, 202, "{}", r.body);
         assert_eq!(r.json()["accepted"], 0, "{}", r.body);
     }
-    let wait_for = |want: u64| {
-        let deadline = Instant::now() + CATCH_UP;
-        loop {
-            let b = campaign_buckets(&cg);
-            if total_clicks(&b) == want {
-                break b;
-            }
-            assert!(Instant::now() < deadline, "counts never reached {want}");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    };
-    let live = wait_for(650);
-    let out = Command::new(common::BIN)
-        .arg("replay")
-        .arg("--data-dir")
-        .arg(&cg.data_dir)
-        .args(["--from", "0"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let summary: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
-    assert_eq!(
-        (summary["records"].as_u64(), summary["duplicates"].as_u64()),
-        (Some(650 + 44), Some(44))
-    );
-    let doubled = wait_for(1300);
+    let live = buckets_at_total(&cg, 650);
+    assert_eq!(replay(&cg.data_dir, &[]), (650 + 44, 44));
+    let doubled = buckets_at_total(&cg, 1300);
     let per_campaign = |b: &[serde_json::Value]| -> Vec<u64> {
         b.iter()
             .map(|c| total_clicks(std::slice::from_ref(c)))
